@@ -1,0 +1,166 @@
+"""Typed, validated configuration of a CTMLLM.
+
+One dataclass per part (volume adaptation, MoE, generation) and one that holds them with the
+2D model's own Hugging Face config. Every value is checked once, in ``__post_init__``, so a bad
+config fails when it is built, with a message that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TASKS: tuple[str, ...] = ("report", "vqa")
+"""The tasks the model serves: medical report generation and visual question answering."""
+
+MOE_MODES: tuple[str, ...] = ("none", "token", "tgh_hard", "tgh_soft")
+"""Ablation switches: no MoE; token-level MoE only; TGH-MoE with a hard or a soft task router."""
+
+FAMILIES: tuple[str, ...] = ("internvl", "llava")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and the fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class VolumeAdapterConfig:
+    """How the 2D tower reads a volume.
+
+    ``num_3d_blocks`` (K) of the tower's top blocks attend jointly across all slice groups of a
+    volume with rotary encoding along depth; K=0 is the pure 2D baseline. ``image_size`` is the
+    side the slice groups are resized to (None: the tower's own size; another size interpolates
+    the tower's position embeddings). ``max_visual_tokens`` bounds the projector's output per
+    volume (see ``model_core.projector``).
+    """
+
+    num_3d_blocks: int = 2
+    rope_theta: float = 10000.0
+    image_size: int | None = None
+    max_visual_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        _require(self.num_3d_blocks >= 0, f"num_3d_blocks={self.num_3d_blocks}: use 0 (2D) or more")
+        _require(self.rope_theta > 1.0, f"rope_theta={self.rope_theta}: use a base above 1, e.g. 10000")
+        _require(
+            self.image_size is None or self.image_size >= 8,
+            f"image_size={self.image_size}: use None (the tower's size) or at least 8 pixels",
+        )
+        _require(self.max_visual_tokens >= 1, f"max_visual_tokens={self.max_visual_tokens}: use at least 1")
+
+
+@dataclass
+class MoEConfig:
+    """Text-Guided Hierarchical MoE in the vision encoder (see ``model_core.moe``).
+
+    ``blocks``: indices of tower blocks that get experts (None: the 3D blocks, or the top two
+    blocks when K=0). Each expert is a rank-``rank`` LoRA on the ``targets`` linear layers.
+    """
+
+    mode: str = "none"
+    num_experts: int = 4
+    top_k: int = 2
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("mlp",)
+    blocks: tuple[int, ...] | None = None
+    tasks: tuple[str, ...] = TASKS
+    balance_loss_weight: float = 0.01
+    router_loss_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        self.tasks = tuple(self.tasks)
+        if self.blocks is not None:
+            self.blocks = tuple(int(b) for b in self.blocks)
+        _require(self.mode in MOE_MODES, f"moe.mode={self.mode!r}: choose one of {', '.join(MOE_MODES)}")
+        _require(self.num_experts >= 1, f"moe.num_experts={self.num_experts}: use at least 1")
+        _require(
+            1 <= self.top_k <= self.num_experts,
+            f"moe.top_k={self.top_k}: use 1..num_experts ({self.num_experts})",
+        )
+        _require(self.rank >= 1, f"moe.rank={self.rank}: use at least 1")
+        _require(set(self.targets) <= {"mlp", "attention"}, f"moe.targets={self.targets}: use 'mlp' and/or 'attention'")
+        _require(len(self.tasks) >= 1 and set(self.tasks) <= set(TASKS), f"moe.tasks={self.tasks}: use a subset of {TASKS}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def task_level(self) -> bool:
+        return self.mode in ("tgh_hard", "tgh_soft")
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding defaults: greedy with a fixed budget, so a rerun gives the same text."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens}: use at least 1")
+        _require(self.temperature > 0, f"temperature={self.temperature}: use a value above 0")
+        _require(0 < self.top_p <= 1, f"top_p={self.top_p}: use a value in (0, 1]")
+        _require(self.max_prompt_tokens >= 8, f"max_prompt_tokens={self.max_prompt_tokens}: use at least 8")
+
+
+@dataclass
+class CTMLLMConfig:
+    """Everything needed to rebuild a CTMLLM without its weights.
+
+    ``mllm_config`` is the 2D model's Hugging Face config as a dict (its vision, projector and text
+    sub-configs); ``image_mean``/``image_std`` are the tower's input normalisation; ``source``
+    says which 2D checkpoint the model was converted from.
+    """
+
+    family: str
+    mllm_config: dict[str, Any]
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    volume: VolumeAdapterConfig = field(default_factory=VolumeAdapterConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.volume, dict):
+            self.volume = VolumeAdapterConfig(**self.volume)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if isinstance(self.generation, dict):
+            self.generation = GenerationConfig(**self.generation)
+        self.image_mean = tuple(float(v) for v in self.image_mean)
+        self.image_std = tuple(float(v) for v in self.image_std)
+        _require(self.family in FAMILIES, f"family={self.family!r}: supported families are {', '.join(FAMILIES)}")
+        _require(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean/image_std need 3 values (RGB)")
+        _require(all(s > 0 for s in self.image_std), f"image_std={self.image_std}: values must be above 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CTMLLMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        _require(not unknown, f"unknown config fields {sorted(unknown)}: was this file written by a newer version?")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CTMLLMConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
