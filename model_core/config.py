@@ -88,8 +88,14 @@ class MoEConfig:
             f"moe.top_k={self.top_k}: use 1..num_experts ({self.num_experts})",
         )
         _require(self.rank >= 1, f"moe.rank={self.rank}: use at least 1")
-        _require(set(self.targets) <= {"mlp", "attention"}, f"moe.targets={self.targets}: use 'mlp' and/or 'attention'")
-        _require(len(self.tasks) >= 1 and set(self.tasks) <= set(TASKS), f"moe.tasks={self.tasks}: use a subset of {TASKS}")
+        _require(
+            set(self.targets) <= {"mlp", "attention"},
+            f"moe.targets={self.targets}: use 'mlp' and/or 'attention'",
+        )
+        _require(
+            len(self.tasks) >= 1 and set(self.tasks) <= set(TASKS),
+            f"moe.tasks={self.tasks}: use a subset of {TASKS}",
+        )
 
     @property
     def enabled(self) -> bool:
@@ -144,8 +150,12 @@ class CTMLLMConfig:
             self.generation = GenerationConfig(**self.generation)
         self.image_mean = tuple(float(v) for v in self.image_mean)
         self.image_std = tuple(float(v) for v in self.image_std)
-        _require(self.family in FAMILIES, f"family={self.family!r}: supported families are {', '.join(FAMILIES)}")
-        _require(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean/image_std need 3 values (RGB)")
+        _require(
+            self.family in FAMILIES, f"family={self.family!r}: supported families are {', '.join(FAMILIES)}"
+        )
+        _require(
+            len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean/image_std need 3 values (RGB)"
+        )
         _require(all(s > 0 for s in self.image_std), f"image_std={self.image_std}: values must be above 0")
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +165,9 @@ class CTMLLMConfig:
     def from_dict(cls, data: dict[str, Any]) -> CTMLLMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
-        _require(not unknown, f"unknown config fields {sorted(unknown)}: was this file written by a newer version?")
+        _require(
+            not unknown, f"unknown config fields {sorted(unknown)}: was this file written by a newer version?"
+        )
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

@@ -1,0 +1,120 @@
+"""Where models come from: the bundled demo model, a local folder, or the Hugging Face Hub.
+
+Downloads happen only when the caller says so (``allow_download``), into a user cache folder
+that survives upgrades (``$CTMLLM_CACHE`` or ``~/.cache/ctmllm``), and only safetensors and
+config/tokenizer files are fetched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from model_core.model import CONFIG_FILE, CTMLLM
+
+DEMO_SPEC = "demo"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+"""Where the bundled demo model is assembled (see docs/MODEL_CARD.md)."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model at the given spec; the message says what was tried and what to do."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CTMLLM_CACHE", Path.home() / ".cache" / "ctmllm"))
+
+
+def tiny_fallback_dir(cache_dir: Path | None = None) -> Path:
+    """A tiny random model in the cache, standing in while no demo model is installed."""
+    folder = (cache_dir or default_cache_dir()) / "tiny-internvl-random"
+    if not (folder / CONFIG_FILE).is_file():
+        from model_core.tiny import build_tiny_ctmllm
+
+        build_tiny_ctmllm("internvl").save_pretrained(folder)
+    return folder
+
+
+def resolve_model_dir(
+    spec: str | os.PathLike = DEMO_SPEC,
+    cache_dir: str | os.PathLike | None = None,
+    allow_download: bool = False,
+    notice: Callable[[str], None] = print,
+) -> Path:
+    """Turn ``"demo"``, a folder, or a Hub repo id into a local CTMLLM folder."""
+    cache = Path(cache_dir) if cache_dir else None
+    if str(spec) == DEMO_SPEC:
+        if (DEMO_MODEL_DIR / CONFIG_FILE).is_file():
+            return DEMO_MODEL_DIR
+        notice(
+            "The trained demo model is not installed; using the tiny random test model instead. "
+            "Its text is meaningless: it only shows that the pipeline runs."
+        )
+        return tiny_fallback_dir(cache)
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if not (folder / CONFIG_FILE).is_file():
+            raise ModelNotFoundError(
+                f"{folder} is not a CTMLLM model folder (no {CONFIG_FILE}); convert a 2D checkpoint with "
+                f"`python -m model_core convert`"
+            )
+        return folder
+    if folder.exists() or os.sep in str(spec) or str(spec).startswith("."):
+        raise ModelNotFoundError(f"model folder {folder} does not exist: check the path")
+    if not allow_download:
+        raise ModelNotFoundError(
+            f"{spec!r} is not a local folder; downloading it from the Hugging Face Hub needs your "
+            f"agreement (allow_download=True / --allow-download)"
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            str(spec),
+            cache_dir=str(cache or default_cache_dir()),
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"],
+        )
+    )
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError("a GPU was requested but torch sees no CUDA device: choose CPU or auto")
+    return torch.device("cuda" if device == "gpu" else device)
+
+
+def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in names:
+        raise ValueError(f"precision {dtype!r}: choose auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def load_model(
+    spec: str | os.PathLike = DEMO_SPEC,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    allow_download: bool = False,
+    notice: Callable[[str], None] = print,
+) -> CTMLLM:
+    """Load a CTMLLM from ``spec`` on the chosen device and precision."""
+    folder = resolve_model_dir(spec, cache_dir, allow_download, notice)
+    target = pick_device(device)
+    return CTMLLM.from_pretrained(folder, device=target, dtype=pick_dtype(dtype, target))

@@ -1,0 +1,432 @@
+"""CTMLLM: a 2D multimodal LLM that reads a whole CT volume.
+
+Named parts, in the order data flows: ``vision_tower`` (the 2D tower, unchanged) ->
+``volume_adapter`` (slice groups, 3D blocks with depth RoPE, MoE experts) -> ``projector`` (the
+2D projector behind a token budget) -> ``language_model`` (the 2D model's causal LM). The glue is
+``encode_volumes``; prompts put the visual tokens where the chat template's user turn holds
+``IMAGE_PLACEHOLDER``, so any tokenizer with a chat template works without new special tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers import GenerationConfig as HFGenerationConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from model_core.config import TASKS, CTMLLMConfig, GenerationConfig, MoEConfig, VolumeAdapterConfig
+from model_core.families import get_family
+from model_core.generation import CallbackStreamer, CancelOnEvent, GenerationResult, iterate_in_thread
+from model_core.projector import VolumeProjector
+from model_core.prompts import DEFAULT_REPORT_PROMPT
+from model_core.volume_encoder import VolumeAdapter, VolumeInputError
+
+CONFIG_FILE = "ctmllm_config.json"
+WEIGHTS_FILE = "model.safetensors"
+IMAGE_PLACEHOLDER = "<image>"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""Used only when a tokenizer has no chat template of its own."""
+
+History = Sequence[tuple[str, str]]
+"""Earlier (question, answer) turns on the same volume, oldest first."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt and history exceed the configured prompt budget."""
+
+
+@dataclass
+class VisualFeatures:
+    """Projected visual tokens of one volume, reusable for follow-up questions.
+
+    ``tokens``: ``(visual_tokens, llm_hidden)``; ``task``: the task expert that encoded them.
+    """
+
+    tokens: torch.Tensor
+    task: str | None = None
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    aux_losses: dict[str, torch.Tensor]
+
+
+def mllm_config_from_dict(data: dict[str, Any]):
+    """Rebuild a Hugging Face 2D MLLM config from its dict (no file, no remote code)."""
+    return CONFIG_MAPPING[data["model_type"]].from_dict(data)
+
+
+def read_image_normalisation(folder: Path, family_defaults: tuple) -> tuple[tuple, tuple]:
+    """The tower's input mean/std from ``preprocessor_config.json``, else the family's defaults."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data = data.get("image_processor", data)
+            if "image_mean" in data and "image_std" in data:
+                return tuple(data["image_mean"]), tuple(data["image_std"])
+    return family_defaults
+
+
+class CTMLLM(nn.Module):
+    def __init__(
+        self,
+        config: CTMLLMConfig,
+        vision_tower: nn.Module,
+        multi_modal_projector: nn.Module,
+        language_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.family = get_family(mllm_config_from_dict(config.mllm_config))
+        self.vision_tower = vision_tower
+        self.volume_adapter = VolumeAdapter(config, self.family, vision_tower)
+        self.projector = VolumeProjector(self.family, multi_modal_projector, config.volume.max_visual_tokens)
+        self.language_model = language_model
+        self.tokenizer = tokenizer
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = CHATML_TEMPLATE
+        self.model_dir: Path | None = None
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_2d_model(
+        cls,
+        mllm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        volume: VolumeAdapterConfig | None = None,
+        moe: MoEConfig | None = None,
+        generation: GenerationConfig | None = None,
+        image_mean: tuple | None = None,
+        image_std: tuple | None = None,
+        source: str = "",
+    ) -> CTMLLM:
+        """Adapt an in-memory 2D MLLM; its modules move into the CTMLLM (no weight is copied)."""
+        family = get_family(mllm.config)
+        config = CTMLLMConfig(
+            family=family.name,
+            mllm_config=mllm.config.to_dict(),
+            image_mean=image_mean or family.image_mean,
+            image_std=image_std or family.image_std,
+            volume=volume or VolumeAdapterConfig(),
+            moe=moe or MoEConfig(),
+            generation=generation or GenerationConfig(),
+            source=source,
+        )
+        parts = family.split(mllm)
+        return cls(config, parts.vision_tower, parts.multi_modal_projector, parts.language_model, tokenizer)
+
+    @classmethod
+    def from_2d_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        volume: VolumeAdapterConfig | None = None,
+        moe: MoEConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> CTMLLM:
+        """Convert a 2D MLLM checkpoint (a local folder, or a Hub repo id when online).
+
+        Only safetensors weights are read and no remote code runs.
+        """
+        folder = Path(path_or_repo_id)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(
+                    str(path_or_repo_id),
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"],
+                )
+            )
+        mllm_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        family = get_family(mllm_config)
+        mllm = AutoModelForImageTextToText.from_pretrained(
+            folder, use_safetensors=True, trust_remote_code=False, dtype=dtype
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        mean, std = read_image_normalisation(folder, (family.image_mean, family.image_std))
+        return cls.from_2d_model(
+            mllm, tokenizer, volume, moe, image_mean=mean, image_std=std, source=str(path_or_repo_id)
+        )
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config, safetensors weights and tokenizer; the folder appears complete or not at all."""
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.config.save(staging / CONFIG_FILE)
+            save_model(self, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "ctmllm": "1"})
+            self.tokenizer.save_pretrained(staging)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> CTMLLM:
+        """Load a folder written by ``save_pretrained`` (safetensors only)."""
+        folder = Path(directory)
+        config_path = folder / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{folder} has no {CONFIG_FILE}: it is not a CTMLLM folder (a 2D checkpoint converts "
+                f"with CTMLLM.from_2d_pretrained)"
+            )
+        config = CTMLLMConfig.load(config_path)
+        mllm = AutoModelForImageTextToText.from_config(mllm_config_from_dict(config.mllm_config))
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        parts = get_family(mllm.config).split(mllm)
+        model = cls(config, parts.vision_tower, parts.multi_modal_projector, parts.language_model, tokenizer)
+        missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))
+        model.to(device=device, dtype=dtype)
+        model.model_dir = folder
+        return model.eval()
+
+    # -- identity ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.language_model.parameters()).dtype
+
+    @property
+    def model_id(self) -> str:
+        if self.model_dir is not None:
+            return self.model_dir.name
+        return self.config.source or f"ctmllm-{self.config.family}"
+
+    def parameter_counts(self) -> dict[str, int]:
+        parts = {
+            "vision_tower": self.vision_tower,
+            "volume_adapter": self.volume_adapter,
+            "projector": self.projector,
+            "language_model": self.language_model,
+        }
+        counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    @staticmethod
+    def default_prompt(task: str) -> str:
+        if task == "report":
+            return DEFAULT_REPORT_PROMPT
+        raise ValueError(f"task {task!r} has no default prompt: a question is needed")
+
+    # -- vision ------------------------------------------------------------------------------
+    def as_volume_batch(self, volume: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Accept ``(D, H, W)`` or ``(B, D, H, W)`` float arrays; refuse anything else clearly."""
+        if isinstance(volume, np.ndarray):
+            if not np.issubdtype(volume.dtype, np.floating):
+                raise VolumeInputError(
+                    f"volume dtype is {volume.dtype}; preprocess it to float values in [0, 1] first "
+                    f"(model_core.data.preprocess)"
+                )
+            volume = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+        if isinstance(volume, torch.Tensor) and volume.dim() == 3:
+            volume = volume.unsqueeze(0)
+        return volume.to(self.device) if isinstance(volume, torch.Tensor) else volume
+
+    def encode_volumes(
+        self, volumes: torch.Tensor, tasks: Sequence[str] | None = None, prompts: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """``(B, D, H, W)`` in [0, 1] -> visual tokens ``(B, tokens, llm_hidden)``."""
+        features = self.volume_adapter(self.vision_tower, volumes)  # (B, G, h, w, C)
+        return self.projector(features)
+
+    @torch.inference_mode()
+    def encode_volume(
+        self, volume: np.ndarray | torch.Tensor, task: str | None = None, prompt: str | None = None
+    ) -> VisualFeatures:
+        """Encode one volume ``(D, H, W)`` once, to reuse across questions."""
+        if task is not None and task not in TASKS:
+            raise ValueError(f"task {task!r}: choose one of {', '.join(TASKS)}")
+        tokens = self.encode_volumes(
+            self.as_volume_batch(volume), [task] if task else None, [prompt] if prompt else None
+        )
+        return VisualFeatures(tokens=tokens[0], task=task)
+
+    # -- language ----------------------------------------------------------------------------
+    @property
+    def end_of_turn(self) -> str:
+        """The text that closes an assistant turn: ChatML's marker when the vocabulary has it."""
+        vocab = self.tokenizer.get_vocab()
+        return "<|im_end|>" if "<|im_end|>" in vocab else self.tokenizer.eos_token
+
+    def chat_segments(self, prompt: str, history: History = ()) -> tuple[list[int], list[int]]:
+        """Token ids before and after the visual tokens for a user turn (with earlier turns)."""
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty: type a question or use the report prompt")
+        turns = [*history, (prompt, None)]
+        messages: list[dict[str, str]] = []
+        for index, (question, answer) in enumerate(turns):
+            content = f"{IMAGE_PLACEHOLDER}\n{question}" if index == 0 else question
+            messages.append({"role": "user", "content": content})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        before, after = text.split(IMAGE_PLACEHOLDER, 1)
+        ids_before = self.tokenizer(before, add_special_tokens=False).input_ids
+        ids_after = self.tokenizer(after, add_special_tokens=False).input_ids
+        limit = self.config.generation.max_prompt_tokens
+        if len(ids_before) + len(ids_after) > limit:
+            raise PromptTooLongError(
+                f"the prompt and conversation are {len(ids_before) + len(ids_after)} tokens; the limit is "
+                f"{limit}: shorten the question or start a new conversation"
+            )
+        return ids_before, ids_after
+
+    def _embed_ids(self, ids: list[int]) -> torch.Tensor:
+        table = self.language_model.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def prompt_embeddings(self, visual: torch.Tensor, prompt: str, history: History = ()) -> torch.Tensor:
+        """``(tokens, llm_hidden)`` visual tokens -> ``(sequence, llm_hidden)`` prompt embeddings."""
+        before, after = self.chat_segments(prompt, history)
+        return torch.cat([self._embed_ids(before), visual.to(self.dtype), self._embed_ids(after)], dim=0)
+
+    def compute_loss(
+        self,
+        volumes: torch.Tensor,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        tasks: Sequence[str] | None = None,
+    ) -> LossOutput:
+        """Teacher-forced generation loss on the answers of a batch ``(B, D, H, W)``."""
+        visual = self.encode_volumes(volumes, tasks, prompts)  # (B, tokens, llm_hidden)
+        sequences, labels = [], []
+        for index, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+            prefix = self.prompt_embeddings(visual[index], prompt)
+            answer_ids = self.tokenizer(answer + self.end_of_turn, add_special_tokens=False).input_ids
+            sequences.append(torch.cat([prefix, self._embed_ids(answer_ids)], dim=0))
+            labels.append([-100] * prefix.shape[0] + answer_ids)
+        longest = max(seq.shape[0] for seq in sequences)
+        hidden = sequences[0].shape[-1]
+        embeds = sequences[0].new_zeros(len(sequences), longest, hidden)
+        mask = torch.zeros(len(sequences), longest, dtype=torch.long, device=self.device)
+        label_tensor = torch.full((len(sequences), longest), -100, dtype=torch.long, device=self.device)
+        for row, (seq, lab) in enumerate(zip(sequences, labels, strict=True)):
+            embeds[row, : seq.shape[0]] = seq  # right padding: positions stay those of inference
+            mask[row, : seq.shape[0]] = 1
+            label_tensor[row, : len(lab)] = torch.tensor(lab, device=self.device)
+        lm_loss = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=label_tensor).loss
+        aux = (
+            self.volume_adapter.auxiliary_losses() if hasattr(self.volume_adapter, "auxiliary_losses") else {}
+        )
+        return LossOutput(
+            loss=lm_loss + sum(aux.values(), torch.zeros((), device=self.device)),
+            lm_loss=lm_loss,
+            aux_losses=aux,
+        )
+
+    # -- generation --------------------------------------------------------------------------
+    def _hf_generation_config(self, max_new_tokens: int | None, do_sample: bool | None) -> HFGenerationConfig:
+        settings = self.config.generation
+        stop_ids = {self.tokenizer.convert_tokens_to_ids(self.end_of_turn), self.tokenizer.eos_token_id}
+        stop_ids.discard(None)
+        sample = settings.do_sample if do_sample is None else do_sample
+        return HFGenerationConfig(
+            max_new_tokens=max_new_tokens or settings.max_new_tokens,
+            do_sample=sample,
+            temperature=settings.temperature if sample else None,
+            top_p=settings.top_p if sample else None,
+            eos_token_id=sorted(stop_ids),
+            pad_token_id=self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else min(stop_ids),
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        volume_or_features: np.ndarray | torch.Tensor | VisualFeatures,
+        prompt: str | None = None,
+        task: str | None = None,
+        history: History = (),
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        """Answer ``prompt`` about a volume (or its cached features).
+
+        Greedy by default. ``on_text`` receives text chunks as they are decoded; setting
+        ``cancel`` from another thread stops after the token in progress.
+        """
+        start = time.perf_counter()
+        task = task or (volume_or_features.task if isinstance(volume_or_features, VisualFeatures) else None)
+        prompt = prompt or self.default_prompt(task or "report")
+        if isinstance(volume_or_features, VisualFeatures):
+            features = volume_or_features
+        else:
+            features = self.encode_volume(volume_or_features, task=task, prompt=prompt)
+        embeds = self.prompt_embeddings(features.tokens, prompt, history).unsqueeze(0)
+        cancel = cancel or threading.Event()
+        streamer = CallbackStreamer(self.tokenizer, on_text or (lambda _text: None))
+        output = self.language_model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
+            generation_config=self._hf_generation_config(max_new_tokens, do_sample),
+            stopping_criteria=[CancelOnEvent(cancel)],
+            streamer=streamer,
+        )
+        text = self.tokenizer.decode(output[0], skip_special_tokens=True)
+        return GenerationResult(
+            text=text,
+            new_tokens=int(output.shape[1]),
+            cancelled=cancel.is_set(),
+            seconds=time.perf_counter() - start,
+        )
+
+    def stream(
+        self,
+        volume_or_features: np.ndarray | torch.Tensor | VisualFeatures,
+        prompt: str | None = None,
+        **kwargs: Any,
+    ) -> Iterator[str]:
+        """Yield text chunks of ``generate``; leaving the loop early cancels the generation."""
+        return iterate_in_thread(
+            lambda on_text, cancel: self.generate(
+                volume_or_features, prompt, on_text=on_text, cancel=cancel, **kwargs
+            )
+        )

@@ -1,0 +1,140 @@
+"""The 2D -> 3D transfer of a vision tower.
+
+A volume ``(D, H, W)`` in [0, 1] is cut into ``ceil(D / 3)`` groups of 3 adjacent slices (the last
+group padded by repeating the edge slice); each group is a 3-channel image for the tower's own
+patch embedding and position embeddings. The lower blocks run per group, as in 2D. The top K
+blocks run on the concatenated tokens of all groups of a volume, with rotary encoding of the group
+index on queries and keys (``model_core.depth_rope``). The tower's modules and tensors are used as
+they are; the adapter adds forward hooks, never replaces a module, so state-dict names stay those
+of the 2D checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_core.config import CTMLLMConfig
+from model_core.depth_rope import DepthRoPE
+from model_core.families import Family
+
+SLICES_PER_GROUP = 3
+"""Adjacent slices per group: the 3 input channels of the 2D patch embedding."""
+
+
+class VolumeInputError(ValueError):
+    """The tensor given to the encoder is not a preprocessed volume; the message says why."""
+
+
+def check_volume_tensor(volumes: torch.Tensor) -> None:
+    """Refuse what the encoder cannot read, naming the problem and the fix."""
+    if not isinstance(volumes, torch.Tensor):
+        raise VolumeInputError(f"expected a torch.Tensor volume, got {type(volumes).__name__}")
+    if not volumes.is_floating_point():
+        raise VolumeInputError(
+            f"volume dtype is {volumes.dtype}; preprocess it to float values in [0, 1] first "
+            f"(model_core.data.preprocess)"
+        )
+    if volumes.dim() == 2:
+        raise VolumeInputError(
+            f"got a 2D image {tuple(volumes.shape)}; a CT volume (D, H, W) needs at least 3 slices"
+        )
+    if volumes.dim() != 4:
+        raise VolumeInputError(f"expected (batch, D, H, W), got shape {tuple(volumes.shape)}")
+    if volumes.shape[1] < SLICES_PER_GROUP:
+        raise VolumeInputError(f"volume has {volumes.shape[1]} slice(s); a CT series needs at least 3")
+    if not torch.isfinite(volumes).all():
+        raise VolumeInputError("volume contains NaN or infinite values; fix or re-export the image")
+
+
+def slice_groups(volumes: torch.Tensor) -> torch.Tensor:
+    """``(B, D, H, W) -> (B, G, 3, H, W)`` with ``G = ceil(D / 3)``, padding by the edge slice."""
+    depth = volumes.shape[1]
+    pad = -depth % SLICES_PER_GROUP
+    if pad:
+        volumes = torch.cat([volumes, volumes[:, -1:].expand(-1, pad, -1, -1)], dim=1)
+    b, d, h, w = volumes.shape
+    return volumes.view(b, d // SLICES_PER_GROUP, SLICES_PER_GROUP, h, w)
+
+
+class VolumeAdapter(nn.Module):
+    """Everything the 3D transfer adds to a 2D tower: depth RoPE (no parameters) and, when
+    configured, the TGH-MoE experts (``model_core.moe``), attached to the tower by hooks."""
+
+    def __init__(self, config: CTMLLMConfig, family: Family, vision_tower: nn.Module) -> None:
+        super().__init__()
+        self.family = family
+        self.num_3d_blocks = config.volume.num_3d_blocks
+        self.num_blocks = family.num_feature_blocks(vision_tower)
+        if self.num_3d_blocks > self.num_blocks:
+            raise ValueError(
+                f"num_3d_blocks={self.num_3d_blocks} but the tower feeds the projector from "
+                f"{self.num_blocks} blocks: use at most {self.num_blocks}"
+            )
+        self.image_size = config.volume.image_size or family.native_image_size
+        if self.image_size % family.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of the patch size {family.patch_size}"
+            )
+        grid = self.image_size // family.patch_size
+        self.grid_size = grid
+        self.tokens_per_group = family.num_prefix_tokens + grid * grid
+        self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
+        self.rope = DepthRoPE(family.num_heads, family.head_dim, config.volume.rope_theta)
+        self._hooks = []
+        for block in self.blocks_3d(vision_tower):
+            for site in family.qk_sites(block):
+                self._hooks.append(site.register_forward_hook(self._rope_hook))
+
+    def blocks_3d(self, vision_tower: nn.Module) -> list[nn.Module]:
+        blocks = self.family.blocks(vision_tower)
+        return list(blocks[self.num_blocks - self.num_3d_blocks : self.num_blocks])
+
+    def _rope_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        # Runs only inside 3D blocks, whose tokens are whole groups laid end to end: the depth of
+        # a token follows from its index, so recomputation (gradient checkpointing) stays exact.
+        depth = torch.arange(output.shape[1], device=output.device) // self.tokens_per_group
+        return self.rope.apply(output, depth)
+
+    def to_pixels(self, groups: torch.Tensor) -> torch.Tensor:
+        """``(B, G, 3, H, W)`` in [0, 1] -> ``(B * G, 3, S, S)`` normalised as the tower expects."""
+        b, g, c, h, w = groups.shape
+        images = groups.reshape(b * g, c, h, w)
+        if (h, w) != (self.image_size, self.image_size):
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
+        return (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
+
+    def forward(
+        self,
+        vision_tower: nn.Module,
+        volumes: torch.Tensor,
+        run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Encode ``(B, D, H, W)`` volumes into tower features ``(B, G, h, w, C)``."""
+        check_volume_tensor(volumes)
+        run_block = run_block or self.family.run_block
+        groups = slice_groups(volumes)  # (B, G, 3, H, W)
+        b, g = groups.shape[:2]
+        pixels = self.to_pixels(groups).to(next(vision_tower.parameters()).dtype)
+        hidden = self.family.embed(vision_tower, pixels)  # (B * G, T, C), T = tokens_per_group
+        blocks = self.family.blocks(vision_tower)
+        first_3d = self.num_blocks - self.num_3d_blocks
+        for block in blocks[:first_3d]:
+            hidden = run_block(block, hidden)  # per group, as in 2D
+        if self.num_3d_blocks:
+            tokens, dim = hidden.shape[1:]
+            hidden = hidden.reshape(b, g * tokens, dim)  # (B, G * T, C): one sequence per volume
+            for block in blocks[first_3d : self.num_blocks]:
+                hidden = run_block(block, hidden)
+            hidden = hidden.reshape(b * g, tokens, dim)
+        hidden = self.family.final_norm(vision_tower, hidden)
+        patches = hidden[:, self.family.num_prefix_tokens :]  # (B * G, h * w, C)
+        side = int(math.isqrt(patches.shape[1]))
+        return patches.reshape(b, g, side, side, patches.shape[-1])
