@@ -148,6 +148,8 @@ class CTMLLMConfig:
             self.moe = MoEConfig(**self.moe)
         if isinstance(self.generation, dict):
             self.generation = GenerationConfig(**self.generation)
+        # JSON form from the start (integer keys become strings), so a saved config reloads equal
+        self.mllm_config = json.loads(json.dumps(self.mllm_config))
         self.image_mean = tuple(float(v) for v in self.image_mean)
         self.image_std = tuple(float(v) for v in self.image_std)
         _require(
