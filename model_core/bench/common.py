@@ -1,0 +1,130 @@
+"""What every benchmark shares: the ~100M-parameter InternVL-shaped model, one process per case
+(so peak memory belongs to that case), medians, the machine description and the JSON/table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def bench_2d_mllm(image_size: int = 256):
+    """A random InternVL-shaped 2D MLLM: ViT-B/16 tower (~86M) and a small Qwen2 text model."""
+    from transformers import (
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+
+    from model_core.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    vision = InternVLVisionConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=image_size,
+        patch_size=16,
+        use_qk_norm=False,
+        layer_scale_init_value=0.1,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    config = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
+    )
+    torch.manual_seed(0)
+    return InternVLForConditionalGeneration(config).eval(), tokenizer
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_seconds(samples: Sequence[float]) -> float:
+    return statistics.median(samples)
+
+
+def machine_description() -> dict[str, Any]:
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_cases_in_subprocesses(
+    module: str, cases: list[dict[str, Any]], timeout: float
+) -> list[dict[str, Any]]:
+    """Run ``python -m module --case JSON`` for each case; each prints one JSON line."""
+    results = []
+    for case in cases:
+        command = [sys.executable, "-m", module, "--case", json.dumps(case)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if done.returncode == 0 and lines:
+                results.append(json.loads(lines[-1]))
+            else:
+                results.append({**case, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]})
+        except subprocess.TimeoutExpired:
+            results.append({**case, "error": f"timed out after {timeout:.0f} s"})
+        print(format_row(results[-1]), flush=True)
+    return results
+
+
+def format_row(row: dict[str, Any]) -> str:
+    return "  ".join(
+        f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()
+    )
+
+
+def write_report(
+    path: Path, name: str, rows: list[dict[str, Any]], columns: list[str], settings: dict[str, Any]
+) -> None:
+    """Write the JSON and print a markdown table of ``columns``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "machine": machine_description(), "settings": settings, "results": rows}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+    print()
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        cells = [row.get(column, row.get("error", "")) for column in columns]
+        print("| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |")
+    print(f"\nwrote {path}")
+
+
+def case_main(argv: Sequence[str], run_case: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+    """If called as ``--case JSON``, run that one case, print its JSON line and return True."""
+    if len(argv) == 2 and argv[0] == "--case":
+        print(json.dumps(run_case(json.loads(argv[1]))), flush=True)
+        return True
+    return False
