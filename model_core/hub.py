@@ -8,6 +8,7 @@ config/tokenizer files are fetched.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from model_core.model import CONFIG_FILE, CTMLLM
 DEMO_SPEC = "demo"
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 """Where the bundled demo model is assembled (see docs/MODEL_CARD.md)."""
+
+
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""``owner/name``: what is not a local path and looks like this is looked up on the Hub."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -62,7 +67,7 @@ def resolve_model_dir(
                 f"`python -m model_core convert`"
             )
         return folder
-    if folder.exists() or os.sep in str(spec) or str(spec).startswith("."):
+    if folder.exists() or not HUB_REPO_ID.fullmatch(str(spec)):
         raise ModelNotFoundError(f"model folder {folder} does not exist: check the path")
     if not allow_download:
         raise ModelNotFoundError(

@@ -1,0 +1,92 @@
+"""The command line (python -m model_core ...) and where models come from (model_core.hub)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_core.hub import ModelNotFoundError, resolve_model_dir
+from model_core.tiny import build_tiny_ctmllm, save_tiny_2d_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "CTMLLM_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "model_core", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_ctmllm("internvl", num_3d_blocks=1).save_pretrained(
+        tmp_path_factory.mktemp("m") / "tiny"
+    )
+
+
+def test_generate_streams_an_answer_for_an_m3d_volume(tiny_model_dir: Path, tmp_path: Path) -> None:
+    volume = tmp_path / "case.npy"
+    np.save(volume, np.random.default_rng(0).random((1, 9, 32, 32), dtype=np.float32))
+    done = run_cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--volume",
+        str(volume),
+        "--prompt",
+        "Where is the lesion?",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+        cache=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[6 tokens" in done.stderr and "model tiny" in done.stderr
+
+
+def test_info_describes_the_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    done = run_cli("info", str(tiny_model_dir), cache=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "family:           internvl" in done.stdout
+    assert "3D blocks (K):    1 of 4" in done.stdout
+    assert "at most 512 per volume" in done.stdout
+
+
+def test_convert_turns_a_2d_folder_into_a_ctmllm_folder(tmp_path: Path) -> None:
+    source = save_tiny_2d_checkpoint(tmp_path / "2d", "llava")
+    done = run_cli(
+        "convert", str(source), "--out", str(tmp_path / "3d"), "--num-3d-blocks", "3", cache=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    info = run_cli("info", str(tmp_path / "3d"), cache=tmp_path)
+    assert "family:           llava" in info.stdout and "3D blocks (K):    3 of 4" in info.stdout
+
+
+def test_bad_model_and_volume_get_clear_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
+    missing = run_cli("generate", "--model", str(tmp_path / "nope"), "--volume", "x.npy", cache=tmp_path)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    flat = tmp_path / "flat.npy"
+    np.save(flat, np.zeros((32, 32), dtype=np.float32))
+    done = run_cli("generate", "--model", str(tiny_model_dir), "--volume", str(flat), cache=tmp_path)
+    assert done.returncode == 2 and "2D image" in done.stderr
+
+
+def test_hub_spec_resolution(tiny_model_dir: Path, tmp_path: Path) -> None:
+    assert resolve_model_dir(tiny_model_dir) == tiny_model_dir
+    with pytest.raises(ModelNotFoundError, match="needs your agreement"):
+        resolve_model_dir("someone/some-ct-model")
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    with pytest.raises(ModelNotFoundError, match="not a CTMLLM model folder"):
+        resolve_model_dir(not_a_model)
