@@ -46,6 +46,9 @@ DEFAULT_MAX_VOXELS = 512 * 512 * 512
 
 SUPPORTED_FORMATS = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, or a DICOM folder"
 
+_MIN_SLAB_VOXELS = 1 << 22
+"""Slabs hold at least this many voxels (16 MiB as float32), so that few reads cover a volume."""
+
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
 """Flips x and y: converts LPS coordinates to RAS and back (its own inverse)."""
 
@@ -438,7 +441,7 @@ def _read_bounded(
     factors = shrink_factors(size_xyz, spacing_xyz, max_voxels)
     fx, fy, fz = factors
     used_slices = (size_xyz[2] // fz) * fz
-    slab_voxels = max(max_voxels // 4, size_xyz[0] * size_xyz[1] * fz)
+    slab_voxels = max(max_voxels // 4, _MIN_SLAB_VOXELS, size_xyz[0] * size_xyz[1] * fz)
     slab = max(2, fz * max(1, slab_voxels // (size_xyz[0] * size_xyz[1] * fz)))
     slab = slab + (-slab) % fz
     pieces, first = [], None
