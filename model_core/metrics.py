@@ -111,12 +111,12 @@ def _rouge() -> Any:
 
 def rouge1(reference: str, hypothesis: str) -> float:
     """ROUGE-1 F-measure (lower-cased alphanumeric tokens, no stemming), in [0, 1]."""
-    return _rouge().score(reference.strip(), hypothesis.strip())["rouge1"].fmeasure
+    return float(_rouge().score(reference.strip(), hypothesis.strip())["rouge1"].fmeasure)
 
 
 def rouge_l(reference: str, hypothesis: str) -> float:
     """ROUGE-L F-measure: longest common subsequence of tokens, in [0, 1]."""
-    return _rouge().score(reference.strip(), hypothesis.strip())["rougeL"].fmeasure
+    return float(_rouge().score(reference.strip(), hypothesis.strip())["rougeL"].fmeasure)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def meteor(reference: str, hypothesis: str, wordnet: Any = None) -> float:
     from nltk.translate.meteor_score import meteor_score
 
     wordnet = _default_wordnet() if wordnet is None else wordnet
-    return meteor_score([_meteor_tokens(reference)], _meteor_tokens(hypothesis), wordnet=wordnet)
+    return float(meteor_score([_meteor_tokens(reference)], _meteor_tokens(hypothesis), wordnet=wordnet))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,8 +351,13 @@ class BertScorer:
         return cached, str(model), model2layers.get(str(model))
 
     @property
+    def label(self) -> str:
+        """Short name for table cells: the model and the layer."""
+        return f"{self.model_name}, layer {self.num_layers}"
+
+    @property
     def description(self) -> str:
-        return f"{self.model_name}, layer {self.num_layers}, F1, no idf, no baseline rescaling"
+        return f"{self.label}, F1, no idf, no baseline rescaling"
 
     def score(self, refs: Sequence[str], hyps: Sequence[str]) -> list[float]:
         """Per-pair BERTScore F1 (greedy cosine matching of contextual token embeddings)."""
