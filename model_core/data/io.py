@@ -53,7 +53,7 @@ _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
 """Flips x and y: converts LPS coordinates to RAS and back (its own inverse)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class CTImage:
     """A CT volume in Hounsfield units with its geometry, oriented LPS (see the module docstring).
 
