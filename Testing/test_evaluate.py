@@ -161,6 +161,8 @@ def test_closed_accuracy_per_question_type_from_known_outputs(tmp_path) -> None:
         "Plane": {"accuracy": 0.5, "n": 2},
     }
     assert "| Plane | 50.00 | 2 |" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(ValueError, match="pass only 'report' samples"):
+        evaluate.evaluate(model, samples, evaluate.EvalSettings(task="report", bertscore=False), tmp_path)
 
 
 def test_jsonl_report_with_limit(tiny_model_dir, fake_data, tmp_path) -> None:

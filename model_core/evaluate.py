@@ -230,7 +230,7 @@ def summarise_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass
 class EvalSettings:
-    """What a run does besides the model and data; recorded in the summary."""
+    """What a run does besides the model and data (``limit`` applies when samples are selected)."""
 
     task: str
     max_new_tokens: int = 256
@@ -272,6 +272,13 @@ def evaluate(
 
     Metric availability is checked before generating (``prepare_scorers``).
     """
+    if not samples:
+        raise ValueError("no samples to evaluate: check --data and --limit")
+    other = sorted({sample.task for sample in samples} - {settings.task})
+    if other:
+        raise ValueError(
+            f"samples of task {other} in a {settings.task!r} evaluation: pass only {settings.task!r} samples"
+        )
     bert_scorer = prepare_scorers(settings)
     skipped = {} if settings.bertscore else {"bertscore_f1": "skipped (--no-bertscore)"}
     if not settings.meteor:
@@ -475,7 +482,9 @@ def main(argv: Sequence[str] | None = None, notice: Callable[[str], None] | None
             limit=args.limit,
         )
         spec = parse_data_spec(args.data)
-        samples = select_samples(open_dataset(spec, args.image_root, args.vqa_mode), args.task, args.limit)
+        samples = select_samples(
+            open_dataset(spec, args.image_root, args.vqa_mode), args.task, settings.limit
+        )
         prepare_scorers(settings)  # before the model: a missing metric fails fast
         from model_core.hub import load_model
 
