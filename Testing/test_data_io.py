@@ -266,6 +266,17 @@ def test_huge_dicom_series_is_read_in_bounded_slabs(dicom_ct, monkeypatch):
     np.testing.assert_allclose(ct.spacing, (2.5, 0.8, 1.4))
 
 
+def test_multi_frame_dicom_file_is_one_series(tmp_path):
+    array = ct_like((5, 6, 7))
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetMetaData("0008|0060", "CT")
+    sitk.WriteImage(image, str(tmp_path / "enhanced.dcm"))  # one file, 5 frames
+    ct = read_ct(tmp_path)
+    np.testing.assert_array_equal(ct.array, array)
+    np.testing.assert_allclose(ct.spacing, (2.5, 0.8, 0.7))
+
+
 def test_empty_folder_says_what_to_pass(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(DicomSeriesError, match="no DICOM image files"):

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
 
 from model_core.data.errors import DicomSeriesError, NotCTError
 
@@ -81,9 +80,7 @@ def _read_header(path: Path) -> _Header | None:
     """The header fields of one file; ``None`` for non-DICOM files and DICOM files without an image."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except (InvalidDicomError, OSError, EOFError):
-        return None
-    except Exception:  # pydicom raises many types for a damaged header
+    except Exception:  # InvalidDicomError for other files; pydicom raises many types for damaged headers
         return None
     uid = str(ds.get("SeriesInstanceUID", "") or "")
     if not uid or "Rows" not in ds or "Columns" not in ds:
