@@ -109,7 +109,10 @@ _FILLER = (
 
 # Parsing: patterns over lower-cased text.
 _ORGAN_PATTERN = re.compile(r"\b(liver|hepatic|spleen|splenic|kidneys?|renal|lungs?|pulmonary)\b")
+# "left lower lobe" names a lung only when no organ word is present ("right lobe of the liver").
+_LOBE_PATTERN = re.compile(r"\b(lobe)\b")
 _ORGAN_OF_WORD = {
+    "lobe": "lung",
     "liver": "liver",
     "hepatic": "liver",
     "spleen": "spleen",
@@ -299,7 +302,7 @@ def parse_report(text: str) -> list[Finding]:
         organ: str | None = None
         side: str | None = None
         for clause in sentence.split(";"):
-            organ_match = _ORGAN_PATTERN.search(clause)
+            organ_match = _ORGAN_PATTERN.search(clause) or _LOBE_PATTERN.search(clause)
             if organ_match:
                 organ = _ORGAN_OF_WORD[organ_match.group(1)]
                 before = _SIDE_PATTERN.findall(clause[: organ_match.start()])
