@@ -38,12 +38,14 @@ def window_from_width_level(width: float, level: float) -> tuple[float, float]:
 
 
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "wide": (-1000.0, 1000.0),
     "soft_tissue": window_from_width_level(400, 40),
     "lung": window_from_width_level(1500, -600),
     "bone": window_from_width_level(1800, 400),
-    "wide": (-1000.0, 1000.0),
 }
-"""HU ranges (low, high) of the window presets."""
+"""HU ranges (low, high) of the window presets; the first, ``wide``, is the default."""
+
+DEFAULT_WINDOW = next(iter(WINDOW_PRESETS))
 
 PERCENTILE_WINDOW = "percentile"
 """Window name that takes the volume's own 0.5th-99.5th percentiles: for non-CT input (MR)."""
@@ -65,7 +67,7 @@ class PreprocessConfig:
     intensities do not look like CT.
     """
 
-    window: str | tuple[float, float] = "wide"
+    window: str | tuple[float, float] = DEFAULT_WINDOW
     target_shape: tuple[int, int, int] = DEFAULT_TARGET_SHAPE
     spacing: tuple[float, float, float] | None = None
     crop_foreground: bool = False
