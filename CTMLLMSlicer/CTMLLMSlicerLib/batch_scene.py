@@ -1,0 +1,178 @@
+"""The MRML scene of a batch run: Slicer's own inside the application, one built on slicer-core outside.
+
+Inside Slicer (``Slicer --python-script``) the batch uses ``slicer.mrmlScene`` and the Volumes
+module's logic, so volumes load exactly as with "Add data". With plain Python on the slicer-core
+wheel there is no ``slicer.app`` or ``slicer.mrmlScene``: the scene, the application logic, the
+Colors logic (volume loading needs it) and the Volumes logic are built here.
+
+Volume files are read by ``vtkSlicerVolumesLogic.AddArchetypeVolume``; a DICOM series is read
+from its explicit file list, so other series in the same folder are never mixed in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from CTMLLMSlicerLib.batch_cases import DICOM, Case, resolve_series
+from CTMLLMSlicerLib.batch_files import commit_partial, partial_path
+
+IN_APPLICATION = "Slicer application"
+SLICER_CORE = "slicer-core (no application)"
+
+
+@dataclass
+class SlicerContext:
+    """The scene and the logics a batch run needs; ``environment`` says which Slicer provides them."""
+
+    scene: Any
+    volumesLogic: Any
+    environment: str
+    keep: tuple[Any, ...] = ()
+    """Logics built here, kept referenced for as long as the scene is used."""
+
+
+def in_slicer_application() -> bool:
+    """True inside the Slicer application (``slicer.app`` and ``slicer.mrmlScene`` exist)."""
+    import slicer
+
+    return hasattr(slicer, "app") and getattr(slicer, "mrmlScene", None) is not None
+
+
+def slicer_context(log_file: Path | None = None) -> SlicerContext:
+    """Slicer's scene and Volumes logic in the application; new ones on slicer-core.
+
+    On slicer-core, VTK's messages (loud for unreadable files) go to ``log_file`` instead of the
+    terminal, so the progress line stays readable; the case's error says what failed.
+    """
+    import slicer
+
+    if in_slicer_application():
+        return SlicerContext(slicer.mrmlScene, slicer.modules.volumes.logic(), IN_APPLICATION)
+    _route_vtk_messages(log_file)
+    scene = slicer.vtkMRMLScene()
+    appLogic = slicer.vtkSlicerApplicationLogic()
+    appLogic.SetMRMLScene(scene)
+    colorLogic = slicer.vtkSlicerColorLogic()
+    colorLogic.SetMRMLApplicationLogic(appLogic)
+    colorLogic.SetMRMLScene(scene)
+    appLogic.SetModuleLogic("Colors", colorLogic)
+    volumesLogic = slicer.vtkSlicerVolumesLogic()
+    volumesLogic.SetMRMLApplicationLogic(appLogic)
+    volumesLogic.SetMRMLScene(scene)
+    return SlicerContext(scene, volumesLogic, SLICER_CORE, keep=(appLogic, colorLogic))
+
+
+def _route_vtk_messages(log_file: Path | None) -> None:
+    import vtk
+
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        vtk.vtkLogger.LogToFile(str(log_file), vtk.vtkLogger.APPEND, vtk.vtkLogger.VERBOSITY_WARNING)
+
+
+def load_case_volume(context: SlicerContext, case: Case) -> tuple[Any, list[str]]:
+    """Load the case's volume into the scene as a scalar volume node; returns it and reader warnings.
+
+    Raises ``model_core.data``'s ``UnreadableVolumeError`` (missing, truncated or corrupt input) or
+    ``DicomSeriesError`` (no usable series) with a message that names the input.
+    """
+    from model_core.data.errors import UnreadableVolumeError
+
+    if case.kind == DICOM:
+        files, warnings = _series_files(case)
+    else:
+        if not case.path.is_file():
+            raise UnreadableVolumeError(f"{case.path}: does not exist (any more): check the input folder")
+        check_complete(case.path)
+        files, warnings = [case.path], []
+    node = _add_archetype_volume(context, files, case.case_id)
+    if node is None:
+        what = (
+            f"DICOM series {case.series_uid or ''} in {case.path}" if case.kind == DICOM else str(case.path)
+        )
+        raise UnreadableVolumeError(
+            f"{what}: Slicer could not read it as a volume (corrupt, truncated or not an image); export or copy "
+            "it again. VTK's messages are in the run's slicer.log."
+        )
+    if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise UnreadableVolumeError(
+            f"{case.path}: was read as a {node.GetClassName()}, not a scalar CT volume: pass a single-channel CT"
+        )
+    return node, warnings
+
+
+def _series_files(case: Case) -> tuple[list[Path], list[str]]:
+    from model_core.data.errors import DicomSeriesError
+
+    if case.files:
+        if case.problem:
+            raise DicomSeriesError(f"{case.origin}: cannot be read as one volume: {case.problem}")
+        return list(case.files), []
+    series, warnings = resolve_series(case)
+    return list(series.files), warnings
+
+
+def check_complete(path: Path) -> None:
+    """Refuse a truncated volume file before Slicer's reader zero-fills its missing voxels.
+
+    Uses the check of ``model_core.data`` (NIfTI header size against the data present).
+    """
+    from model_core.data.io import _check_nifti_complete  # TODO(data): public name requested
+
+    _check_nifti_complete(path)
+
+
+def _add_archetype_volume(context: SlicerContext, files: list[Path], name: str) -> Any:
+    import vtk
+
+    if len(files) == 1:
+        return context.volumesLogic.AddArchetypeVolume(str(files[0]), name)
+    fileList = vtk.vtkStringArray()
+    for file in files:
+        fileList.InsertNextValue(str(file))
+    return context.volumesLogic.AddArchetypeVolume(str(files[0]), name, 0, fileList)
+
+
+@contextmanager
+def nodes_added_during(scene: Any) -> Iterator[None]:
+    """Remove every node added to ``scene`` inside the block (the case's volume, text, display nodes).
+
+    Nodes that were there before (a user's scene in the application) are left alone, and memory
+    stays flat over hundreds of cases.
+    """
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in reversed(added):
+            if node is not None and node.GetID() not in before and scene.IsNodePresent(node):
+                scene.RemoveNode(node)
+
+
+def save_scene(scene: Any, path: Path) -> Path:
+    """Write the scene's ``.mrml`` atomically; storage nodes keep pointing at the input files.
+
+    The text node's report is stored in the ``.mrml`` itself, referenced from the volume node.
+    """
+    temporary = partial_path(path)
+    previousURL, previousRoot = scene.GetURL(), scene.GetRootDirectory()
+    scene.SetRootDirectory(str(path.parent))
+    scene.SetURL(str(temporary))
+    try:
+        scene.Commit()
+        if not temporary.is_file() or temporary.stat().st_size == 0:
+            raise OSError(f"Slicer did not write the scene {path}: check that the output folder is writable")
+        return commit_partial(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        scene.SetURL(previousURL or "")
+        scene.SetRootDirectory(previousRoot or os.getcwd())
