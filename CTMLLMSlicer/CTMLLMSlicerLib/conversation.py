@@ -1,0 +1,94 @@
+"""What the model said about one volume: the report and the question turns, with their settings.
+
+One ``Conversation`` per volume node. It gives the history the model needs for a follow-up
+question, the plain text stored in the scene's text node, and the Markdown and JSON exports
+(which carry the model id and the settings, so a result can be traced to what produced it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+REPORT = "report"
+QUESTION = "vqa"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Turn:
+    """One request and its answer; ``cancelled`` answers are partial and kept out of the history."""
+
+    task: str
+    prompt: str
+    answer: str
+    cancelled: bool = False
+    newTokens: int = 0
+    seconds: float = 0.0
+    time: str = field(default_factory=_now)
+
+    @property
+    def tokensPerSecond(self) -> float:
+        return self.newTokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Conversation:
+    """All turns on one volume, oldest first, with the model and settings that produced them."""
+
+    volumeName: str
+    modelId: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    turns: list[Turn] = field(default_factory=list)
+
+    def add(self, turn: Turn) -> Turn:
+        self.turns.append(turn)
+        return turn
+
+    def history(self) -> list[tuple[str, str]]:
+        """Earlier complete (question, answer) pairs, the context for the next question."""
+        return [(t.prompt, t.answer) for t in self.turns if t.task == QUESTION and not t.cancelled]
+
+    def isEmpty(self) -> bool:
+        return not self.turns
+
+    def toText(self) -> str:
+        """Plain text for the scene's text node and the clipboard."""
+        lines = [f"CT-MLLM results for {self.volumeName} (model: {self.modelId or 'unknown'})", ""]
+        for turn in self.turns:
+            note = " [cancelled: partial answer]" if turn.cancelled else ""
+            if turn.task == REPORT:
+                lines += [f"Report{note}:", turn.answer.strip(), ""]
+            else:
+                lines += [f"Q: {turn.prompt.strip()}", f"A{note}: {turn.answer.strip()}", ""]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def toMarkdown(self) -> str:
+        """A readable export: header with model and settings, then each turn."""
+        lines = [f"# CT-MLLM results: {self.volumeName}", "", f"- Model: `{self.modelId or 'unknown'}`"]
+        lines += [f"- {key}: `{value}`" for key, value in sorted(self.settings.items())]
+        lines += ["", "> Machine-generated text; not a diagnosis. A radiologist must review it.", ""]
+        for index, turn in enumerate(self.turns, start=1):
+            title = "Report" if turn.task == REPORT else f"Question {index}"
+            suffix = " (cancelled, partial)" if turn.cancelled else ""
+            lines += [f"## {title}{suffix}", ""]
+            if turn.task != REPORT:
+                lines += [f"**Q:** {turn.prompt.strip()}", "", f"**A:** {turn.answer.strip()}", ""]
+            else:
+                lines += [turn.answer.strip(), ""]
+            lines += [f"_{turn.newTokens} tokens in {turn.seconds:.1f} s, {turn.time}_", ""]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def toDict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["format"] = "ctmllm-conversation/1"
+        return data
+
+    def toJSON(self) -> str:
+        """The machine-readable export: model id, settings and every turn with its timing."""
+        return json.dumps(self.toDict(), indent=2, ensure_ascii=False) + "\n"

@@ -1,0 +1,546 @@
+"""The module's logic without Qt: CT volume node in, streamed report or answers out.
+
+``CTMLLMLogicCore`` takes an MRML scene and plain values, reports through callbacks and raises
+the typed errors of ``CTMLLMSlicerLib.errors``; it never opens a dialog. The Slicer module's
+``CTMLLMSlicerLogic`` wraps it, and the batch script runs it as is on the slicer-core wheel.
+
+Threads: ``volumeSnapshot`` (and everything else that reads or writes MRML) runs on the caller's
+thread, i.e. Slicer's GUI thread; ``run`` (model load, preprocessing, encoding, generation) may
+run in a worker thread because it only touches the snapshot's numpy copy and the model.
+
+Caches: the last loaded model (one at a time) and the visual features of the last few
+(volume, window preset, task) combinations, so a follow-up question skips the encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation, Turn
+from CTMLLMSlicerLib.errors import (
+    CTMLLMSlicerError,
+    DownloadNotConfirmedError,
+    ModelOutOfMemoryError,
+    ModelUnavailableError,
+    NotCTVolumeError,
+    NoVolumeError,
+    isOutOfMemory,
+)
+
+RESULT_REFERENCE_ROLE = "CTMLLMResult"
+"""Node reference role from a volume node to the text node holding its report and answers."""
+
+DEMO_MODEL = "demo"
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+CT_RENDERING_PRESET = "CT-Chest-Contrast-Enhanced"
+"""Slicer's volume rendering preset for contrast CT; built here when the presets are not loaded."""
+
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "wide": (-1000.0, 1000.0),
+    "soft_tissue": (-160.0, 240.0),
+    "lung": (-1350.0, 150.0),
+    "bone": (-500.0, 1300.0),
+}
+"""HU ranges (low, high) of ``model_core.data.WINDOW_PRESETS``, the first being the default.
+
+Repeated here because ``model_core.data`` imports torch, and the module must load (and offer
+these choices) before torch is installed; a test checks that both tables agree.
+"""
+
+STAGE_LOADING = "loading model"
+STAGE_PREPROCESSING = "preprocessing"
+STAGE_ENCODING = "encoding"
+STAGE_REUSING = "reusing encoded volume"
+STAGE_GENERATING = "generating"
+
+ProgressCallback = Callable[[str, "float | None", "float | None"], None]
+"""``(stage, fraction or None when unknown, tokens per second or None)``."""
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _noProgress(stage: str, fraction: float | None = None, tokensPerSecond: float | None = None) -> None:
+    return None
+
+
+def isRepoId(spec: str) -> bool:
+    """``owner/name`` that is not an existing path: a Hugging Face repo id."""
+    return bool(_REPO_ID.match(spec)) and not os.path.exists(os.path.expanduser(spec))
+
+
+def defaultModelCacheFolder() -> str:
+    """Where downloaded models go by default: a user folder that survives Slicer upgrades."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "CTMLLMSlicer", "models")
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """Which model to use and how: ``spec`` is "demo", a local folder or a Hugging Face repo id."""
+
+    spec: str = DEMO_MODEL
+    device: str = "auto"
+    precision: str = "auto"
+    cacheFolder: str = ""
+    allowDownload: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.spec.strip():
+            raise ModelUnavailableError("no model chosen: pick the demo model, a local folder or a repo id")
+        if self.device not in DEVICES:
+            raise ModelUnavailableError(f"device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ModelUnavailableError(
+                f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.spec, self.device, self.precision)
+
+    def settings(self) -> dict[str, str]:
+        return {"model": self.spec, "device": self.device, "precision": self.precision}
+
+
+@dataclass
+class VolumeSnapshot:
+    """What the worker needs from a volume node, copied on the GUI thread.
+
+    ``arrayKJI`` is the voxel array ``(slices, rows, columns)`` as MRML stores it, or None when
+    the visual features for ``cacheKey`` are cached and no copy is needed; ``ijkToRAS`` is 4x4.
+    """
+
+    nodeID: str
+    name: str
+    cacheKey: tuple
+    ijkToRAS: np.ndarray
+    arrayKJI: np.ndarray | None = None
+
+
+@dataclass
+class RunResult:
+    """The finished (or cancelled) turn, whether the encoder ran, and notices for the user."""
+
+    volumeNodeID: str
+    turn: Turn
+    encoded: bool
+    modelId: str
+    notices: list[str] = field(default_factory=list)
+
+
+def _defaultModelLoader(request: ModelRequest, notice: Callable[[str], None]) -> Any:
+    from model_core.hub import load_model
+
+    return load_model(
+        request.spec,
+        device=request.device,
+        dtype=request.precision,
+        cache_dir=request.cacheFolder or None,
+        allow_download=request.allowDownload,
+        notice=notice,
+    )
+
+
+class CTMLLMLogicCore:
+    """Loads the model, turns volume nodes into model input, runs it, stores results in the scene.
+
+    ``modelLoader(request, notice) -> CTMLLM`` defaults to ``model_core.hub.load_model``;
+    ``volumeRenderingLogic`` is Slicer's (``slicer.modules.volumerendering.logic()``) or a
+    ``vtkSlicerVolumeRenderingLogic`` from slicer-core; without it ``showVolumeRendering`` raises.
+    ``scene`` may be None only while a subclass's other base class initialises first (Slicer's
+    ``ScriptedLoadableModuleLogic.__init__`` calls ``super().__init__()`` without arguments).
+    """
+
+    featureCacheSize = 4
+
+    def __init__(
+        self,
+        scene: Any = None,
+        volumeRenderingLogic: Any = None,
+        modelLoader: Callable[[ModelRequest, Callable[[str], None]], Any] | None = None,
+    ) -> None:
+        self.scene = scene
+        self.volumeRenderingLogic = volumeRenderingLogic
+        self._modelLoader = modelLoader or _defaultModelLoader
+        self._model: Any = None
+        self._modelKey: tuple | None = None
+        self._features: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.RLock()
+        self.conversations: dict[str, Conversation] = {}
+
+    # -- model -------------------------------------------------------------------------------
+    def isModelCached(self, request: ModelRequest) -> bool:
+        return self._model is not None and self._modelKey == request.key
+
+    def needsDownloadConsent(self, request: ModelRequest) -> bool:
+        """True when ``request`` names a Hub repo that is not in the cache folder yet."""
+        if not isRepoId(request.spec):
+            return False
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return True
+        cached = try_to_load_from_cache(
+            request.spec, "ctmllm_config.json", cache_dir=request.cacheFolder or None
+        )
+        return not isinstance(cached, str)
+
+    def loadModel(
+        self,
+        request: ModelRequest,
+        progressCallback: ProgressCallback | None = None,
+        noticeCallback: Callable[[str], None] | None = None,
+    ) -> Any:
+        """The model for ``request``, loaded once and kept until another one is requested."""
+        progress = progressCallback or _noProgress
+        with self._lock:
+            if self.isModelCached(request):
+                return self._model
+            if isRepoId(request.spec) and not request.allowDownload and self.needsDownloadConsent(request):
+                raise DownloadNotConfirmedError(
+                    f"{request.spec} is a Hugging Face repo that is not downloaded yet: agree to the download "
+                    f"(into {request.cacheFolder or defaultModelCacheFolder()}) or pick another model"
+                )
+            progress(STAGE_LOADING, None, None)
+            self.unloadModel()
+            try:
+                model = self._modelLoader(request, noticeCallback or (lambda message: None))
+            except CTMLLMSlicerError:
+                raise
+            except FileNotFoundError as error:  # model_core.hub.ModelNotFoundError derives from it
+                raise ModelUnavailableError(str(error)) from error
+            except Exception as error:
+                if isOutOfMemory(error):
+                    raise self._outOfMemory(request, "loading the model") from error
+                raise ModelUnavailableError(f"could not load model {request.spec!r}: {error}") from error
+            self._model, self._modelKey = model, request.key
+            return model
+
+    def unloadModel(self) -> None:
+        """Free the model and every cached feature (they belong to that model)."""
+        with self._lock:
+            self._model, self._modelKey = None, None
+            self._features.clear()
+
+    @staticmethod
+    def _outOfMemory(request: ModelRequest, what: str) -> ModelOutOfMemoryError:
+        return ModelOutOfMemoryError(
+            f"out of memory while {what} on device {request.device!r} with precision {request.precision!r}: "
+            f"choose bfloat16/float16, the CPU, a smaller model, or close other applications"
+        )
+
+    # -- volume ------------------------------------------------------------------------------
+    @staticmethod
+    def _volumeKey(volumeNode: Any) -> tuple:
+        """Changes when the voxels or the geometry change (not on display or reference edits)."""
+        image = volumeNode.GetImageData()
+        matrix = _ijkToRAS(volumeNode)
+        return (volumeNode.GetID(), image.GetMTime(), image.GetDimensions(), tuple(matrix.round(6).ravel()))
+
+    @staticmethod
+    def _featureKey(request: ModelRequest, volumeKey: tuple, windowPreset: str, task: str) -> tuple:
+        return (request.key, volumeKey, windowPreset, task)
+
+    def volumeSnapshot(
+        self, volumeNode: Any, windowPreset: str = "", task: str = REPORT, request: ModelRequest | None = None
+    ) -> VolumeSnapshot:
+        """Copy what the worker needs from ``volumeNode`` (GUI thread).
+
+        The voxels are skipped when ``request``'s model is loaded and has the features cached.
+        """
+        if volumeNode is None:
+            raise NoVolumeError("no input volume: select a CT volume in the Input volume selector")
+        if volumeNode.GetImageData() is None:
+            raise NoVolumeError(f"volume {volumeNode.GetName()!r} holds no image data: load the CT again")
+        key = self._volumeKey(volumeNode)
+        cached = (
+            request is not None
+            and self.isModelCached(request)
+            and self._featureKey(request, key, windowPreset, task) in self._features
+        )
+        array = None
+        if not cached:
+            from slicer.util import arrayFromVolume
+
+            array = np.array(arrayFromVolume(volumeNode), copy=True)  # (slices, rows, columns)
+        return VolumeSnapshot(volumeNode.GetID(), volumeNode.GetName(), key, _ijkToRAS(volumeNode), array)
+
+    def prepareVolume(self, snapshot: VolumeSnapshot, windowPreset: str = "") -> np.ndarray:
+        """Checks and preprocessing of ``model_core.data``: ``(D, H, W)`` float32 in [0, 1]."""
+        from model_core.data import CTImage, CTInputError, PreprocessConfig, preprocess
+
+        if snapshot.arrayKJI is None:
+            raise NoVolumeError(
+                f"volume {snapshot.name!r} was snapshotted without voxels: take a new snapshot"
+            )
+        try:
+            ct = CTImage.from_ijk_to_ras(snapshot.arrayKJI, snapshot.ijkToRAS, source=snapshot.name)
+            volume = preprocess(ct, PreprocessConfig(window=windowPreset or next(iter(WINDOW_PRESETS))))
+        except CTInputError as error:
+            raise NotCTVolumeError(str(error)) from error
+        return np.asarray(volume, dtype=np.float32)
+
+    # -- running the model -------------------------------------------------------------------
+    def run(
+        self,
+        volume: Any,
+        task: str,
+        prompt: str | None,
+        request: ModelRequest,
+        windowPreset: str = "",
+        maxNewTokens: int | None = None,
+        onText: Callable[[str], None] | None = None,
+        progressCallback: ProgressCallback | None = None,
+        noticeCallback: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> RunResult:
+        """Report (``task="report"``) or answer (``task="vqa"``) about a volume node or snapshot.
+
+        Text reaches ``onText`` as it is generated; setting ``cancel`` stops after the token in
+        progress and returns the partial answer (``turn.cancelled``). The turn is added to the
+        volume's conversation; questions see the earlier complete question turns as history.
+        """
+        if task not in (REPORT, QUESTION):
+            raise ValueError(f"task {task!r}: use 'report' or 'vqa'")
+        if task == QUESTION and not (prompt and prompt.strip()):
+            raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
+        progress = progressCallback or _noProgress
+        notices: list[str] = []
+
+        def notice(message: str) -> None:
+            notices.append(message)
+            if noticeCallback:
+                noticeCallback(message)
+
+        cancel = cancel or threading.Event()
+        if not isinstance(volume, VolumeSnapshot):
+            volume = self.volumeSnapshot(volume, windowPreset, task, request)
+        snapshot = volume
+        with self._lock:
+            model = self.loadModel(request, progress, notice)
+            try:
+                features, encoded = self._featuresFor(model, request, snapshot, windowPreset, task, progress)
+                conversation = self.conversation(snapshot.nodeID, snapshot.name)
+                history = conversation.history() if task == QUESTION else []
+                text = prompt.strip() if prompt and prompt.strip() else model.default_prompt(REPORT)
+                result = self._generate(
+                    model, features, text, task, history, maxNewTokens, onText, progress, cancel
+                )
+            except CTMLLMSlicerError:
+                raise
+            except Exception as error:
+                if isOutOfMemory(error):
+                    raise self._outOfMemory(request, "running the model") from error
+                raise
+            conversation.modelId = model.model_id
+            conversation.settings = {
+                **request.settings(),
+                "window": windowPreset or "default",
+                "max_new_tokens": maxNewTokens or "model default",
+            }
+            turn = conversation.add(
+                Turn(task, text, result.text, result.cancelled, result.new_tokens, round(result.seconds, 3))
+            )
+        return RunResult(snapshot.nodeID, turn, encoded, model.model_id, notices)
+
+    def generateReport(self, volume: Any, request: ModelRequest, **kwargs: Any) -> RunResult:
+        """A full report of the volume with the model's default report prompt."""
+        return self.run(volume, REPORT, None, request, **kwargs)
+
+    def askQuestion(self, volume: Any, question: str, request: ModelRequest, **kwargs: Any) -> RunResult:
+        """One more question turn on the volume, reusing its encoded features and the conversation."""
+        return self.run(volume, QUESTION, question, request, **kwargs)
+
+    def _featuresFor(
+        self,
+        model: Any,
+        request: ModelRequest,
+        snapshot: VolumeSnapshot,
+        windowPreset: str,
+        task: str,
+        progress: ProgressCallback,
+    ) -> tuple[Any, bool]:
+        key = self._featureKey(request, snapshot.cacheKey, windowPreset, task)
+        if key in self._features:
+            self._features.move_to_end(key)
+            progress(STAGE_REUSING, 1.0, None)
+            return self._features[key], False
+        if snapshot.arrayKJI is None:  # cached when snapshotted, evicted since: copy again
+            raise NoVolumeError(f"the encoded {snapshot.name!r} left the cache: click again to re-encode")
+        progress(STAGE_PREPROCESSING, None, None)
+        volume = self.prepareVolume(snapshot, windowPreset)  # (D, H, W) float32 in [0, 1]
+        progress(STAGE_ENCODING, None, None)
+        features = model.encode_volume(volume, task=task)
+        self._features[key] = features
+        while len(self._features) > self.featureCacheSize:
+            self._features.popitem(last=False)
+        return features, True
+
+    @staticmethod
+    def _generate(
+        model: Any,
+        features: Any,
+        prompt: str,
+        task: str,
+        history: list,
+        maxNewTokens: int | None,
+        onText: Callable[[str], None] | None,
+        progress: ProgressCallback,
+        cancel: threading.Event,
+    ) -> Any:
+        budget = maxNewTokens or model.config.generation.max_new_tokens
+        start, tokens = time.perf_counter(), 0
+        progress(STAGE_GENERATING, 0.0, None)
+
+        def streamed(chunk: str) -> None:
+            nonlocal tokens
+            tokens += len(model.tokenizer(chunk, add_special_tokens=False).input_ids)
+            elapsed = time.perf_counter() - start
+            progress(STAGE_GENERATING, min(tokens / budget, 1.0), tokens / elapsed if elapsed > 0 else None)
+            if onText:
+                onText(chunk)
+
+        return model.generate(
+            features,
+            prompt,
+            task=task,
+            history=history,
+            max_new_tokens=budget,
+            on_text=streamed,
+            cancel=cancel,
+        )
+
+    # -- conversations and results in the scene ----------------------------------------------
+    def conversation(self, volumeNodeID: str, volumeName: str = "") -> Conversation:
+        """The conversation on a volume node, created empty on first use."""
+        if volumeNodeID not in self.conversations:
+            self.conversations[volumeNodeID] = Conversation(volumeName or volumeNodeID)
+        return self.conversations[volumeNodeID]
+
+    def clearConversation(self, volumeNodeID: str) -> None:
+        """Start over on a volume: the next question has no history (features stay cached)."""
+        self.conversations.pop(volumeNodeID, None)
+
+    def resultTextNode(self, volumeNode: Any) -> Any:
+        """The text node attached to ``volumeNode`` by ``saveResultToTextNode``, or None."""
+        return volumeNode.GetNodeReference(RESULT_REFERENCE_ROLE)
+
+    def saveResultToTextNode(self, volumeNode: Any, text: str | None = None) -> Any:
+        """Store the conversation text in a ``vtkMRMLTextNode`` referenced by the volume.
+
+        The reference and the text are saved with the scene. A second save updates the same node.
+        """
+        if volumeNode is None:
+            raise NoVolumeError("no input volume: select the volume whose results should be saved")
+        conversation = self.conversations.get(volumeNode.GetID())
+        if text is None:
+            if conversation is None or conversation.isEmpty():
+                raise CTMLLMSlicerError(
+                    f"nothing to save for {volumeNode.GetName()!r}: generate a report first"
+                )
+            text = conversation.toText()
+        textNode = self.resultTextNode(volumeNode)
+        if textNode is None:
+            textNode = self.scene.AddNewNodeByClass(
+                "vtkMRMLTextNode", f"{volumeNode.GetName()} CT-MLLM report"
+            )
+            volumeNode.SetNodeReferenceID(RESULT_REFERENCE_ROLE, textNode.GetID())
+        textNode.SetText(text)
+        if conversation is not None:
+            textNode.SetAttribute("CTMLLM.ModelId", conversation.modelId)
+            textNode.SetAttribute("CTMLLM.Settings", json.dumps(conversation.settings, sort_keys=True))
+        return textNode
+
+    def exportConversation(self, volumeNodeID: str, path: str | os.PathLike) -> Path:
+        """Write the conversation as Markdown (``.md``) or JSON (``.json``, with model id and settings)."""
+        conversation = self.conversations.get(volumeNodeID)
+        if conversation is None or conversation.isEmpty():
+            raise CTMLLMSlicerError("nothing to export: generate a report or ask a question first")
+        target = Path(path)
+        suffix = target.suffix.lower()
+        if suffix in (".md", ".markdown"):
+            content = conversation.toMarkdown()
+        elif suffix == ".json":
+            content = conversation.toJSON()
+        else:
+            raise CTMLLMSlicerError(
+                f"cannot export to {target.name!r}: use a .md (Markdown) or .json file name"
+            )
+        target.write_text(content, encoding="utf-8")
+        return target
+
+    # -- display -----------------------------------------------------------------------------
+    def applyWindowPreset(self, volumeNode: Any, windowPreset: str) -> None:
+        """Show the volume in the slice views with the HU window the model reads."""
+        if windowPreset not in WINDOW_PRESETS:
+            raise CTMLLMSlicerError(f"window {windowPreset!r}: choose one of {', '.join(WINDOW_PRESETS)}")
+        low, high = WINDOW_PRESETS[windowPreset]
+        displayNode = volumeNode.GetDisplayNode()
+        if displayNode is not None:
+            displayNode.SetAutoWindowLevel(False)
+            displayNode.SetWindowLevel(high - low, (low + high) / 2.0)
+
+    def showVolumeRendering(self, volumeNode: Any, presetName: str = CT_RENDERING_PRESET) -> Any:
+        """Render ``volumeNode`` in the 3D view with a CT preset; returns its display node."""
+        vrLogic = self.volumeRenderingLogic
+        if vrLogic is None:
+            raise CTMLLMSlicerError(
+                "no volume rendering logic: create the Logic with one to show the 3D view"
+            )
+        displayNode = vrLogic.GetFirstVolumeRenderingDisplayNode(volumeNode)
+        if displayNode is None:
+            displayNode = vrLogic.CreateDefaultVolumeRenderingNodes(volumeNode)
+        preset = vrLogic.GetPresetByName(presetName)
+        if preset is None:
+            preset = _buildCTPreset(presetName)
+            vrLogic.AddPreset(preset)
+        displayNode.GetVolumePropertyNode().Copy(preset)
+        displayNode.SetVisibility(True)
+        return displayNode
+
+
+def _ijkToRAS(volumeNode: Any) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _buildCTPreset(name: str) -> Any:
+    """A contrast-CT transfer function (fat and air clear, vessels and bone opaque)."""
+    import slicer
+    import vtk
+
+    preset = slicer.vtkMRMLVolumePropertyNode()
+    preset.SetName(name)
+    opacity = vtk.vtkPiecewiseFunction()
+    for hu, alpha in ((-1024, 0.0), (-100, 0.0), (120, 0.0), (250, 0.25), (600, 0.6), (3071, 0.8)):
+        opacity.AddPoint(hu, alpha)
+    colors = vtk.vtkColorTransferFunction()
+    for hu, rgb in (
+        (-1024, (0, 0, 0)),
+        (120, (0.55, 0.25, 0.15)),
+        (250, (0.9, 0.45, 0.3)),
+        (600, (1.0, 0.9, 0.8)),
+        (3071, (1, 1, 1)),
+    ):
+        colors.AddRGBPoint(hu, *rgb)
+    volumeProperty = preset.GetVolumeProperty()
+    volumeProperty.SetScalarOpacity(opacity)
+    volumeProperty.SetColor(colors)
+    volumeProperty.ShadeOn()
+    volumeProperty.SetInterpolationTypeToLinear()
+    return preset
