@@ -267,24 +267,57 @@ class CTMLLM(nn.Module):
             volume = volume.unsqueeze(0)
         return volume.to(self.device) if isinstance(volume, torch.Tensor) else volume
 
+    def pooled_prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Mean input embedding of each prompt's tokens, ``(B, llm_hidden)``: what the task router
+        reads. Detached: the router's loss never reaches the language model."""
+        table = self.language_model.get_input_embeddings()
+        pooled = []
+        with torch.no_grad():
+            for prompt in prompts:
+                ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+                if not ids:
+                    raise ValueError("the prompt is empty: type a question or use the report prompt")
+                pooled.append(table(torch.tensor(ids, device=self.device)).float().mean(dim=0))
+        return torch.stack(pooled)
+
     def encode_volumes(
-        self, volumes: torch.Tensor, tasks: Sequence[str] | None = None, prompts: Sequence[str] | None = None
+        self,
+        volumes: torch.Tensor,
+        tasks: Sequence[str] | None = None,
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """``(B, D, H, W)`` in [0, 1] -> visual tokens ``(B, tokens, llm_hidden)``."""
-        features = self.volume_adapter(self.vision_tower, volumes)  # (B, G, h, w, C)
+        """``(B, D, H, W)`` in [0, 1] -> visual tokens ``(B, tokens, llm_hidden)``.
+
+        With a task-level MoE, ``tasks`` force each sample's task expert; otherwise the task router
+        picks from ``prompts``. ``labels`` (true tasks) add the router's loss to
+        ``volume_adapter.auxiliary_losses()``. Without one, tasks and prompts do not matter.
+        """
+        moe = self.volume_adapter.moe
+        prompt_embeddings = None
+        if moe is not None and moe.config.task_level and prompts is not None:
+            prompt_embeddings = self.pooled_prompt_embeddings(prompts)
+        features = self.volume_adapter(
+            self.vision_tower, volumes, tasks=tasks, prompt_embeddings=prompt_embeddings, labels=labels
+        )  # (B, G, h, w, C)
         return self.projector(features)
 
     @torch.inference_mode()
     def encode_volume(
         self, volume: np.ndarray | torch.Tensor, task: str | None = None, prompt: str | None = None
     ) -> VisualFeatures:
-        """Encode one volume ``(D, H, W)`` once, to reuse across questions."""
+        """Encode one volume ``(D, H, W)`` once, to reuse across questions.
+
+        ``task`` forces the task expert of a task-level MoE (the panel's Report / Question mode);
+        without it the router picks from ``prompt``. ``VisualFeatures.task`` says which was used.
+        """
         if task is not None and task not in TASKS:
             raise ValueError(f"task {task!r}: choose one of {', '.join(TASKS)}")
         tokens = self.encode_volumes(
             self.as_volume_batch(volume), [task] if task else None, [prompt] if prompt else None
         )
-        return VisualFeatures(tokens=tokens[0], task=task)
+        routed = self.volume_adapter.routed_tasks
+        return VisualFeatures(tokens=tokens[0], task=routed[0] if routed else task)
 
     # -- language ----------------------------------------------------------------------------
     @property
@@ -332,8 +365,14 @@ class CTMLLM(nn.Module):
         answers: Sequence[str],
         tasks: Sequence[str] | None = None,
     ) -> LossOutput:
-        """Teacher-forced generation loss on the answers of a batch ``(B, D, H, W)``."""
-        visual = self.encode_volumes(volumes, tasks, prompts)  # (B, tokens, llm_hidden)
+        """Teacher-forced generation loss on the answers of a batch ``(B, D, H, W)``.
+
+        ``tasks`` are the samples' true tasks: the task router's labels, and in hard TGH-MoE mode
+        also the expert each sample trains (teacher forcing; the router learns from its labels).
+        In soft mode the router's mix is used, so the generation loss trains the router too.
+        """
+        forced = tasks if self.config.moe.mode == "tgh_hard" else None
+        visual = self.encode_volumes(volumes, forced, prompts, labels=tasks)  # (B, tokens, llm_hidden)
         sequences, labels = [], []
         for index, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
             prefix = self.prompt_embeddings(visual[index], prompt)
@@ -350,9 +389,7 @@ class CTMLLM(nn.Module):
             mask[row, : seq.shape[0]] = 1
             label_tensor[row, : len(lab)] = torch.tensor(lab, device=self.device)
         lm_loss = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=label_tensor).loss
-        aux = (
-            self.volume_adapter.auxiliary_losses() if hasattr(self.volume_adapter, "auxiliary_losses") else {}
-        )
+        aux = self.volume_adapter.auxiliary_losses()
         return LossOutput(
             loss=lm_loss + sum(aux.values(), torch.zeros((), device=self.device)),
             lm_loss=lm_loss,

@@ -12,7 +12,7 @@ of the 2D checkpoint.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import nn
 from model_core.config import CTMLLMConfig
 from model_core.depth_rope import DepthRoPE
 from model_core.families import Family
+from model_core.moe import TGHMoE, build_moe
 
 SLICES_PER_GROUP = 3
 """Adjacent slices per group: the 3 input channels of the 2D patch embedding."""
@@ -90,6 +91,26 @@ class VolumeAdapter(nn.Module):
         for block in self.blocks_3d(vision_tower):
             for site in family.qk_sites(block):
                 self._hooks.append(site.register_forward_hook(self._rope_hook))
+        self._vision_tower = [vision_tower]  # a list: not registered as a submodule
+        self.moe: TGHMoE | None = None
+        self.set_moe(build_moe(config.moe, family, vision_tower, self.num_blocks, self.num_3d_blocks))
+
+    def set_moe(self, moe: TGHMoE | None) -> None:
+        """Replace the MoE (None: none), moving the hooks from the old one to the new one."""
+        if self.moe is not None:
+            self.moe.detach()
+        self.moe = moe
+        if moe is not None:
+            moe.attach(self._vision_tower[0])
+
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """The MoE's load-balancing and task-router losses of the last forward (none without MoE)."""
+        return self.moe.auxiliary_losses() if self.moe is not None else {}
+
+    @property
+    def routed_tasks(self) -> list[str] | None:
+        """The task expert each sample of the last forward went through (task-level MoE only)."""
+        return self.moe.last_tasks if self.moe is not None else None
 
     def blocks_3d(self, vision_tower: nn.Module) -> list[nn.Module]:
         blocks = self.family.blocks(vision_tower)
@@ -116,9 +137,19 @@ class VolumeAdapter(nn.Module):
         vision_tower: nn.Module,
         volumes: torch.Tensor,
         run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        *,
+        tasks: Sequence[str] | None = None,
+        prompt_embeddings: torch.Tensor | None = None,
+        labels: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """Encode ``(B, D, H, W)`` volumes into tower features ``(B, G, h, w, C)``."""
+        """Encode ``(B, D, H, W)`` volumes into tower features ``(B, G, h, w, C)``.
+
+        With a task-level MoE, ``tasks`` force each sample's task expert, else the task router reads
+        ``prompt_embeddings`` ``(B, llm_hidden)``; ``labels`` give the router's training loss.
+        """
         check_volume_tensor(volumes)
+        if self.moe is not None:
+            self.moe.begin_forward(volumes.shape[0], volumes.device, tasks, prompt_embeddings, labels)
         run_block = run_block or self.family.run_block
         groups = slice_groups(volumes)  # (B, G, 3, H, W)
         b, g = groups.shape[:2]
