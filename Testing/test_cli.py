@@ -90,3 +90,33 @@ def test_hub_spec_resolution(tiny_model_dir: Path, tmp_path: Path) -> None:
     not_a_model.mkdir()
     with pytest.raises(ModelNotFoundError, match="not a CTMLLM model folder"):
         resolve_model_dir(not_a_model)
+
+
+SHARED_CT = REPO.parent / "shared" / "data" / "ct"
+
+
+@pytest.mark.skipif(not SHARED_CT.is_dir(), reason="../shared/data/ct is not beside the checkout")
+def test_generate_reads_a_real_nifti_and_refuses_mr(tiny_model_dir: Path, tmp_path: Path) -> None:
+    done = run_cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--volume",
+        str(SHARED_CT / "abdomen_ct_3mm.nii.gz"),
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        cache=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[4 tokens" in done.stderr
+    mr = run_cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--volume",
+        str(SHARED_CT / "not_ct_mr_3mm.nii.gz"),
+        cache=tmp_path,
+    )
+    assert mr.returncode == 2 and "allow_non_ct" in mr.stderr

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 
 
-def load_input_volume(path: str, window: str, allow_non_ct: bool) -> np.ndarray:
+def load_input_volume(path: str, window: str | None, allow_non_ct: bool) -> np.ndarray:
     """A preprocessed ``(D, H, W)`` volume from a CT file/folder, or from an M3D ``.npy``."""
-    if path.endswith(".npy"):
-        array = np.load(path, allow_pickle=False)
-        return array[0] if array.ndim == 4 else array
-    from model_core.data import PreprocessConfig, load_volume
+    from model_core.data import PreprocessConfig, load_m3d_npy, load_volume
 
-    volume, _ = load_volume(path, PreprocessConfig(window=window, allow_non_ct=allow_non_ct))
+    if path.endswith(".npy"):
+        return load_m3d_npy(path)
+
+    settings = {"window": window} if window else {}
+    volume, _ = load_volume(path, PreprocessConfig(**settings, allow_non_ct=allow_non_ct))
     return volume
 
 
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", default=None, help="the question (default: write a report)")
     generate.add_argument("--task", choices=["report", "vqa"], default=None)
     generate.add_argument("--max-new-tokens", type=int, default=None)
-    generate.add_argument("--window", default="soft_tissue", help="window preset for preprocessing")
+    generate.add_argument("--window", default=None, help="window preset (default: the data pipeline's)")
     generate.add_argument(
         "--allow-non-ct", action="store_true", help="accept volumes that do not look like CT"
     )
