@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 
 
-def load_input_volume(path: str, window: str | None, allow_non_ct: bool) -> np.ndarray:
-    """A preprocessed ``(D, H, W)`` volume from a CT file/folder, or from an M3D ``.npy``."""
-    from model_core.data import PreprocessConfig, load_m3d_npy, load_volume
+def load_input_volume(model, path: str, window: str | None, allow_non_ct: bool) -> np.ndarray:
+    """A ``(D, H, W)`` volume prepared as ``model`` expects, from a CT file/folder or an M3D ``.npy``."""
+    from model_core.data import load_m3d_npy, load_volume
 
     if path.endswith(".npy"):
         return load_m3d_npy(path)
-
-    settings = {"window": window} if window else {}
-    volume, _ = load_volume(path, PreprocessConfig(**settings, allow_non_ct=allow_non_ct))
+    overrides = {"window": window} if window else {}
+    volume, _ = load_volume(path, model.preprocess_config(**overrides, allow_non_ct=allow_non_ct))
     return volume
 
 
@@ -35,7 +34,7 @@ def command_generate(args: argparse.Namespace) -> int:
         allow_download=args.allow_download,
         notice=lambda text: print(text, file=sys.stderr),
     )
-    volume = load_input_volume(args.volume, args.window, args.allow_non_ct)
+    volume = load_input_volume(model, args.volume, args.window, args.allow_non_ct)
     task = args.task or ("report" if args.prompt is None else "vqa")
     result = model.generate(
         volume,

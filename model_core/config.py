@@ -128,8 +128,10 @@ class CTMLLMConfig:
     """Everything needed to rebuild a CTMLLM without its weights.
 
     ``mllm_config`` is the 2D model's Hugging Face config as a dict (its vision, projector and text
-    sub-configs); ``image_mean``/``image_std`` are the tower's input normalisation; ``source``
-    says which 2D checkpoint the model was converted from.
+    sub-configs); ``image_mean``/``image_std`` are the tower's input normalisation;
+    ``preprocessing`` holds the ``model_core.data.PreprocessConfig`` settings the model was trained
+    with (empty: the pipeline's defaults), so every caller feeds it volumes prepared alike;
+    ``source`` says which 2D checkpoint the model was converted from.
     """
 
     family: str
@@ -139,6 +141,7 @@ class CTMLLMConfig:
     volume: VolumeAdapterConfig = field(default_factory=VolumeAdapterConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
     def __post_init__(self) -> None:

@@ -247,6 +247,16 @@ class CTMLLM(nn.Module):
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
 
+    def preprocess_config(self, **overrides: Any):
+        """The ``model_core.data.PreprocessConfig`` this model was trained with, plus overrides.
+
+        One home for "how to prepare a volume for this model": CLI, batch, panel and evaluation
+        all call it, so a model never sees volumes windowed or sized unlike its training data.
+        """
+        from model_core.data import PreprocessConfig
+
+        return PreprocessConfig.from_dict({**self.config.preprocessing, **overrides})
+
     @staticmethod
     def default_prompt(task: str) -> str:
         if task == "report":
