@@ -255,9 +255,14 @@ def test_build_cli_writes_m3d_files_whose_reports_parse_to_their_findings(tmp_pa
     assert json.loads((tmp_path / "s.json").read_text())["f1"] == 1.0
 
 
-def test_missing_ct_folder_is_named_with_the_fix(tmp_path: Path) -> None:
+def test_bad_input_is_refused_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(FileNotFoundError, match="CTMLLM_CT_DIR"):
         ct_data_dir(tmp_path)
+    out = tmp_path / "never"
+    assert main(["build", "--out", str(out), "--real-anatomy", "--ct-dir", str(tmp_path)]) == 2
+    assert "--ct-dir" in capsys.readouterr().err and not out.exists()
+    assert main(["build", "--out", str(out), "--grid", "8", "32", "32"]) == 2
+    assert "at least (12, 48, 48)" in capsys.readouterr().err
     assert [spec.name for spec in real_volume_specs("test")] == ["cardiac_cta_1p5mm"]
     assert "cardiac_cta_1p5mm" not in [spec.name for spec in real_volume_specs("train")]
 

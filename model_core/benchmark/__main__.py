@@ -55,22 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "build":
-        config = BenchmarkConfig(
-            counts={"train": args.train, "validation": args.val, "test": args.test},
-            seed=args.seed,
-            grid=tuple(args.grid),
-            real_anatomy=args.real_anatomy,
-            real_fraction=args.real_fraction,
-            max_questions=args.max_questions,
-            window=args.window,
-            ct_dir=args.ct_dir,
-        )
-        counts = build_benchmark(args.out, config, on_progress=lambda line: print(line, file=sys.stderr))
-        print(json.dumps({"out": str(args.out), "studies": counts}))
-        return 0
+def _build(args: argparse.Namespace) -> int:
+    config = BenchmarkConfig(
+        counts={"train": args.train, "validation": args.val, "test": args.test},
+        seed=args.seed,
+        grid=tuple(args.grid),
+        real_anatomy=args.real_anatomy,
+        real_fraction=args.real_fraction,
+        max_questions=args.max_questions,
+        window=args.window,
+        ct_dir=args.ct_dir,
+    )
+    counts = build_benchmark(args.out, config, on_progress=lambda line: print(line, file=sys.stderr))
+    print(json.dumps({"out": str(args.out), "studies": counts}))
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
     truth = read_findings(Path(args.benchmark) / FINDINGS_FILE)
     scores = score_reports(read_report_predictions(args.samples), truth, with_level=args.with_level)
     text = json.dumps(scores, indent=1)
@@ -78,6 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     print(text)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; input errors print one line and return 2 instead of a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _build(args) if args.command == "build" else _score(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from model_core.benchmark.anatomy import LABELS, LabelledVolume
 from model_core.benchmark.findings import Finding, score_findings
 from model_core.benchmark.lesions import insert_lesions, plan_findings
 from model_core.benchmark.phantom import HELD_OUT_BANDS, phantom_anatomy, simulate_acquisition
-from model_core.benchmark.real_anatomy import estimate_noise_hu, real_anatomy, real_volume_specs
+from model_core.benchmark.real_anatomy import ct_data_dir, estimate_noise_hu, real_anatomy, real_volume_specs
 from model_core.benchmark.text import make_questions, parse_report, write_report
 from model_core.data.formats import QUESTION_TYPES, VQARecord, write_m3d_cap, write_m3d_vqa
 from model_core.data.preprocess import WINDOW_PRESETS, normalise, window
@@ -50,6 +50,7 @@ VQA_FILES: dict[str, str] = {
 FINDINGS_FILE = "findings.jsonl"
 SETTINGS_FILE = "benchmark.json"
 FORMAT_VERSION = 1
+MIN_GRID = (12, 48, 48)
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,10 @@ class BenchmarkConfig:
         unknown = sorted(set(self.counts) - set(SPLITS))
         if unknown or any(int(n) < 0 for n in self.counts.values()):
             raise ValueError(f"counts={self.counts}: give non-negative study counts for {SPLITS}")
-        if len(self.grid) != 3 or min(self.grid) < 8:
+        if len(self.grid) != 3 or self.grid[0] < MIN_GRID[0] or min(self.grid[1:]) < MIN_GRID[1]:
             raise ValueError(
-                f"grid={self.grid}: give (D, H, W) with every size at least 8, e.g. (32, 128, 128)"
+                f"grid={self.grid}: give (D, H, W) of at least {MIN_GRID} (smaller grids leave no room for "
+                "lesions in the organ thirds), e.g. (32, 128, 128)"
             )
         if not 0.0 <= self.real_fraction <= 1.0:
             raise ValueError(f"real_fraction={self.real_fraction}: use a share between 0 and 1")
@@ -186,6 +188,8 @@ def build_benchmark(
 
     Studies are generated one at a time and written at once, so memory stays at one volume.
     """
+    if config.real_anatomy:
+        ct_data_dir(config.ct_dir)  # fail before writing anything when the CTs are missing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records: dict[str, list[VQARecord]] = {split: [] for split in SPLITS}
