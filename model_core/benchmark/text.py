@@ -90,7 +90,7 @@ _NORMAL_ORGAN: dict[str, tuple[str, ...]] = {
     "lungs": (
         "The imaged lungs are clear.",
         "No pulmonary nodule.",
-        "Lung bases: clear.",
+        "Lungs: clear.",
         "No focal lung lesion.",
     ),
     "lung": ("The {side} lung is clear.", "No nodule in the {side} lung.", "{Side} lung: clear."),
