@@ -120,6 +120,35 @@ def _voxel_axes(grid: tuple[int, int, int], spacing: tuple[float, float, float])
     return z, y, x
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """One phantom's coordinates and body layout (mm), shared by the drawing steps.
+
+    ``z, y, x`` broadcast to the grid ``(D, H, W)``; ``(cy, cx)`` is the body centre; ``cav_ry,
+    cav_rx`` the semi-axes of the cavity inside fat and muscle wall; ``scale`` the organ scale.
+    """
+
+    grid: tuple[int, int, int]
+    z: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    cy: float
+    cx: float
+    cav_ry: float
+    cav_rx: float
+    spine_cy: float
+    dome_right: float
+    dome_left: float
+    scale: float
+
+    def inside(self, shape: Ellipsoid) -> np.ndarray:
+        return shape.level(self.z, self.y, self.x) < 1.0
+
+    def cylinder(self, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+        """A cylinder along z through the whole slab, ``(D, H, W)`` (a read-only broadcast view)."""
+        return np.broadcast_to(_cylinder(self.y, self.x, cy, cx, ry, rx), self.grid)
+
+
 def phantom_anatomy(
     grid: tuple[int, int, int],
     rng: np.random.Generator,
@@ -136,7 +165,6 @@ def phantom_anatomy(
     if phase not in PHASES:
         raise ValueError(f"phase={phase!r}: use one of {PHASES}")
     habitus, organ_scale = sample_anatomy_latents(rng, pool)
-    scale = 0.85 + 0.3 * organ_scale
 
     # Body outline and field of view: the body fills 75-90% of the in-plane field.
     body_rx = 130.0 + 50.0 * habitus + rng.uniform(-8, 8)
@@ -146,121 +174,161 @@ def phantom_anatomy(
     pixel = max(2 * body_rx / (fill * w), 2 * body_ry / (fill * h))
     spacing = (rng.uniform(250.0, 320.0) / d, pixel, pixel)
     z, y, x = _voxel_axes(grid, spacing)
-    z_top = d * spacing[0]
     cy, cx = rng.uniform(-0.05, 0.05) * h * pixel, rng.uniform(-0.05, 0.05) * w * pixel
     fat = 8.0 + 30.0 * habitus + rng.uniform(-4, 4)
     wall = rng.uniform(8.0, 14.0)
-    cav_rx, cav_ry = body_rx - fat - wall, body_ry - fat - wall
-
+    dome_right = d * spacing[0] * rng.uniform(0.66, 0.76)
+    frame = _Frame(
+        grid=grid,
+        z=z,
+        y=y,
+        x=x,
+        cy=cy,
+        cx=cx,
+        cav_ry=body_ry - fat - wall,
+        cav_rx=body_rx - fat - wall,
+        spine_cy=cy + 0.5 * (body_ry - fat - wall),
+        dome_right=dome_right,
+        dome_left=dome_right - rng.uniform(5.0, 20.0),
+        scale=0.85 + 0.3 * organ_scale,
+    )
     labels = np.zeros(grid, dtype=np.uint8)
-    body = np.broadcast_to(_cylinder(y, x, cy, cx, body_ry, body_rx), grid)
-    labels[body] = LABELS["body"]
-    inner = np.broadcast_to(_cylinder(y, x, cy, cx, body_ry - fat, body_rx - fat), grid)
-    labels[inner] = LABELS["muscle"]
-    cavity = np.broadcast_to(_cylinder(y, x, cy, cx, cav_ry, cav_rx), grid)
+    labels[frame.cylinder(cy, cx, body_ry, body_rx)] = LABELS["body"]
+    labels[frame.cylinder(cy, cx, body_ry - fat, body_rx - fat)] = LABELS["muscle"]
+    cavity = frame.cylinder(cy, cx, frame.cav_ry, frame.cav_rx)
     labels[cavity] = LABELS["body"]  # visceral fat
+    below_right, below_left = _draw_thorax(frame, rng, labels, cavity)
+    _draw_abdomen(frame, rng, labels, cavity & below_right, cavity & below_left)
+    vertebra, marrow = _draw_spine_and_aorta(frame, rng, labels, body_inside=labels > 0)
+    hu = _tissue_hu(labels, phase, rng)
+    _add_bone_and_gas(frame, rng, labels, hu, vertebra, marrow)
+    return LabelledVolume(hu=hu, labels=labels, spacing_mm=spacing, phase=phase, source="phantom")
 
-    # Diaphragm domes: the lungs lie above them, deepest at the back and sides.
-    dome_right = z_top * rng.uniform(0.66, 0.76)
-    dome_left = dome_right - rng.uniform(5.0, 20.0)
+
+def _draw_thorax(
+    frame: _Frame, rng: np.random.Generator, labels: np.ndarray, cavity: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lungs above the diaphragm domes (deepest at the back and sides) and the heart between them.
+
+    Returns the ``(D, H, W)`` masks below the right and the left dome.
+    """
     depth = rng.uniform(25.0, 45.0)
+    f = frame
 
     def dome(z_peak: float, side: float) -> np.ndarray:
-        r2 = ((x - (cx + side * 0.45 * cav_rx)) / cav_rx) ** 2 + ((y - (cy - 0.1 * cav_ry)) / cav_ry) ** 2
+        r2 = ((f.x - (f.cx + side * 0.45 * f.cav_rx)) / f.cav_rx) ** 2 + (
+            (f.y - (f.cy - 0.1 * f.cav_ry)) / f.cav_ry
+        ) ** 2
         return z_peak - depth * r2  # (1, H, W)
 
-    below_right, below_left = z < dome(dome_right, -1.0), z < dome(dome_left, 1.0)  # (D, H, W)
-    spine_cy = cy + 0.5 * cav_ry
-    bowel_zone = cavity & below_right & below_left & (z < dome_left - 60.0)
-    n_loops = int(rng.integers(8, 15))
-    for _ in range(n_loops):
+    below_right, below_left = f.z < dome(f.dome_right, -1.0), f.z < dome(f.dome_left, 1.0)
+    lungs = cavity & (((f.x < f.cx) & ~below_right) | ((f.x >= f.cx) & ~below_left))
+    labels[lungs & (f.x < f.cx)] = LABELS["lung_right"]
+    labels[lungs & (f.x >= f.cx)] = LABELS["lung_left"]
+    heart = Ellipsoid(
+        (f.z.max() + rng.uniform(10, 40), f.cy - 0.25 * f.cav_ry, f.cx + 0.12 * f.cav_rx),
+        (rng.uniform(90, 120), 0.5 * f.cav_ry, rng.uniform(0.28, 0.36) * f.cav_rx),
+        rng.uniform(-0.4, -0.1),
+    )
+    labels[lungs & f.inside(heart)] = LABELS["mediastinum"]
+    return below_right, below_left
+
+
+def _draw_abdomen(
+    frame: _Frame,
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    under_right: np.ndarray,
+    under_left: np.ndarray,
+) -> None:
+    """Bowel loops, liver (two lobes), spleen and kidneys (with sinus fat), in the cavity under the domes."""
+    f, s = frame, frame.scale
+    bowel_zone = under_right & under_left & (f.z < f.dome_left - 60.0)
+    for _ in range(int(rng.integers(8, 15))):
         loop = Ellipsoid(
             (
-                rng.uniform(0.0, dome_left - 60.0),
-                cy + rng.uniform(-0.7, 0.2) * cav_ry,
-                cx + rng.uniform(-0.7, 0.7) * cav_rx,
+                rng.uniform(0.0, f.dome_left - 60.0),
+                f.cy + rng.uniform(-0.7, 0.2) * f.cav_ry,
+                f.cx + rng.uniform(-0.7, 0.7) * f.cav_rx,
             ),
             tuple(rng.uniform(12.0, 28.0, size=3)),
             rng.uniform(0, np.pi),
         )
-        labels[bowel_zone & (loop.level(z, y, x) < 1.0)] = LABELS["bowel"]
-
-    lungs = cavity & (((x < cx) & ~below_right) | ((x >= cx) & ~below_left))
-    labels[lungs & (x < cx)] = LABELS["lung_right"]
-    labels[lungs & (x >= cx)] = LABELS["lung_left"]
-    heart = Ellipsoid(
-        (z_top + rng.uniform(10, 40), cy - 0.25 * cav_ry, cx + 0.12 * cav_rx),
-        (rng.uniform(90, 120), 0.5 * cav_ry, rng.uniform(0.28, 0.36) * cav_rx),
-        rng.uniform(-0.4, -0.1),
-    )
-    labels[lungs & (heart.level(z, y, x) < 1.0)] = LABELS["mediastinum"]
-
-    liver_top = Ellipsoid(
-        (dome_right - 75.0 * scale, cy - 0.05 * cav_ry, cx - 0.45 * cav_rx),
-        (rng.uniform(70, 90) * scale, rng.uniform(0.6, 0.75) * cav_ry, rng.uniform(0.42, 0.52) * cav_rx),
+        labels[bowel_zone & f.inside(loop)] = LABELS["bowel"]
+    liver_right = Ellipsoid(
+        (f.dome_right - 75.0 * s, f.cy - 0.05 * f.cav_ry, f.cx - 0.45 * f.cav_rx),
+        (rng.uniform(70, 90) * s, rng.uniform(0.6, 0.75) * f.cav_ry, rng.uniform(0.42, 0.52) * f.cav_rx),
         rng.uniform(-0.2, 0.2),
     )
     liver_left = Ellipsoid(
-        (dome_right - 50.0 * scale, cy - 0.4 * cav_ry, cx + rng.uniform(0.0, 0.15) * cav_rx),
-        (rng.uniform(35, 50) * scale, rng.uniform(0.2, 0.3) * cav_ry, rng.uniform(0.3, 0.4) * cav_rx),
+        (f.dome_right - 50.0 * s, f.cy - 0.4 * f.cav_ry, f.cx + rng.uniform(0.0, 0.15) * f.cav_rx),
+        (rng.uniform(35, 50) * s, rng.uniform(0.2, 0.3) * f.cav_ry, rng.uniform(0.3, 0.4) * f.cav_rx),
         rng.uniform(-0.3, 0.3),
     )
-    liver = cavity & below_right & ((liver_top.level(z, y, x) < 1.0) | (liver_left.level(z, y, x) < 1.0))
-    labels[liver] = LABELS["liver"]
-
+    labels[under_right & (f.inside(liver_right) | f.inside(liver_left))] = LABELS["liver"]
     spleen = Ellipsoid(
-        (dome_left - 50.0 * scale, cy + 0.3 * cav_ry, cx + 0.65 * cav_rx),
-        (rng.uniform(45, 60) * scale, rng.uniform(45, 60) * scale, rng.uniform(22, 32) * scale),
+        (f.dome_left - 50.0 * s, f.cy + 0.3 * f.cav_ry, f.cx + 0.65 * f.cav_rx),
+        (rng.uniform(45, 60) * s, rng.uniform(45, 60) * s, rng.uniform(22, 32) * s),
         rng.uniform(0.2, 0.8),
     )
-    labels[cavity & below_left & (spleen.level(z, y, x) < 1.0)] = LABELS["spleen"]
-
-    kidney_left_z = dome_left - rng.uniform(95.0, 115.0) * scale
+    labels[under_left & f.inside(spleen)] = LABELS["spleen"]
+    kidney_left_z = f.dome_left - rng.uniform(95.0, 115.0) * s
     for side, z_c in ((-1.0, kidney_left_z - rng.uniform(10.0, 25.0)), (1.0, kidney_left_z)):
-        offset = rng.uniform(55.0, 72.0) * scale
         kidney = Ellipsoid(
-            (z_c, spine_cy + rng.uniform(-8, 4), cx + side * offset),
-            (rng.uniform(48, 60) * scale, rng.uniform(22, 27) * scale, rng.uniform(24, 30) * scale),
+            (z_c, f.spine_cy + rng.uniform(-8, 4), f.cx + side * rng.uniform(55.0, 72.0) * s),
+            (rng.uniform(48, 60) * s, rng.uniform(22, 27) * s, rng.uniform(24, 30) * s),
             side * rng.uniform(0.2, 0.5),
         )
         sinus = Ellipsoid(
             (z_c, kidney.center[1] - 5.0, kidney.center[2] - side * 0.5 * kidney.radii[2]),
             (0.45 * kidney.radii[0], 0.35 * kidney.radii[1], 0.35 * kidney.radii[2]),
         )
-        inside = cavity & (kidney.level(z, y, x) < 1.0)
+        inside = (under_right | under_left) & f.inside(kidney)
         labels[inside] = LABELS["kidney_right" if side < 0 else "kidney_left"]
-        labels[inside & (sinus.level(z, y, x) < 1.0)] = LABELS["body"]  # renal sinus fat
+        labels[inside & f.inside(sinus)] = LABELS["body"]  # renal sinus fat
 
-    aorta = np.broadcast_to(
-        _cylinder(y, x, spine_cy - 32.0, cx + 12.0, *(2 * [rng.uniform(10.0, 13.0)])), grid
-    )
-    labels[aorta] = LABELS["aorta"]
-    muscles = [_cylinder(y, x, spine_cy + 38.0, cx + s * 35.0, 24.0, 28.0) for s in (-1.0, 1.0)]
-    labels[np.broadcast_to((muscles[0] | muscles[1]) & body[0], grid)] = LABELS["muscle"]
-    vertebra_r = rng.uniform(17.0, 22.0)
-    vertebra = np.broadcast_to(_cylinder(y, x, spine_cy, cx, vertebra_r, vertebra_r * 1.1), grid)
-    arch = np.broadcast_to(_cylinder(y, x, spine_cy + vertebra_r + 12.0, cx, 12.0, 9.0), grid)
-    labels[vertebra | arch] = LABELS["bone"]
 
-    hu = _tissue_hu(labels, phase, rng)
-    # Bone: dense cortex around a marrow core; intervertebral discs every ~30 mm.
-    marrow = np.broadcast_to(_cylinder(y, x, spine_cy, cx, vertebra_r - 3.0, vertebra_r * 1.1 - 3.0), grid)
-    hu[vertebra | arch] = rng.uniform(*BONE_CORTEX_HU)
+def _draw_spine_and_aorta(
+    frame: _Frame, rng: np.random.Generator, labels: np.ndarray, body_inside: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Aorta, paraspinal muscles, vertebral body and arch; returns the vertebral body and its marrow (3 mm in)."""
+    f = frame
+    aorta_r = rng.uniform(10.0, 13.0)
+    labels[f.cylinder(f.spine_cy - 32.0, f.cx + 12.0, aorta_r, aorta_r)] = LABELS["aorta"]
+    for side in (-1.0, 1.0):
+        labels[f.cylinder(f.spine_cy + 38.0, f.cx + side * 35.0, 24.0, 28.0) & body_inside] = LABELS["muscle"]
+    radius = rng.uniform(17.0, 22.0)
+    vertebra = f.cylinder(f.spine_cy, f.cx, radius, radius * 1.1)
+    labels[vertebra | f.cylinder(f.spine_cy + radius + 12.0, f.cx, 12.0, 9.0)] = LABELS["bone"]
+    return vertebra, f.cylinder(f.spine_cy, f.cx, radius - 3.0, radius * 1.1 - 3.0)
+
+
+def _add_bone_and_gas(
+    frame: _Frame,
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    hu: np.ndarray,
+    vertebra: np.ndarray,
+    marrow: np.ndarray,
+) -> None:
+    """Bone texture (dense cortex around a marrow core, discs every ~30 mm) and gas in bowel loops."""
+    f = frame
+    hu[labels == LABELS["bone"]] = rng.uniform(*BONE_CORTEX_HU)
     hu[marrow] = rng.uniform(*BONE_MARROW_HU)
-    disc_period = rng.uniform(28.0, 34.0)
-    discs = np.broadcast_to(((z + rng.uniform(0, disc_period)) % disc_period) < 6.0, grid) & vertebra
+    period = rng.uniform(28.0, 34.0)
+    discs = np.broadcast_to(((f.z + rng.uniform(0, period)) % period) < 6.0, f.grid) & vertebra
     hu[discs] = 85.0
-    for _ in range(int(rng.integers(0, 4))):  # gas in bowel loops
+    bowel = labels == LABELS["bowel"]
+    for _ in range(int(rng.integers(0, 4))):
         pocket = Ellipsoid(
             (
-                rng.uniform(0.0, dome_left - 60.0),
-                cy + rng.uniform(-0.6, 0.0) * cav_ry,
-                cx + rng.uniform(-0.6, 0.6) * cav_rx,
+                rng.uniform(0.0, f.dome_left - 60.0),
+                f.cy + rng.uniform(-0.6, 0.0) * f.cav_ry,
+                f.cx + rng.uniform(-0.6, 0.6) * f.cav_rx,
             ),
             tuple(rng.uniform(5.0, 12.0, size=3)),
         )
-        hu[(labels == LABELS["bowel"]) & (pocket.level(z, y, x) < 1.0)] = GAS_HU
-    return LabelledVolume(hu=hu, labels=labels, spacing_mm=spacing, phase=phase, source="phantom")
+        hu[bowel & f.inside(pocket)] = GAS_HU
 
 
 def _tissue_hu(labels: np.ndarray, phase: str, rng: np.random.Generator) -> np.ndarray:
