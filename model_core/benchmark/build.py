@@ -89,13 +89,15 @@ class BenchmarkConfig:
 class Study:
     """One generated study: the model input, its truth, report and questions.
 
-    ``image`` is float32 ``(D, H, W)`` in [0, 1]; ``sites`` the organ sites in view as
+    ``image`` is float32 ``(D, H, W)`` in [0, 1] (the windowed ``hu``, which the demo writes as a CT
+    file); ``sites`` the organ sites in view as
     ``(organ, side)``; ``questions`` M3D-VQA rows without the image and text columns.
     """
 
     study_id: str
     split: str
     image: np.ndarray
+    hu: np.ndarray
     findings: list[Finding]
     report: str
     questions: list[dict[str, Any]]
@@ -159,6 +161,7 @@ def make_study(split: str, index: int, config: BenchmarkConfig) -> Study:
         study_id=f"{split}/{split}_{index:05d}",
         split=split,
         image=to_unit_range(volume.hu, config.window),
+        hu=volume.hu,
         findings=findings,
         report=write_report(findings, rng, sites),
         questions=make_questions(findings, rng, sites, volume.phase, config.max_questions),

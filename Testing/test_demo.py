@@ -1,0 +1,34 @@
+"""`make demo`'s job: a phantom CT written and read back, the model's report and answers streamed
+beside the ground truth, and an honest notice while no trained demo model is installed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from model_core.hub import DEMO_MODEL_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_and_prints_ground_truth(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "CTMLLM_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "model_core", "demo", "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    truth = json.loads((tmp_path / "out" / "ground_truth.json").read_text())
+    assert truth["findings"], "the demo study has findings to show"
+    assert (tmp_path / "out" / "phantom_ct.nii.gz").stat().st_size > 10_000
+    for heading in ("== Report", "== Question (closed)", "== Question (open)", "-- ground truth report:"):
+        assert heading in done.stdout
+    assert truth["report"] in done.stdout
+    if not (DEMO_MODEL_DIR / "ctmllm_config.json").is_file():
+        assert "NOTE: The trained demo model is not installed" in done.stdout
