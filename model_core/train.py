@@ -51,6 +51,7 @@ from model_core.training.stages import (
     export_merged,
     resolve_init,
     set_trainable,
+    stage_moe_config,
 )
 
 RESOLVED_CONFIG = "config.yaml"
@@ -117,6 +118,7 @@ def train(
     stops early at that step with a checkpoint, without changing the schedule."""
     # -- config ---------------------------------------------------------------------------------
     settings = config.stage_settings(stage)
+    stage_moe_config(config.moe, stage)  # refuses stage 2 without a task-level MoE, before any work
     run_dir = Path(config.out_dir) / f"stage{stage}"
     init_dir = resolve_init(init or Path(config.out_dir) / "stage1") if stage == 2 else None
     resolved = resolved_config(config, stage, str(init_dir) if init_dir else None)

@@ -145,8 +145,8 @@ def enable_gradient_checkpointing(model: CTMLLM) -> None:
     """Recompute tower and language-model blocks in the backward pass (non-reentrant: frozen
     inputs still pass gradients). MoE routing is stored per forward, so recomputation is exact."""
     kwargs = {"use_reentrant": False}
-    model.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.vision_tower.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
 
 @contextmanager

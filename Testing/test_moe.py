@@ -1,0 +1,188 @@
+"""TGH-MoE: zero delta at initialisation, load balancing, the task router, the stage-2 copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_core.config import MoEConfig
+from model_core.families import map_2d_state_dict_name
+from model_core.moe import MoERoutingError, load_balancing_loss, set_moe, top_k_gates
+from model_core.tiny import build_tiny_2d_mllm, build_tiny_ctmllm
+
+REPORT_PROMPTS = [
+    "Write a radiology report of the findings in this CT volume.",
+    "Describe the findings of this CT scan.",
+    "Write the report for this CT.",
+]
+QUESTIONS = [
+    "Where is the lesion located?",
+    "Is there a lesion? Choices: A. yes B. no",
+    "What kind of lesion is there?",
+]
+
+
+def volumes(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 9, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def randomise_experts(model, seed: int) -> None:
+    """Give every LoRA B a nonzero value, as training would, so experts change the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.volume_adapter.moe.named_parameters():
+            if name.endswith("lora_B"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+@pytest.mark.parametrize("family", ["internvl", "llava"])
+@pytest.mark.parametrize("mode", ["token", "tgh_hard", "tgh_soft"])
+def test_moe_adds_nothing_at_initialisation(family: str, mode: str) -> None:
+    base = build_tiny_ctmllm(family)
+    model = build_tiny_ctmllm(family, moe=MoEConfig(mode=mode, targets=("mlp", "attention")))
+    batch = volumes()
+    prompts = [REPORT_PROMPTS[0], QUESTIONS[0]]
+    with torch.no_grad():
+        expected = base.encode_volumes(batch)
+        got = model.encode_volumes(batch, prompts=prompts)
+    assert torch.allclose(got, expected, atol=1e-5)
+    # ... while the experts are really wired in: a nonzero B changes the output
+    randomise_experts(model, seed=1)
+    with torch.no_grad():
+        changed = model.encode_volumes(batch, prompts=prompts)
+    assert (changed - expected).abs().max() > 1e-3
+
+
+def test_moe_keeps_every_2d_tensor_under_its_mapped_name() -> None:
+    mllm, _ = build_tiny_2d_mllm("internvl")
+    original = {name: tensor.clone() for name, tensor in mllm.state_dict().items()}
+    model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="tgh_hard", targets=("mlp", "attention")))
+    state = model.state_dict()
+    for name, tensor in original.items():
+        assert torch.equal(state[map_2d_state_dict_name(name)], tensor), name
+    new = [name for name in state if not any(name == map_2d_state_dict_name(o) for o in original)]
+    assert new and all(name.startswith("volume_adapter.moe.") for name in new)
+    assert any(".experts.report." in name for name in new) and any(".experts.vqa." in name for name in new)
+    assert any(name.startswith("volume_adapter.moe.task_router.") for name in new)
+
+
+def test_load_balancing_loss_is_minimal_for_uniform_routing() -> None:
+    experts, tokens = 4, 64
+    uniform = torch.full((tokens, experts), 1 / experts)
+    round_robin = (
+        torch.nn.functional.one_hot(torch.arange(tokens) % experts, experts).float() * 0.7 + 0.3 / experts
+    )
+    collapsed = torch.zeros(tokens, experts)
+    collapsed[:, 0] = 1.0
+    half = torch.cat([collapsed[: tokens // 2], round_robin[tokens // 2 :]])
+    losses = [load_balancing_loss(p, top_k=1).item() for p in (uniform, round_robin, half, collapsed)]
+    assert losses[0] == pytest.approx(1.0)
+    assert losses[1] == pytest.approx(1.0, abs=1e-6)
+    assert losses[0] < losses[2] < losses[3]
+    assert losses[3] == pytest.approx(experts)
+    # top-2 routing: uniform is still 1, a router that always prefers the same two experts is not
+    two = torch.tensor([0.45, 0.45, 0.05, 0.05]).expand(tokens, experts)
+    assert load_balancing_loss(uniform, top_k=2).item() == pytest.approx(1.0)
+    assert load_balancing_loss(two, top_k=2).item() > 1.5
+
+
+def test_top_k_gates_keep_k_experts_summing_to_one() -> None:
+    logits = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
+    gates, probs = top_k_gates(logits, top_k=2)
+    assert torch.allclose(gates.sum(-1), torch.ones(2, 5))
+    assert ((gates > 0).sum(-1) == 2).all()
+    assert torch.equal(gates.argmax(-1), probs.argmax(-1))
+
+
+def test_hard_router_learns_the_prompt_task_and_a_forced_task_overrides_it() -> None:
+    torch.manual_seed(0)
+    model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="tgh_hard", router_loss_weight=1.0))
+    moe = model.volume_adapter.moe
+    prompts = REPORT_PROMPTS + QUESTIONS
+    labels = ["report"] * len(REPORT_PROMPTS) + ["vqa"] * len(QUESTIONS)
+    batch = volumes(len(prompts))
+    optimizer = torch.optim.Adam(moe.task_router.parameters(), lr=1e-2)
+    for _ in range(25):
+        model.encode_volumes(batch, prompts=prompts, labels=labels)
+        loss = model.volume_adapter.auxiliary_losses()["router"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert model.volume_adapter.routed_tasks == labels  # the argmax of the last forward
+    with torch.no_grad():
+        model.encode_volumes(batch, prompts=prompts)
+    assert model.volume_adapter.routed_tasks == labels
+
+    randomise_experts(model, seed=2)  # task experts now differ, so outputs tell which one ran
+    volume = batch[0]
+    routed_vqa = model.encode_volume(volume, prompt=QUESTIONS[0])
+    routed_report = model.encode_volume(volume, prompt=REPORT_PROMPTS[0])
+    forced_vqa = model.encode_volume(volume, task="vqa", prompt=REPORT_PROMPTS[0])
+    assert (routed_vqa.task, routed_report.task, forced_vqa.task) == ("vqa", "report", "vqa")
+    assert torch.equal(forced_vqa.tokens, routed_vqa.tokens)
+    assert not torch.allclose(routed_report.tokens, routed_vqa.tokens)
+
+
+def test_task_level_moe_needs_a_task_or_a_prompt() -> None:
+    model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="tgh_hard"))
+    with pytest.raises(MoERoutingError, match="prompt"):
+        model.encode_volume(volumes(1)[0])
+    with pytest.raises(MoERoutingError, match="no expert"):
+        model.volume_adapter.moe.task_index("segmentation")
+
+
+@pytest.mark.parametrize("mode", ["tgh_hard", "tgh_soft"])
+def test_stage2_copy_makes_every_task_expert_equal_the_token_moe(mode: str) -> None:
+    token = MoEConfig(mode="token", targets=("mlp", "attention"))
+    model = build_tiny_ctmllm("llava", moe=token)
+    randomise_experts(model, seed=3)
+    batch = volumes(2)
+    with torch.no_grad():
+        expected = model.encode_volumes(batch)
+    set_moe(model, MoEConfig(mode=mode, targets=("mlp", "attention")))
+    assert model.config.moe.mode == mode
+    with torch.no_grad():
+        for task in ("report", "vqa"):
+            got = model.encode_volumes(batch, tasks=[task, task])
+            assert torch.allclose(got, expected, atol=1e-6), task
+        mixed = model.encode_volumes(batch, tasks=["report", "vqa"])
+        routed = model.encode_volumes(batch, prompts=[REPORT_PROMPTS[0], QUESTIONS[0]])
+    assert torch.allclose(mixed, expected, atol=1e-6)
+    assert torch.allclose(routed, expected, atol=1e-6)  # soft: a mix of equal experts is that expert
+
+
+def test_set_moe_refuses_to_drop_trained_experts() -> None:
+    model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="tgh_hard"))
+    with pytest.raises(ValueError, match="only a token-level MoE converts"):
+        set_moe(model, MoEConfig(mode="token"))
+    token_model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="token", rank=4))
+    with pytest.raises(ValueError, match="same num_experts"):
+        set_moe(token_model, MoEConfig(mode="tgh_hard", rank=8))
+
+
+def test_moe_blocks_out_of_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="moe.blocks contains 7"):
+        build_tiny_ctmllm("internvl", moe=MoEConfig(mode="token", blocks=(7,)))
+
+
+@pytest.mark.parametrize("mode", ["token", "tgh_soft"])
+def test_routing_survives_gradient_checkpointing(mode: str) -> None:
+    """Recomputation in the backward pass must route exactly as the forward did."""
+    grads = []
+    for checkpointing in (False, True):
+        model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode=mode)).train()
+        randomise_experts(model, seed=4)
+        if checkpointing:
+            model.vision_tower.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        out = model.compute_loss(
+            volumes(2), [REPORT_PROMPTS[0], QUESTIONS[1]], ["A cyst.", "A. yes"], ["report", "vqa"]
+        )
+        out.loss.backward()
+        grads.append(
+            {n: p.grad.clone() for n, p in model.volume_adapter.named_parameters() if p.grad is not None}
+        )
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
