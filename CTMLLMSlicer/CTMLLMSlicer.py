@@ -179,6 +179,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runner.cancel()
         self._runner.wait(2.0)
         self._pollTimer.stop()
+        self.exit()  # unbind the widgets from the parameter node: they are about to go
         self.removeObservers()
 
     def enter(self) -> None:

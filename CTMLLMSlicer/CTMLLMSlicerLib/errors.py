@@ -35,6 +35,10 @@ class MissingDependenciesError(CTMLLMSlicerError):
     """torch, transformers, ... are not installed in this Python and the user declined the install."""
 
 
+class OperationCancelled(CTMLLMSlicerError):
+    """The user cancelled between two stages (a cancelled generation returns its partial answer)."""
+
+
 class JobBusyError(CTMLLMSlicerError):
     """A second job was started while one is still running."""
 

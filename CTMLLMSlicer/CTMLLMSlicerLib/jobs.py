@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from CTMLLMSlicerLib.errors import JobBusyError
+from CTMLLMSlicerLib.errors import JobBusyError, OperationCancelled
 
 PROGRESS = "progress"
 NOTICE = "notice"
@@ -22,10 +22,6 @@ TEXT = "text"
 FINISHED = "finished"
 FAILED = "failed"
 CANCELLED = "cancelled"
-
-
-class JobCancelled(Exception):
-    """Raised inside a job when the user cancelled it between two stages."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +67,7 @@ class JobContext:
     def checkCancelled(self) -> None:
         """Stop between stages (a stage itself, e.g. generation, polls ``cancelEvent``)."""
         if self.cancelEvent.is_set():
-            raise JobCancelled("cancelled by the user")
+            raise OperationCancelled("cancelled by the user")
 
 
 class JobRunner:
@@ -97,7 +93,7 @@ class JobRunner:
     def _run(self, job: Callable[[JobContext], Any], context: JobContext) -> None:
         try:
             result = job(context)
-        except JobCancelled:
+        except OperationCancelled:
             self._events.put(JobEvent(CANCELLED))
         except BaseException as error:  # handed to the GUI thread, which shows it in the panel
             self._events.put(JobEvent(FAILED, error=error))

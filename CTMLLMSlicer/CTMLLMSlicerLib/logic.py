@@ -35,6 +35,7 @@ from CTMLLMSlicerLib.errors import (
     ModelUnavailableError,
     NotCTVolumeError,
     NoVolumeError,
+    OperationCancelled,
     isOutOfMemory,
 )
 
@@ -309,7 +310,8 @@ class CTMLLMLogicCore:
         """Report (``task="report"``) or answer (``task="vqa"``) about a volume node or snapshot.
 
         Text reaches ``onText`` as it is generated; setting ``cancel`` stops after the token in
-        progress and returns the partial answer (``turn.cancelled``). The turn is added to the
+        progress and returns the partial answer (``turn.cancelled``); set before generation
+        starts, it raises ``OperationCancelled`` after the stage in progress. The turn is added to the
         volume's conversation; questions see the earlier complete question turns as history.
         """
         if task not in (REPORT, QUESTION):
@@ -331,7 +333,9 @@ class CTMLLMLogicCore:
         with self._lock:
             model = self.loadModel(request, progress, notice)
             try:
+                _raiseIfCancelled(cancel)
                 features, encoded = self._featuresFor(model, request, snapshot, windowPreset, task, progress)
+                _raiseIfCancelled(cancel)
                 conversation = self.conversation(snapshot.nodeID, snapshot.name)
                 history = conversation.history() if task == QUESTION else []
                 text = prompt.strip() if prompt and prompt.strip() else model.default_prompt(REPORT)
@@ -509,6 +513,11 @@ class CTMLLMLogicCore:
         displayNode.GetVolumePropertyNode().Copy(preset)
         displayNode.SetVisibility(True)
         return displayNode
+
+
+def _raiseIfCancelled(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise OperationCancelled("cancelled before generation started")
 
 
 def _ijkToRAS(volumeNode: Any) -> np.ndarray:

@@ -83,16 +83,23 @@ def build_scene() -> tuple[Any, Any, dict[str, Any]]:
         logic.SetMRMLScene(scene)
         appLogic.SetModuleLogic(name, logic)
         logics[name] = logic
+    for node in build_view_nodes():
+        scene.AddNode(node)
+    return scene, appLogic, logics
+
+
+def build_view_nodes() -> list[Any]:
+    """What Slicer's default layout adds: a 3D view node and the Red/Yellow/Green slice composites."""
     view = slicer.vtkMRMLViewNode()
     view.SetSingletonTag("1")
     view.SetLayoutName("1")
-    scene.AddNode(view)
+    nodes = [view]
     for layoutName in ("Red", "Yellow", "Green"):
         composite = slicer.vtkMRMLSliceCompositeNode()
         composite.SetSingletonTag(layoutName)
         composite.SetLayoutName(layoutName)
-        scene.AddNode(composite)
-    return scene, appLogic, logics
+        nodes.append(composite)
+    return nodes
 
 
 class _App:

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+import shiboken6
 import slicer
 import vtk
 from PySide6 import QtWidgets
@@ -152,7 +153,8 @@ def _connectGui(self: Any, gui: Any) -> int:
         self._updatingGui = True
         try:
             for connector in connectors:
-                connector.write(getattr(self, connector.field.name))
+                if shiboken6.isValid(connector.widget):  # a widget deleted without disconnectGui
+                    connector.write(getattr(self, connector.field.name))
         finally:
             self._updatingGui = False
 

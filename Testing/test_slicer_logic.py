@@ -1,0 +1,332 @@
+"""The module's Logic on real MRML (slicer-core), without Qt and without the Slicer application.
+
+This is also how the batch script runs it. A real CT from ../shared/data goes through the
+volumes logic; the tiny random model (gibberish text) checks streaming, caching, cancel,
+persistence and errors, never wording.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "CTMLLMSlicer"))
+
+import slicer  # noqa: E402
+from CTMLLMSlicerLib import logic as logic_module  # noqa: E402
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT  # noqa: E402
+from CTMLLMSlicerLib.errors import (  # noqa: E402
+    CTMLLMSlicerError,
+    DownloadNotConfirmedError,
+    ModelOutOfMemoryError,
+    ModelUnavailableError,
+    NotCTVolumeError,
+    NoVolumeError,
+    OperationCancelled,
+)
+from CTMLLMSlicerLib.logic import (  # noqa: E402
+    RESULT_REFERENCE_ROLE,
+    STAGE_ENCODING,
+    STAGE_GENERATING,
+    STAGE_LOADING,
+    STAGE_PREPROCESSING,
+    STAGE_REUSING,
+    WINDOW_PRESETS,
+    CTMLLMLogicCore,
+    ModelRequest,
+)
+
+CT_DIR = REPO.parent / "shared" / "data" / "ct"
+ABDOMEN = CT_DIR / "abdomen_ct_3mm.nii.gz"
+NOT_CT = CT_DIR / "not_ct_mr_3mm.nii.gz"
+
+pytestmark = pytest.mark.skipif(not ABDOMEN.is_file(), reason="shared CT data not found at ../shared/data/ct")
+
+
+class MRML:
+    """A scene with the application, colors, volumes and volume rendering logics (kept alive here)."""
+
+    def __init__(self) -> None:
+        self.scene = slicer.vtkMRMLScene()
+        self.app = slicer.vtkSlicerApplicationLogic()
+        self.app.SetMRMLScene(self.scene)
+        self.logics = {}
+        for name, cls in (
+            ("Colors", slicer.vtkSlicerColorLogic),
+            ("Volumes", slicer.vtkSlicerVolumesLogic),
+            ("VolumeRendering", slicer.vtkSlicerVolumeRenderingLogic),
+        ):
+            logic = cls()
+            logic.SetMRMLApplicationLogic(self.app)
+            logic.SetMRMLScene(self.scene)
+            self.app.SetModuleLogic(name, logic)
+            self.logics[name] = logic
+
+    def load(self, path: Path, name: str):
+        node = self.logics["Volumes"].AddArchetypeVolume(str(path), name)
+        assert node is not None, f"could not read {path}"
+        return node
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from model_core.tiny import build_tiny_ctmllm
+
+    folder = tmp_path_factory.mktemp("model") / "tiny-internvl"
+    build_tiny_ctmllm(family="internvl").save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def mrml() -> MRML:
+    return MRML()
+
+
+@pytest.fixture
+def request_(tiny_model_dir) -> ModelRequest:
+    return ModelRequest(tiny_model_dir, device="cpu")
+
+
+def count_encodes(core: CTMLLMLogicCore, request: ModelRequest) -> list[str]:
+    """Load the model and wrap its encoder so the test sees every encoding (task per call)."""
+    model = core.loadModel(request)
+    calls: list[str] = []
+    original = model.encode_volume
+
+    def spy(volume, task=None, prompt=None):
+        calls.append(task)
+        return original(volume, task=task, prompt=prompt)
+
+    model.encode_volume = spy
+    return calls
+
+
+def test_report_streams_is_saved_in_a_text_node_and_survives_a_scene_reload(mrml, request_, tmp_path):
+    volume = mrml.load(ABDOMEN, "abdomen")
+    core = CTMLLMLogicCore(mrml.scene)
+    chunks, stages = [], []
+    result = core.generateReport(
+        volume,
+        request_,
+        maxNewTokens=12,
+        onText=chunks.append,
+        progressCallback=lambda stage, fraction, speed: stages.append((stage, fraction, speed)),
+    )
+    assert result.encoded and result.turn.task == REPORT and not result.turn.cancelled
+    assert 1 <= result.turn.newTokens <= 12
+    assert len(chunks) > 1 and "".join(chunks) == result.turn.answer
+    order = [stage for stage, _, _ in stages]
+    first = [order.index(s) for s in (STAGE_LOADING, STAGE_PREPROCESSING, STAGE_ENCODING, STAGE_GENERATING)]
+    assert first == sorted(first)
+    speeds = [speed for stage, _, speed in stages if stage == STAGE_GENERATING and speed]
+    assert speeds and all(speed > 0 for speed in speeds)
+
+    textNode = core.saveResultToTextNode(volume)
+    saved = textNode.GetText()
+    assert volume.GetNodeReference(RESULT_REFERENCE_ROLE) is textNode
+    assert result.turn.answer.strip() in saved and "abdomen" in saved
+    assert core.saveResultToTextNode(volume) is textNode  # a second save updates the same node
+
+    storage = volume.GetStorageNode()
+    storage.SetFileName(str(tmp_path / "abdomen.nrrd"))
+    assert storage.WriteData(volume)
+    mrml.scene.SetRootDirectory(str(tmp_path))
+    mrml.scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert mrml.scene.Commit()
+
+    reloaded = MRML()
+    reloaded.scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert reloaded.scene.Connect()
+    volumeAgain = reloaded.scene.GetFirstNodeByName("abdomen")
+    assert volumeAgain is not None and volumeAgain.GetImageData().GetDimensions() == (122, 101, 30)
+    textAgain = volumeAgain.GetNodeReference(RESULT_REFERENCE_ROLE)
+    assert textAgain is not None and textAgain.GetText() == saved
+    assert textAgain.GetAttribute("CTMLLM.ModelId") == result.modelId
+    assert json.loads(textAgain.GetAttribute("CTMLLM.Settings"))["model"] == request_.spec
+
+
+def test_follow_up_questions_reuse_the_encoded_volume_and_the_conversation(mrml, request_):
+    volume = mrml.load(ABDOMEN, "abdomen")
+    core = CTMLLMLogicCore(mrml.scene)
+    encodes = count_encodes(core, request_)
+
+    core.generateReport(volume, request_, maxNewTokens=4)
+    first = core.askQuestion(volume, "Is the liver enlarged?", request_, maxNewTokens=4)
+    snapshot = core.volumeSnapshot(volume, "", QUESTION, request_)
+    stages: list[str] = []
+    second = core.askQuestion(snapshot, "Is there a lesion?", request_, maxNewTokens=4,
+                              progressCallback=lambda stage, *rest: stages.append(stage))  # fmt: skip
+
+    assert encodes == [REPORT, QUESTION]  # the second question encoded nothing
+    assert first.encoded and not second.encoded and STAGE_REUSING in stages
+    assert snapshot.arrayKJI is None  # cached features: the GUI thread skips the voxel copy
+    conversation = core.conversation(volume.GetID())
+    assert [turn.task for turn in conversation.turns] == [REPORT, QUESTION, QUESTION]
+    assert conversation.history() == [
+        ("Is the liver enlarged?", first.turn.answer),
+        ("Is there a lesion?", second.turn.answer),
+    ]
+
+    volume.GetImageData().Modified()  # edited voxels: the cache must not be used
+    third = core.askQuestion(volume, "And now?", request_, maxNewTokens=2)
+    assert third.encoded and encodes == [REPORT, QUESTION, QUESTION]
+
+
+def test_a_different_window_or_model_setting_encodes_again(mrml, request_):
+    volume = mrml.load(ABDOMEN, "abdomen")
+    core = CTMLLMLogicCore(mrml.scene)
+    encodes = count_encodes(core, request_)
+    core.askQuestion(volume, "Any fluid?", request_, windowPreset="wide", maxNewTokens=2)
+    core.askQuestion(volume, "Any fluid?", request_, windowPreset="lung", maxNewTokens=2)
+    assert encodes == [QUESTION, QUESTION]
+    assert core.isModelCached(request_)
+    other = ModelRequest(request_.spec, device="cpu", precision="float32")
+    core.askQuestion(volume, "Any fluid?", other, windowPreset="lung", maxNewTokens=2)
+    assert core.isModelCached(other) and not core.isModelCached(request_)
+
+
+def test_cancel_stops_generation_and_keeps_the_partial_answer_out_of_the_history(mrml, request_):
+    volume = mrml.load(ABDOMEN, "abdomen")
+    core = CTMLLMLogicCore(mrml.scene)
+    cancel = threading.Event()
+    chunks: list[str] = []
+
+    def on_text(chunk: str) -> None:
+        chunks.append(chunk)
+        if len(chunks) == 2:
+            cancel.set()
+
+    result = core.askQuestion(volume, "Describe everything.", request_, maxNewTokens=200,
+                              onText=on_text, cancel=cancel)  # fmt: skip
+    assert result.turn.cancelled and result.turn.newTokens < 10
+    assert core.conversation(volume.GetID()).history() == []
+    assert "cancelled" in core.conversation(volume.GetID()).toText()
+
+
+def test_a_cancel_before_generation_raises_after_the_stage_in_progress(mrml, request_):
+    volume = mrml.load(ABDOMEN, "abdomen")
+    core = CTMLLMLogicCore(mrml.scene)
+    cancel = threading.Event()
+
+    def progress(stage, fraction, speed):
+        if stage == STAGE_ENCODING:
+            cancel.set()
+
+    with pytest.raises(OperationCancelled, match="before generation"):
+        core.generateReport(volume, request_, progressCallback=progress, cancel=cancel)
+    assert core.conversation(volume.GetID()).isEmpty()
+
+
+def test_a_non_ct_volume_raises_a_typed_error_naming_it(mrml, request_):
+    volume = mrml.load(NOT_CT, "brain_mr")
+    core = CTMLLMLogicCore(mrml.scene)
+    with pytest.raises(NotCTVolumeError, match="brain_mr"):
+        core.generateReport(volume, request_, maxNewTokens=2)
+    with pytest.raises(NoVolumeError, match="select a CT volume"):
+        core.generateReport(None, request_)
+
+
+def test_model_errors_are_typed_and_say_what_to_do(mrml, tmp_path):
+    core = CTMLLMLogicCore(mrml.scene)
+    with pytest.raises(ModelUnavailableError, match="does not exist"):
+        core.loadModel(ModelRequest(str(tmp_path / "missing" / "model")))
+    with pytest.raises(DownloadNotConfirmedError, match="agree to the download"):
+        core.loadModel(ModelRequest("someone/ct-model", cacheFolder=str(tmp_path)))
+    with pytest.raises(ModelUnavailableError, match="device"):
+        ModelRequest("demo", device="tpu")
+
+    def out_of_memory(request, notice):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(ModelOutOfMemoryError, match="bfloat16"):
+        CTMLLMLogicCore(mrml.scene, modelLoader=out_of_memory).loadModel(ModelRequest("demo"))
+
+
+def test_the_model_is_loaded_once_per_request(mrml, request_):
+    loads: list[ModelRequest] = []
+
+    def loader(request, notice):
+        loads.append(request)
+        notice("a stand-in notice")
+        return object()
+
+    core = CTMLLMLogicCore(mrml.scene, modelLoader=loader)
+    notices: list[str] = []
+    first = core.loadModel(request_, noticeCallback=notices.append)
+    assert core.loadModel(request_) is first and len(loads) == 1 and notices == ["a stand-in notice"]
+    core.loadModel(ModelRequest(request_.spec, device="cpu", precision="bfloat16"))
+    assert len(loads) == 2
+
+
+def test_exports_carry_model_id_and_settings(mrml, request_, tmp_path):
+    volume = mrml.load(ABDOMEN, "abdomen")
+    core = CTMLLMLogicCore(mrml.scene)
+    with pytest.raises(CTMLLMSlicerError, match="nothing to export"):
+        core.exportConversation(volume.GetID(), tmp_path / "empty.md")
+    report = core.generateReport(volume, request_, windowPreset="soft_tissue", maxNewTokens=3)
+    core.askQuestion(volume, "Is the spleen normal?", request_, windowPreset="soft_tissue", maxNewTokens=3)
+
+    data = json.loads(core.exportConversation(volume.GetID(), tmp_path / "out.json").read_text())
+    assert data["modelId"] == report.modelId and data["volumeName"] == "abdomen"
+    assert data["settings"]["window"] == "soft_tissue" and data["settings"]["device"] == "cpu"
+    assert [turn["task"] for turn in data["turns"]] == [REPORT, QUESTION]
+    assert data["turns"][1]["prompt"] == "Is the spleen normal?"
+    markdown = core.exportConversation(volume.GetID(), tmp_path / "out.md").read_text()
+    assert markdown.startswith("# CT-MLLM results: abdomen") and "**Q:** Is the spleen normal?" in markdown
+    with pytest.raises(CTMLLMSlicerError, match=r"\.md .*\.json"):
+        core.exportConversation(volume.GetID(), tmp_path / "out.docx")
+
+
+def test_display_window_and_ct_volume_rendering(mrml):
+    volume = mrml.load(ABDOMEN, "abdomen")
+    with pytest.raises(CTMLLMSlicerError, match="volume rendering logic"):
+        CTMLLMLogicCore(mrml.scene).showVolumeRendering(volume)
+    core = CTMLLMLogicCore(mrml.scene, mrml.logics["VolumeRendering"])
+    core.applyWindowPreset(volume, "lung")
+    display = volume.GetDisplayNode()
+    assert (display.GetWindow(), display.GetLevel()) == (1500.0, -600.0)
+    with pytest.raises(CTMLLMSlicerError, match="choose one of"):
+        core.applyWindowPreset(volume, "brain")
+
+    rendering = core.showVolumeRendering(volume)  # presets not loaded here: the module builds its own
+    assert rendering.GetVisibility() and rendering.GetVolumeNode() is volume
+    opacity = rendering.GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
+    assert opacity.GetValue(-1000) == 0.0 and opacity.GetValue(700) > 0.5  # air clear, bone opaque
+    assert core.showVolumeRendering(volume) is rendering  # shown again: the same display node
+
+
+def test_window_presets_match_model_core():
+    from model_core.data import WINDOW_PRESETS as MODEL_CORE_PRESETS
+    from model_core.data.preprocess import DEFAULT_WINDOW
+
+    assert WINDOW_PRESETS == MODEL_CORE_PRESETS
+    assert next(iter(WINDOW_PRESETS)) == DEFAULT_WINDOW
+
+
+def test_repo_ids_and_the_default_cache_folder(tmp_path, monkeypatch):
+    assert logic_module.isRepoId("owner/ct-model.v2")
+    assert not logic_module.isRepoId("demo") and not logic_module.isRepoId("/abs/path")
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert not logic_module.isRepoId("owner/model")  # an existing relative folder wins
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert logic_module.defaultModelCacheFolder() == os.path.join(
+        str(tmp_path / "cache"), "CTMLLMSlicer", "models"
+    )
+
+
+def test_snapshot_copies_voxels_and_geometry(mrml):
+    volume = mrml.load(ABDOMEN, "abdomen")
+    snapshot = CTMLLMLogicCore(mrml.scene).volumeSnapshot(volume)
+    assert snapshot.arrayKJI.shape == (30, 101, 122) and snapshot.arrayKJI.dtype == np.int16
+    assert np.allclose(np.diag(snapshot.ijkToRAS)[:3], [3.0, 3.0, 3.0])
+    snapshot.arrayKJI[0, 0, 0] = 1234  # a copy: the scene's voxels are untouched
+    assert slicer.util.arrayFromVolume(volume)[0, 0, 0] != 1234
