@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the options, run the batch, print where the results are; returns the exit status."""
     _add_import_paths()
     from CTMLLMSlicerLib.batch_run import BatchOptions, run_batch
+    from CTMLLMSlicerLib.batch_summary import EXIT_INTERRUPTED
 
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["--"]:  # Slicer passes what follows "--" on to the script
@@ -91,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         allow_download=args.allow_download,
     )
-    summary = run_batch(options, command_line=arguments)
+    try:
+        summary = run_batch(options, command_line=arguments)
+    except KeyboardInterrupt:  # before the first case (imports, discovery, model loading)
+        print("interrupted before any case finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(summary.status_line())
     if not summary.setup_error:
         print(f"summary: {summary.output / 'summary.csv'} and {summary.output / 'summary.md'}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from CTMLLMSlicerLib.batch_files import sha256_files
+from CTMLLMSlicerLib.batch_files import sha256_file, sha256_files
 
 if TYPE_CHECKING:
     from model_core.data.dicom import DicomSeries
@@ -71,8 +71,11 @@ class Case:
         return list(self.files) if self.files else list(resolve_series(self)[0].files)
 
     def input_checksum(self) -> str:
-        """sha256 over the input files' names (relative to the case path) and contents."""
+        """The sha256 of a single volume file (as ``sha256sum`` prints it); for a series or a header
+        with its data file, sha256 over each file's name (relative to the case) and content."""
         files = self.input_files()
+        if len(files) == 1 and self.kind == FILE:
+            return sha256_file(files[0])
         base = self.path if self.path.is_dir() else self.path.parent
         return sha256_files(files, [os.path.relpath(f, base) for f in files])
 

@@ -94,7 +94,8 @@ def remove_partial_files(folders: Iterable[Path]) -> list[Path]:
 def sha256_files(paths: Iterable[Path], names: Iterable[str] | None = None) -> str:
     """sha256 over the contents of ``paths`` in order; with ``names``, each content is prefixed by its name.
 
-    Names make a renamed or reordered DICOM series count as changed; a single file is hashed as is.
+    Names make a renamed or reordered DICOM series count as changed. Without names and with one
+    path, the result equals ``sha256sum`` of that file.
     """
     digest = hashlib.sha256()
     name_list = list(names) if names is not None else None

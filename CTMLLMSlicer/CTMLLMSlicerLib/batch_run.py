@@ -203,6 +203,7 @@ def _run_locked(
         }
     )
     progress = ProgressLine(len(cases), stream)
+    index = 0
     try:
         for index, case in enumerate(cases):
             progress.case_started(case.case_id)
@@ -212,6 +213,10 @@ def _run_locked(
             write_summaries(summary, running=True)
     except KeyboardInterrupt:
         summary.interrupted = True
+        if cases and summary.outcomes[index].status == NOT_RUN:  # Ctrl-C may land just after its commit
+            record = _committed_in_this_run(run, cases[index])
+            if record is not None:
+                summary.outcomes[index] = _ok_outcome(run, cases[index], record, reused=False)
         stream.write(
             "\ninterrupted: the case in progress is dropped; finished cases are kept (use --resume)\n"
         )
@@ -262,7 +267,7 @@ def _run_case(run: _Run, case: Case) -> CaseOutcome:
             required = ("markdown", "scene") if run.options.save_scene else ("markdown",)
             check = check_reusable(run.output, case.case_id, input_sha256, fingerprint, required)
             if check.reusable:
-                return _reused(run, case, check.record)
+                return _ok_outcome(run, case, check.record, reused=True)
         record = _compute_case(run, case, input_sha256, fingerprint, paths, start)
     except KeyboardInterrupt:
         raise
@@ -270,17 +275,7 @@ def _run_case(run: _Run, case: Case) -> CaseOutcome:
         outcome = _failed(run, case, error, time.perf_counter() - start)
         _free_memory()
         return outcome
-    outcome = CaseOutcome(
-        case.case_id,
-        case.origin,
-        OK,
-        seconds=time.perf_counter() - start,
-        answers=len(record["answers"]),
-        warnings=record["warnings"],
-        outputs=_relative_outputs(run, paths, record),
-    )
-    _record_in_manifest(run, case, record, outcome)
-    return outcome
+    return _ok_outcome(run, case, record, reused=False, seconds=time.perf_counter() - start)
 
 
 def _compute_case(
@@ -412,19 +407,33 @@ def _relative_outputs(run: _Run, paths: dict[str, Path], record: dict[str, Any])
     return {kind: os.path.relpath(paths[kind], run.output) for kind in kinds}
 
 
-def _reused(run: _Run, case: Case, record: dict[str, Any]) -> CaseOutcome:
+def _ok_outcome(
+    run: _Run, case: Case, record: dict[str, Any], *, reused: bool, seconds: float | None = None
+) -> CaseOutcome:
+    """The outcome of a case whose record is committed; its manifest entry is written if it lacks one."""
     outcome = CaseOutcome(
         case.case_id,
         case.origin,
         OK,
-        reused=True,
+        reused=reused,
+        seconds=0.0 if reused else (seconds if seconds is not None else record["timings"]["total_s"]),
         answers=len(record.get("answers", [])),
         warnings=list(record.get("warnings", [])),
         outputs=_relative_outputs(run, case_paths(run.output, case.case_id), record),
     )
-    if run.manifest.cases.get(case.case_id, {}).get("run_id") != record.get("run_id"):
-        _record_in_manifest(run, case, record, outcome)  # killed before its manifest entry was written
+    entry = run.manifest.cases.get(case.case_id, {})
+    if entry.get("status") != OK or entry.get("run_id") != record.get("run_id"):
+        _record_in_manifest(run, case, record, outcome)  # also after a kill between record and manifest
     return outcome
+
+
+def _committed_in_this_run(run: _Run, case: Case) -> dict[str, Any] | None:
+    """The case's record if this run committed it (read after an interruption), else None."""
+    try:
+        record = json.loads(case_paths(run.output, case.case_id)["json"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if record.get("run_id") == run.summary.run_id and record.get("status") == OK else None
 
 
 def _record_in_manifest(run: _Run, case: Case, record: dict[str, Any], outcome: CaseOutcome) -> None:

@@ -1,0 +1,490 @@
+"""Headless batch runs (issue 6): real CT volumes, the tiny random model, the script as users run it.
+
+The end-to-end tests start ``CTMLLMSlicer/batch.py`` with plain Python (slicer-core, no Slicer
+application) from a folder outside the repository; the text is gibberish, so they assert on
+files, statuses, checksums and resume behaviour. Smaller tests cover discovery, atomic writes,
+the lock, reuse decisions and the progress line in-process.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "CTMLLMSlicer"
+BATCH_SCRIPT = MODULE_DIR / "batch.py"
+CT_DATA = REPO.parent / "shared" / "data" / "ct"
+ABDOMEN = CT_DATA / "abdomen_ct_3mm.nii.gz"
+TORSO = CT_DATA / "torso_ct_3mm.nii.gz"
+MR = CT_DATA / "not_ct_mr_3mm.nii.gz"
+
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+from CTMLLMSlicerLib.batch_cases import (  # noqa: E402
+    DICOM,
+    FILE,
+    CaseListError,
+    discover_cases,
+    read_questions_file,
+)
+from CTMLLMSlicerLib.batch_files import (  # noqa: E402
+    OutputFolderBusyError,
+    RunLock,
+    atomic_write_text,
+    remove_partial_files,
+)
+from CTMLLMSlicerLib.batch_manifest import check_reusable  # noqa: E402
+from CTMLLMSlicerLib.batch_run import BatchOptions, run_batch  # noqa: E402
+from CTMLLMSlicerLib.batch_summary import FAILED, OK, CaseOutcome, ProgressLine  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not ABDOMEN.is_file(), reason="the shared CT volumes are not at ../shared/data"
+)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def link(source: Path, target: Path) -> Path:
+    """A read-only shared volume inside a test folder, without copying it where links work."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.symlink_to(source)
+    except OSError:
+        shutil.copyfile(source, target)
+    return target
+
+
+def write_dicom_from(volume: Path, folder: Path) -> str:
+    """Write ``volume`` as a DICOM CT series (one file per slice); returns its SeriesInstanceUID."""
+    from model_core.data import scan_dicom_folder, write_dicom_series
+
+    image = sitk.ReadImage(str(volume))
+    write_dicom_series(
+        folder,
+        sitk.GetArrayFromImage(image),
+        image.GetSpacing(),
+        image.GetOrigin(),
+        np.asarray(image.GetDirection()).reshape(3, 3),
+        series_description="abdomen",
+    )
+    (series,) = scan_dicom_folder(folder)
+    return series.uid
+
+
+def run_script(*args: str | Path, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BATCH_SCRIPT), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_summary(output: Path) -> dict[str, dict[str, str]]:
+    with open(output / "summary.csv", newline="", encoding="utf-8") as stream:
+        return {row["case_id"]: row for row in csv.DictReader(stream)}
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".partial")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from model_core.tiny import build_tiny_ctmllm
+
+    return build_tiny_ctmllm("internvl").save_pretrained(tmp_path_factory.mktemp("model") / "tiny-internvl")
+
+
+# --- issue test 1 -------------------------------------------------------------------------------
+
+
+def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_model):
+    """Two NIfTI CTs, a DICOM series, a truncated file and an MR: 3 complete outputs, 2 errors, status 1."""
+    inputs = tmp_path / "in"
+    link(ABDOMEN, inputs / "abdomen.nii.gz")
+    link(TORSO, inputs / "torso.nii.gz")
+    link(MR, inputs / "mr_head.nii.gz")
+    series_uid = write_dicom_from(ABDOMEN, inputs / "patient7" / "ct_series")
+    (inputs / "broken.nii.gz").write_bytes(ABDOMEN.read_bytes()[: ABDOMEN.stat().st_size // 2])
+    questions = tmp_path / "questions.txt"
+    questions.write_text("# asked about every case\nIs there ascites?\nIs the liver enlarged?\n")
+    output = tmp_path / "out"
+
+    result = run_script(
+        "--input", inputs, "--output", output, "--model", tiny_model, "--questions", questions,
+        "--max-new-tokens", "6", "--device", "cpu", cwd=tmp_path,
+    )  # fmt: skip
+
+    assert result.returncode == 1, result.stderr
+    rows = read_summary(output)
+    assert set(rows) == {"abdomen", "torso", "mr_head", "broken", "patient7__ct_series"}
+    good = {
+        "abdomen": inputs / "abdomen.nii.gz",
+        "torso": inputs / "torso.nii.gz",
+        "patient7__ct_series": None,
+    }
+    model_sha = sha256(tiny_model / "model.safetensors")
+    for case_id, source in good.items():
+        assert rows[case_id]["status"] == OK
+        record = json.loads((output / "cases" / f"{case_id}.json").read_text())
+        assert record["status"] == OK and record["model"]["sha256"] == model_sha
+        assert record["report"] is not None and [a["question"] for a in record["answers"]] == [
+            "Is there ascites?",
+            "Is the liver enlarged?",
+        ]
+        assert record["preprocessing"]["target_shape"] and record["timings"]["total_s"] > 0
+        assert record["environment"].startswith("slicer-core")
+        if source is not None:
+            assert record["input_sha256"] == sha256(source)
+        markdown = (output / "cases" / f"{case_id}.md").read_text()
+        assert "Is the liver enlarged?" in markdown and model_sha in markdown
+    assert json.loads((output / "cases" / "patient7__ct_series.json").read_text())["series_uid"] == series_uid
+    assert sorted(p.name for p in (output / "cases").glob("*.json")) == [
+        "abdomen.json",
+        "patient7__ct_series.json",
+        "torso.json",
+    ]
+
+    assert rows["broken"]["status"] == FAILED and rows["broken"]["error_type"] == "UnreadableVolumeError"
+    assert "broken.nii.gz" in rows["broken"]["error"] and "truncated" in rows["broken"]["error"]
+    assert rows["mr_head"]["status"] == FAILED and rows["mr_head"]["error_type"] == "NotCTVolumeError"
+    assert (
+        "mr_head.nii.gz" in rows["mr_head"]["error"] and "does not look like a CT" in rows["mr_head"]["error"]
+    )
+    summary_md = (output / "summary.md").read_text()
+    assert "## Failures" in summary_md and "truncated" in summary_md and "3 ok" in summary_md
+    assert "2 failed" in result.stdout
+    assert not leftovers(output)
+
+
+# --- issue test 2 -------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_run_then_resume_completes_each_case_once(tmp_path, tiny_model):
+    """kill -9 after the first case's record appears; --resume finishes the rest and recomputes nothing."""
+    inputs = tmp_path / "in"
+    for index in range(5):
+        link(TORSO if index % 2 else ABDOMEN, inputs / f"study{index}.nii.gz")
+    output = tmp_path / "out"
+    args = [
+        "--input",
+        inputs,
+        "--output",
+        output,
+        "--model",
+        tiny_model,
+        "--max-new-tokens",
+        "32",
+        "--device",
+        "cpu",
+    ]
+    command = [sys.executable, str(BATCH_SCRIPT), *map(str, args)]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    try:
+        while not list((output / "cases").glob("*.json")):
+            assert process.poll() is None, "the run ended before its first case was recorded"
+            assert time.monotonic() < deadline, "no case finished within 180 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    before = {
+        p.name: (p.stat().st_mtime_ns, json.loads(p.read_text())["run_id"])
+        for p in (output / "cases").glob("*.json")
+    }
+    assert 1 <= len(before) < 5, "the kill must land mid-run for this test to mean anything"
+    (output / "cases" / ".study4.json.99999.partial").write_text('{"half": ')  # as a kill mid-write leaves
+
+    resumed = run_script(*args, "--resume", cwd=tmp_path)
+
+    assert resumed.returncode == 0, resumed.stderr
+    records = {p.name: json.loads(p.read_text()) for p in (output / "cases").glob("*.json")}
+    assert sorted(records) == [f"study{i}.json" for i in range(5)]
+    assert sorted(p.name for p in (output / "cases").glob("*.md")) == [f"study{i}.md" for i in range(5)]
+    for name, (mtime, run_id) in before.items():
+        assert (output / "cases" / name).stat().st_mtime_ns == mtime  # not rewritten
+        assert records[name]["run_id"] == run_id
+    rows = read_summary(output)
+    assert all(row["status"] == OK for row in rows.values())
+    assert {cid for cid, row in rows.items() if row["reused"] == "yes"} == {Path(n).stem for n in before}
+    resumed_run_ids = {r["run_id"] for n, r in records.items() if n not in before}
+    assert len(resumed_run_ids) == 1 and resumed_run_ids.isdisjoint({run_id for _, run_id in before.values()})
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert [run["status"] for run in manifest["runs"]] == ["running", "finished"]  # the first never ended
+    assert {cid: entry["run_id"] for cid, entry in manifest["cases"].items()} == {
+        Path(name).stem: record["run_id"] for name, record in records.items()
+    }
+    assert not leftovers(output)
+
+
+def test_ctrl_c_keeps_finished_cases_and_exits_130(tmp_path, tiny_model):
+    inputs = tmp_path / "in"
+    for index in range(4):
+        link(ABDOMEN, inputs / f"s{index}.nii.gz")
+    output = tmp_path / "out"
+    args = [
+        "--input",
+        inputs,
+        "--output",
+        output,
+        "--model",
+        tiny_model,
+        "--max-new-tokens",
+        "32",
+        "--device",
+        "cpu",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, str(BATCH_SCRIPT), *map(str, args)], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 180
+    while (
+        not list((output / "cases").glob("*.json")) and time.monotonic() < deadline and process.poll() is None
+    ):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, stdout
+    assert "interrupted" in stdout
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["runs"][-1]["status"] == "interrupted"
+    rows = read_summary(output)
+    done = {p.stem for p in (output / "cases").glob("*.json")}
+    assert done and {cid for cid, row in rows.items() if row["status"] == OK} == done
+    assert {row["status"] for cid, row in rows.items() if cid not in done} == {"not run"}
+    assert "interrupted" in (output / "summary.md").read_text() and not leftovers(output)
+
+
+# --- resume decisions, options, scene (in-process through run_batch) -----------------------------
+
+
+def test_resume_recomputes_changed_inputs_and_changed_settings(tmp_path, tiny_model):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copyfile(ABDOMEN, inputs / "a.nii.gz")
+    link(ABDOMEN, inputs / "b.nii.gz")
+    output = tmp_path / "out"
+    options = BatchOptions(inputs, output, model=str(tiny_model), device="cpu", max_new_tokens=4, resume=True)
+    first = run_batch(options, progress_stream=io.StringIO())
+    assert first.exit_code == 0 and not any(o.reused for o in first.outcomes)
+
+    shutil.copyfile(TORSO, inputs / "a.nii.gz")  # a changed input
+    second = run_batch(options, progress_stream=io.StringIO())
+    assert {o.case_id: o.reused for o in second.outcomes} == {"a": False, "b": True}
+    record = json.loads((output / "cases" / "a.json").read_text())
+    assert record["input_sha256"] == sha256(TORSO) and record["run_id"] == second.run_id
+
+    (output / "cases" / "b.md").write_text("edited by hand\n")  # a damaged output
+    third = run_batch(options, progress_stream=io.StringIO())
+    assert {o.case_id: o.reused for o in third.outcomes} == {"a": True, "b": False}
+
+    longer = BatchOptions(inputs, output, model=str(tiny_model), device="cpu", max_new_tokens=5, resume=True)
+    fourth = run_batch(longer, progress_stream=io.StringIO())
+    assert not any(o.reused for o in fourth.outcomes)  # other settings: nothing reused
+    assert fourth.cases_per_minute > 0
+
+
+def test_out_of_memory_and_unexpected_errors_fail_their_case_only(tmp_path, tiny_model, monkeypatch):
+    from CTMLLMSlicerLib.logic import CTMLLMLogicCore
+
+    original = CTMLLMLogicCore._generate
+    failures = iter([RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), KeyError("boom")])
+
+    def generate_or_fail(*args, **kwargs):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(CTMLLMLogicCore, "_generate", staticmethod(generate_or_fail))
+    for name in ("a", "b", "c"):
+        link(ABDOMEN, tmp_path / "in" / f"{name}.nii.gz")
+    output = tmp_path / "out"
+    options = BatchOptions(tmp_path / "in", output, model=str(tiny_model), device="cpu", max_new_tokens=4)
+    summary = run_batch(options, progress_stream=io.StringIO())
+    outcomes = {o.case_id: o for o in summary.outcomes}
+    assert outcomes["a"].error_type == "ModelOutOfMemoryError" and "out of memory" in outcomes["a"].error
+    assert outcomes["b"].error_type == "KeyError" and "traceback in errors.log" in outcomes["b"].error
+    assert "boom" in (output / "errors.log").read_text()
+    assert outcomes["c"].status == OK and summary.exit_code == 1
+    assert sorted(p.name for p in (output / "cases").iterdir()) == ["c.json", "c.md"]
+
+
+def test_check_reusable_says_why_not(tmp_path):
+    output = tmp_path / "out"
+    assert check_reusable(output, "x", "abc", {}).reason == "no earlier result"
+    (output / "cases").mkdir(parents=True)
+    (output / "cases" / "x.json").write_text('{"format": "ctmllm-batch-case/1", "status": "ok", "inp')
+    assert not check_reusable(output, "x", "abc", {}).reusable
+
+
+def test_vqa_without_questions_fails_each_case_with_a_clear_message(tmp_path, tiny_model):
+    output = tmp_path / "out"
+    options = BatchOptions(ABDOMEN, output, task="vqa", model=str(tiny_model), device="cpu", max_new_tokens=4)
+    summary = run_batch(options, progress_stream=io.StringIO())
+    (outcome,) = summary.outcomes
+    assert outcome.status == FAILED and "task vqa needs questions" in outcome.error
+    assert summary.exit_code == 1 and not (output / "cases" / "abdomen_ct_3mm.json").exists()
+
+
+def test_setup_errors_give_exit_status_2(tmp_path, tiny_model):
+    missing_input = run_batch(
+        BatchOptions(tmp_path / "nowhere", tmp_path / "out", model=str(tiny_model)),
+        progress_stream=io.StringIO(),
+    )
+    assert missing_input.exit_code == 2 and "does not exist" in missing_input.setup_error
+    missing_model = run_batch(
+        BatchOptions(ABDOMEN, tmp_path / "out2", model=str(tmp_path / "no-model")),
+        progress_stream=io.StringIO(),
+    )
+    assert missing_model.exit_code == 2 and "no-model" in missing_model.setup_error
+    assert [o.status for o in missing_model.outcomes] == ["not run"]
+    bad_option = run_batch(BatchOptions(ABDOMEN, tmp_path / "out3", window="purple"))
+    assert bad_option.exit_code == 2 and "--window" in bad_option.setup_error
+
+
+def test_save_scene_keeps_the_report_in_a_text_node_of_the_volume(tmp_path, tiny_model):
+    import slicer
+
+    output = tmp_path / "out"
+    options = BatchOptions(
+        ABDOMEN, output, model=str(tiny_model), device="cpu", max_new_tokens=4, save_scene=True
+    )
+    summary = run_batch(options, progress_stream=io.StringIO())
+    assert summary.exit_code == 0
+    scene_file = output / "cases" / "abdomen_ct_3mm.mrml"
+    record = json.loads((output / "cases" / "abdomen_ct_3mm.json").read_text())
+    assert record["outputs"]["scene"]["sha256"] == sha256(scene_file)
+
+    scene = slicer.vtkMRMLScene()
+    scene.SetURL(str(scene_file))
+    scene.Import()
+    volume = scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+    text = volume.GetNodeReference("CTMLLMResult")
+    assert text is not None and text.IsA("vtkMRMLTextNode")
+    assert text.GetText().startswith("CT-MLLM results for abdomen_ct_3mm")
+    assert Path(volume.GetStorageNode().GetFileName()).resolve() == ABDOMEN.resolve()
+
+
+def test_two_runs_cannot_share_an_output_folder(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(OutputFolderBusyError, match="in use by another batch run"):
+            with RunLock(tmp_path):
+                pass
+    with RunLock(tmp_path):  # released: usable again
+        pass
+
+
+# --- files, discovery, progress -----------------------------------------------------------------
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = atomic_write_text(tmp_path / "r.json", "old\n")
+
+    def fail(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new\n")
+    assert target.read_text() == "old\n" and not leftovers(tmp_path)
+
+
+def test_remove_partial_files_removes_only_leftovers(tmp_path):
+    (tmp_path / ".a.json.123.partial").write_text("x")
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "notes.partial").write_text("not ours: not hidden")
+    removed = remove_partial_files([tmp_path, tmp_path / "missing"])
+    assert [p.name for p in removed] == [".a.json.123.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "notes.partial"]
+
+
+def test_folder_discovery_finds_files_and_each_dicom_series(tmp_path):
+    link(ABDOMEN, tmp_path / "in" / "x" / "scan.nii.gz")
+    link(MR, tmp_path / "in" / "y" / "scan.nii.gz")
+    write_dicom_from(ABDOMEN, tmp_path / "in" / "dcm")
+    (tmp_path / "in" / "README.txt").write_text("not a case")
+    (tmp_path / "in" / "out" / "cases").mkdir(parents=True)
+    link(ABDOMEN, tmp_path / "in" / "out" / "old.nii.gz")  # inside the output folder: ignored
+    cases = discover_cases(tmp_path / "in", exclude=[tmp_path / "in" / "out"], questions=["Q?"])
+    assert [(c.case_id, c.kind) for c in cases] == [("x__scan", FILE), ("y__scan", FILE), ("dcm", DICOM)]
+    assert len(cases[2].files) == 30 and all(c.questions == ("Q?",) for c in cases)
+    assert cases[0].input_checksum() != cases[1].input_checksum()
+
+
+def test_case_lists_group_questions_and_resolve_relative_paths(tmp_path):
+    link(ABDOMEN, tmp_path / "vols" / "a.nii.gz")
+    write_dicom_from(ABDOMEN, tmp_path / "vols" / "dcm")
+    (tmp_path / "cases.csv").write_text(
+        "path,id,question\nvols/a.nii.gz,p1,Is there ascites?\nvols/a.nii.gz,p1,Any fracture?\nvols/dcm,,\n"
+    )
+    cases = discover_cases(tmp_path / "cases.csv", questions=["default?"])
+    assert [(c.case_id, c.kind, c.questions) for c in cases] == [
+        ("p1", FILE, ("Is there ascites?", "Any fracture?")),
+        ("dcm", DICOM, ("default?",)),
+    ]
+    assert cases[0].path == tmp_path / "vols" / "a.nii.gz"
+    assert len(cases[1].input_files()) == 30  # the series is found when the case runs
+
+    (tmp_path / "cases.jsonl").write_text(
+        json.dumps({"volume": "vols/a.nii.gz", "questions": ["Q1?", "Q2?"]})
+        + "\n\n"
+        + json.dumps({"path": "vols/a.nii.gz", "id": "again"})
+        + "\n"
+    )
+    jsonl = discover_cases(tmp_path / "cases.jsonl")
+    assert [(c.case_id, c.questions) for c in jsonl] == [("a", ("Q1?", "Q2?")), ("again", ())]
+
+
+def test_case_list_errors_name_the_line_and_the_fix(tmp_path):
+    (tmp_path / "bad.csv").write_text("file,question\na.nii.gz,Q\n")
+    with pytest.raises(CaseListError, match="no 'path' column"):
+        discover_cases(tmp_path / "bad.csv")
+    (tmp_path / "bad.jsonl").write_text('{"path": "a.nii.gz"}\n{"path": \n')
+    with pytest.raises(CaseListError, match=r"bad.jsonl, line 2: not valid JSON"):
+        discover_cases(tmp_path / "bad.jsonl")
+    (tmp_path / "clash.csv").write_text("path,id\na.nii.gz,p\nb.nii.gz,p\n")
+    with pytest.raises(CaseListError, match="give each volume its own id"):
+        discover_cases(tmp_path / "clash.csv")
+    (tmp_path / "empty_q.txt").write_text("# only a comment\n\n")
+    with pytest.raises(CaseListError, match="holds no questions"):
+        read_questions_file(tmp_path / "empty_q.txt")
+
+
+def test_duplicate_names_get_distinct_case_ids(tmp_path):
+    link(ABDOMEN, tmp_path / "in" / "a_b.nii.gz")
+    link(ABDOMEN, tmp_path / "in" / "a b.nii")  # not a valid NIfTI, but discovery only reads names
+    assert [c.case_id for c in discover_cases(tmp_path / "in")] == ["a_b", "a_b_2"]
+
+
+def test_progress_line_counts_failures_and_estimates_from_computed_cases():
+    stream = io.StringIO()
+    progress = ProgressLine(5, stream)
+    progress.case_finished(CaseOutcome("a", "a", OK, reused=True))
+    assert progress.eta_seconds() is None  # reused cases say nothing about speed
+    progress.case_finished(CaseOutcome("b", "b", OK, seconds=1.0))
+    progress.case_finished(CaseOutcome("c", "c", FAILED, error="c: is truncated", seconds=3.0))
+    assert progress.eta_seconds() == pytest.approx(2 * 2.0)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and "3/5 (60%) failed 1" in lines[-1] and "c failed: c: is truncated" in lines[-1]
