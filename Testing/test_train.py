@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -241,6 +242,7 @@ def test_two_stage_run_lowers_the_loss_and_its_model_loads_and_generates(tmp_pat
     config = tiny_config(tmp_path / "out", max_steps=16, save_every=8, eval_every=8)
     config.data.eval = [{"kind": "synthetic", "num_samples": 4, "shape": SHAPE, "seed": 7}]
     config.stage2 = {"max_steps": 8, "lr": 5e-3}
+    config.preprocessing = {"window": "soft_tissue", "target_shape": SHAPE}
     config_path.write_text(yaml.safe_dump(config.to_dict()))
     batch = fixed_batch()
     torch.manual_seed(0)
@@ -261,9 +263,18 @@ def test_two_stage_run_lowers_the_loss_and_its_model_loads_and_generates(tmp_pat
     assert main(["--config", str(config_path), "--stage", "2", "--no-progress"]) == 0
     stage2 = CTMLLM.from_pretrained(tmp_path / "out" / "stage2" / "final")
     assert stage2.config.moe.mode == "tgh_hard"
+    assert stage2.preprocess_config().target_shape == tuple(SHAPE)  # recorded by stage 1, kept by stage 2
     assert batch_loss(stage2, batch) < initial - 0.1
     lm1, lm2 = stage1.language_model.state_dict(), stage2.language_model.state_dict()
     assert all(torch.equal(lm1[name], lm2[name]) for name in lm1)  # stage 2 kept the LM frozen
+
+    # the one-process export of a checkpoint rebuilds the same model
+    checkpoint = list_checkpoints(tmp_path / "out" / "stage2")[-1][1]
+    shutil.rmtree(checkpoint / "model")
+    assert main(["--config", str(config_path), "--stage", "2", "--export", str(checkpoint)]) == 0
+    assert batch_loss(CTMLLM.from_pretrained(checkpoint / "model"), batch) == pytest.approx(
+        batch_loss(stage2, batch), abs=1e-6
+    )
 
     volume = batch["volumes"][0]
     features = stage2.encode_volume(volume, prompt="Where is the lesion located?")

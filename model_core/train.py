@@ -276,6 +276,19 @@ def train(
     return TrainResult(run_dir=run_dir, step=progress.step, final_dir=final_dir, last_record=record)
 
 
+def export_checkpoint(
+    config: TrainingConfig, stage: int, checkpoint: str | Path, init: str | Path | None = None
+) -> Path:
+    """Rebuild a stage's model in this process, load a checkpoint's trained tensors and write its
+    merged export to ``checkpoint/model`` (for runs whose processes held only shards)."""
+    checkpoint = Path(checkpoint)
+    init_dir = resolve_init(init or Path(config.out_dir) / "stage1") if stage == 2 else None
+    model = build_stage_model(config, stage, init_dir)
+    trained = set_trainable(model, stage, config, config.stage_settings(stage))
+    load_adapters(model, checkpoint, trained)
+    return export_merged(model.eval(), checkpoint / MERGED_DIR)
+
+
 @torch.no_grad()
 def evaluate_loss(step_module: nn.Module, loader: Any, accelerator: Accelerator) -> float:
     """Mean loss over the eval set (teacher forcing), in eval mode, then back to training mode."""
@@ -304,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--until-step", type=int, default=None, help="stop (with a checkpoint) at this step")
     parser.add_argument("--out-dir", default=None, help="override the config's out_dir")
+    parser.add_argument(
+        "--export", default=None, metavar="CHECKPOINT", help="only write CHECKPOINT/model, the merged export"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     return parser
 
@@ -314,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainingConfig.load(args.config)
         if args.out_dir:
             config.out_dir = args.out_dir
+        if args.export:
+            print(f"wrote {export_checkpoint(config, args.stage, args.export, args.init)}")
+            return 0
         result = train(
             config,
             args.stage,

@@ -9,6 +9,7 @@ Layout (every section optional; see configs/tiny.yaml)::
     moe: {mode: tgh_hard, num_experts: 4, ...}                       -> model_core.config.MoEConfig
     lm: {mode: lora, rank: 16, ...}                                  -> LMTuning (stage 1)
     data: {train: [{kind: synthetic, ...}], eval: null, ...}         -> DataConfig
+    preprocessing: {window: soft_tissue, target_shape: [32, 256, 256]}  -> recorded in the model
     train: {max_steps: 100, lr: 1e-4, ...}                           -> StageConfig (both stages)
     stage1: {lr: 2e-4}                                               -> overrides for stage 1
     stage2: {max_steps: 50}                                          -> overrides for stage 2
@@ -178,6 +179,10 @@ class StageConfig:
 
 @dataclass
 class TrainingConfig:
+    """A whole training setup. ``preprocessing`` (``model_core.data.PreprocessConfig`` settings)
+    says how the training volumes were prepared; stage 1 records it in the model, so CLI, panel
+    and evaluation prepare volumes the same way (empty: keep the model's own record)."""
+
     out_dir: str = "runs/ctmllm"
     seed: int = 0
     device: str = "auto"
@@ -185,6 +190,7 @@ class TrainingConfig:
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(mode="tgh_hard"))
     lm: LMTuning = field(default_factory=LMTuning)
     data: DataConfig = field(default_factory=DataConfig)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
     train: StageConfig = field(default_factory=StageConfig)
     stage1: dict[str, Any] = field(default_factory=dict)
     stage2: dict[str, Any] = field(default_factory=dict)
@@ -196,6 +202,10 @@ class TrainingConfig:
         self.data = _build(DataConfig, self.data, "data")
         self.train = _build(StageConfig, self.train, "train")
         _require(self.device in ("auto", "cpu"), f"device={self.device!r}: use 'auto' or 'cpu'")
+        if self.preprocessing:
+            from model_core.data.preprocess import PreprocessConfig
+
+            self.preprocessing = PreprocessConfig.from_dict(self.preprocessing).to_dict()
         for stage in (1, 2):
             self.stage_settings(stage)  # validate the overrides now, not mid-run
 

@@ -28,7 +28,7 @@ from torch import nn
 from model_core.config import MoEConfig, VolumeAdapterConfig
 from model_core.model import CONFIG_FILE, CTMLLM
 from model_core.moe import set_moe
-from model_core.training.config import LMTuning, StageConfig, TrainingConfig
+from model_core.training.config import LMTuning, ModelSource, StageConfig, TrainingConfig
 
 FINAL_DIR = "final"
 """The sub-folder of a stage's run folder that holds its merged model (what ``--init`` reads)."""
@@ -46,14 +46,23 @@ def stage_moe_config(moe: MoEConfig, stage: int) -> MoEConfig:
     return moe
 
 
-def build_source_model(source_config: TrainingConfig) -> CTMLLM:
-    """The stage-1 model: tiny random, a converted 2D checkpoint, or a CTMLLM folder, with its MoE."""
-    source = source_config.model
-    moe = stage_moe_config(source_config.moe, 1)
+def build_source_model(config: TrainingConfig) -> CTMLLM:
+    """The stage-1 model: tiny random, a converted 2D checkpoint, or a CTMLLM folder, with its MoE
+    and the training data's preprocessing recorded."""
+    model = load_source_model(config.model, stage_moe_config(config.moe, 1))
+    if config.preprocessing:
+        model.config.preprocessing = dict(config.preprocessing)
+    return model
+
+
+def load_source_model(source: ModelSource, moe: MoEConfig) -> CTMLLM:
+    """``model.source`` -> a CTMLLM with ``moe`` installed (zero delta when new)."""
     if source.source == "tiny":
         from model_core.tiny import build_tiny_ctmllm
 
-        model = build_tiny_ctmllm(
+        if source.image_size is not None:
+            raise ValueError("model.image_size applies to 2D checkpoints; for tiny set model.tiny.image_size")
+        return build_tiny_ctmllm(
             source.family,
             num_3d_blocks=source.num_3d_blocks,
             seed=source.seed,
@@ -61,9 +70,6 @@ def build_source_model(source_config: TrainingConfig) -> CTMLLM:
             max_visual_tokens=source.max_visual_tokens,
             **source.tiny,
         )
-        if source.image_size is not None:
-            raise ValueError("model.image_size applies to 2D checkpoints; for tiny set model.tiny.image_size")
-        return model
     folder = Path(source.source).expanduser()
     if (folder / CONFIG_FILE).is_file():
         model = CTMLLM.from_pretrained(folder)
