@@ -21,7 +21,7 @@ import qt
 import slicer
 import vtk
 from CTMLLMSlicerLib import dependencies, jobs
-from CTMLLMSlicerLib.conversation import QUESTION, REPORT
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation
 from CTMLLMSlicerLib.errors import CTMLLMSlicerError, describeError
 from CTMLLMSlicerLib.logic import (
     DEMO_MODEL,
@@ -49,6 +49,8 @@ MODE_QUESTION = "Question"
 SOURCE_DEMO = "Demo model"
 SOURCE_FOLDER = "Local folder"
 SOURCE_HUB = "Hugging Face repo"
+MODEL_WINDOW = "model default"
+"""The window choice that keeps the preprocessing the model was trained with."""
 CACHE_FOLDER_SETTING = "CTMLLMSlicer/ModelCacheFolder"
 POLL_INTERVAL_MS = 30
 """How often the GUI thread drains the worker's queue: short enough for smooth streaming."""
@@ -95,7 +97,8 @@ class CTMLLMSlicerParameterNode:
     mode - Report (one full report) or Question (a chat about the volume).
     modelSource, modelLocation - the demo model, a local model folder, or a Hugging Face repo id.
     device, precision - where and how the model runs.
-    windowPreset - the intensity window the model (and the slice views) see.
+    windowPreset - the HU window the model (and the slice views) see; "model default" keeps the
+        preprocessing the model was trained with.
     lastPrompt - the question typed last.
     maxNewTokens - the length budget of one answer.
     """
@@ -106,7 +109,7 @@ class CTMLLMSlicerParameterNode:
     modelLocation: str = ""
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     precision: Annotated[str, Choice(list(PRECISIONS))] = "auto"
-    windowPreset: Annotated[str, Choice(list(WINDOW_PRESETS))] = next(iter(WINDOW_PRESETS))
+    windowPreset: Annotated[str, Choice([MODEL_WINDOW, *WINDOW_PRESETS])] = MODEL_WINDOW
     lastPrompt: str = ""
     maxNewTokens: Annotated[int, WithinRange(1, 4096)] = 256
 
@@ -226,12 +229,12 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         volume = node.inputVolume if node else None
         if volume is not self._shownVolume:
-            self._shownVolume, self._shownPreset = volume, node.windowPreset
+            self._shownVolume, self._shownPreset = volume, node.windowPreset if node else None
             self.showVolume(volume)
             self.renderConversation()
         elif volume is not None and node.windowPreset != self._shownPreset:
             self._shownPreset = node.windowPreset
-            self.logic.applyWindowPreset(volume, node.windowPreset)
+            self.logic.applyWindowPreset(volume, self.windowPreset())
         questionMode = bool(node) and node.mode == MODE_QUESTION
         self.ui.generateButton.setVisible(not questionMode)
         self.ui.questionLineEdit.setVisible(questionMode)
@@ -260,11 +263,16 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volumeNode is None:
             return
         try:
-            self.logic.applyWindowPreset(volumeNode, self._parameterNode.windowPreset)
+            self.logic.applyWindowPreset(volumeNode, self.windowPreset())
             slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
             self.logic.showVolumeRendering(volumeNode)
         except Exception as error:  # display is a convenience: report, never block the panel
             self.showMessage(f"Could not display {volumeNode.GetName()}: {describeError(error)}", error=True)
+
+    def windowPreset(self) -> str:
+        """The preset name the logic takes: "" for the model's own window."""
+        preset = self._parameterNode.windowPreset
+        return "" if preset == MODEL_WINDOW else preset
 
     # -- model choice, dependencies, consent (GUI thread) ------------------------------------
     def modelCacheFolder(self) -> str:
@@ -324,7 +332,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         question = self._parameterNode.lastPrompt.strip()
         self.startJob(QUESTION, question, self.ui.askButton)
         if self._runner.isRunning():
-            self.ui.questionLineEdit.clear()
+            self.ui.questionLineEdit.selectAll()  # typing replaces it; the parameter node keeps it
 
     def startJob(self, task: str, prompt, button) -> None:
         """Check inputs here (GUI thread), then run the model in the worker thread."""
@@ -334,11 +342,11 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
             self.ensureDependencies()
             request = self.modelRequest()
-            snapshot = self.logic.volumeSnapshot(node.inputVolume, node.windowPreset, task, request)
+            snapshot = self.logic.volumeSnapshot(node.inputVolume, self.windowPreset(), task, request)
         except Exception as error:
             self.showError(error)
             return
-        preset, maxNewTokens = node.windowPreset, node.maxNewTokens
+        preset, maxNewTokens = self.windowPreset(), node.maxNewTokens
 
         def job(context: jobs.JobContext):
             return self.logic.run(
@@ -381,7 +389,10 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._appendHistory(" [cancelled]\n\n" if turn.cancelled else "\n\n")
             reuse = "" if event.result.encoded else ", reused the encoded volume"
             state = "Cancelled" if turn.cancelled else "Done"
-            self.showMessage(f"{state}: {turn.newTokens} tokens in {turn.seconds:.1f} s{reuse}.")
+            notices = "".join(f" {notice}" for notice in event.result.notices)
+            self.showMessage(f"{state}: {turn.newTokens} tokens in {turn.seconds:.1f} s{reuse}.{notices}")
+            if self._parameterNode.inputVolume is not None and not self.windowPreset():
+                self.logic.applyWindowPreset(self._parameterNode.inputVolume)  # the model's own window
         elif event.kind == jobs.CANCELLED:
             self._appendHistory("[cancelled]\n\n")
             self.showMessage("Cancelled.")
@@ -406,10 +417,10 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bar.setFormat(f"{stage}{speed}")
 
     # -- history and results -----------------------------------------------------------------
-    def _currentConversation(self):
+    def _currentConversation(self) -> Conversation:
         volume = self._parameterNode.inputVolume if self._parameterNode else None
         if volume is None:
-            return self.logic.conversation("", "")
+            return Conversation("")  # nothing selected: an empty one, not stored
         return self.logic.conversation(volume.GetID(), volume.GetName())
 
     def _appendHistory(self, text: str) -> None:

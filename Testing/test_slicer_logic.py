@@ -276,6 +276,8 @@ def test_exports_carry_model_id_and_settings(mrml, request_, tmp_path):
     data = json.loads(core.exportConversation(volume.GetID(), tmp_path / "out.json").read_text())
     assert data["modelId"] == report.modelId and data["volumeName"] == "abdomen"
     assert data["settings"]["window"] == "soft_tissue" and data["settings"]["device"] == "cpu"
+    preprocessing = core.loadModel(request_).preprocess_config(window="soft_tissue").to_dict()
+    assert data["settings"]["preprocessing"] == preprocessing
     assert [turn["task"] for turn in data["turns"]] == [REPORT, QUESTION]
     assert data["turns"][1]["prompt"] == "Is the spleen normal?"
     markdown = core.exportConversation(volume.GetID(), tmp_path / "out.md").read_text()
@@ -292,6 +294,8 @@ def test_display_window_and_ct_volume_rendering(mrml):
     core.applyWindowPreset(volume, "lung")
     display = volume.GetDisplayNode()
     assert (display.GetWindow(), display.GetLevel()) == (1500.0, -600.0)
+    core.applyWindowPreset(volume)  # no model loaded: the model_core default (wide, -1000..1000)
+    assert (display.GetWindow(), display.GetLevel()) == (2000.0, 0.0)
     with pytest.raises(CTMLLMSlicerError, match="choose one of"):
         core.applyWindowPreset(volume, "brain")
 

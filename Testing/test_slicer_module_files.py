@@ -170,7 +170,7 @@ def test_one_logic_and_one_widget_instantiate():
     assert parameters.parameterNode is logic.getParameterNode().parameterNode  # one per scene
     assert (parameters.mode, parameters.windowPreset, parameters.modelSource) == (
         "Report",
-        "wide",
+        "model default",
         "Demo model",
     )
 

@@ -190,10 +190,11 @@ def test_question_mode_adds_turns_and_a_follow_up_does_not_encode_again(panel, a
         panel.ui.questionLineEdit.setText(question)
         assert panel.parameters.lastPrompt == question
         panel.ui.questionLineEdit.returnPressed.emit()
-        assert panel.ui.askButton.text() == "Cancel" and panel.ui.questionLineEdit.text() == ""
+        assert panel.ui.askButton.text() == "Cancel" and panel.ui.questionLineEdit.selectedText() == question
         panel.pump(lambda: not panel.busy())
 
     assert encodes == [QUESTION]  # the second question reused the encoded volume
+    assert panel.parameters.lastPrompt == "Is there free fluid?"
     assert "reused the encoded volume" in panel.ui.statusLabel.text()
     conversation = panel.widget.logic.conversation(abdomen.GetID())
     assert [turn.prompt for turn in conversation.turns] == ["Is the liver enlarged?", "Is there free fluid?"]
@@ -299,3 +300,15 @@ def test_the_panel_state_is_restored_from_a_saved_scene(panel, abdomen, tmp_path
         slicer.mrmlScene.Clear(True)
         for node in slicer_compat.build_view_nodes():
             slicer.mrmlScene.AddNode(node)
+
+
+def test_closing_the_scene_resets_the_panel(panel, abdomen):
+    panel.ui.inputSelector.setCurrentNode(abdomen)
+    slicer.mrmlScene.Clear(False)  # Slicer's "close scene": the singleton parameter node is reset
+    after = panel.parameters
+    assert after is not None and slicer.mrmlScene.IsNodePresent(after.parameterNode)
+    assert after.inputVolume is None and after.mode == module.MODE_REPORT
+    assert panel.ui.historyView.toPlainText() == "" and not panel.ui.generateButton.isEnabled()
+    again = standIn.loadVolume(str(CT_DIR / "abdomen_ct_3mm.nii.gz"), "abdomen")
+    panel.ui.inputSelector.setCurrentNode(again)
+    assert panel.parameters.inputVolume is again and panel.ui.generateButton.isEnabled()

@@ -278,9 +278,16 @@ class CTMLLMLogicCore:
             array = np.array(arrayFromVolume(volumeNode), copy=True)  # (slices, rows, columns)
         return VolumeSnapshot(volumeNode.GetID(), volumeNode.GetName(), key, _ijkToRAS(volumeNode), array)
 
-    def prepareVolume(self, snapshot: VolumeSnapshot, windowPreset: str = "") -> np.ndarray:
+    @staticmethod
+    def preprocessConfig(model: Any, windowPreset: str = "") -> Any:
+        """How volumes are prepared for ``model``: the preprocessing it was trained with
+        (``CTMLLM.preprocess_config``), with the user's window preset if one is chosen ("" keeps
+        the model's own)."""
+        return model.preprocess_config(window=windowPreset) if windowPreset else model.preprocess_config()
+
+    def prepareVolume(self, snapshot: VolumeSnapshot, model: Any, windowPreset: str = "") -> np.ndarray:
         """Checks and preprocessing of ``model_core.data``: ``(D, H, W)`` float32 in [0, 1]."""
-        from model_core.data import CTImage, CTInputError, PreprocessConfig, preprocess
+        from model_core.data import CTImage, CTInputError, preprocess
 
         if snapshot.arrayKJI is None:
             raise NoVolumeError(
@@ -288,7 +295,7 @@ class CTMLLMLogicCore:
             )
         try:
             ct = CTImage.from_ijk_to_ras(snapshot.arrayKJI, snapshot.ijkToRAS, source=snapshot.name)
-            volume = preprocess(ct, PreprocessConfig(window=windowPreset or next(iter(WINDOW_PRESETS))))
+            volume = preprocess(ct, self.preprocessConfig(model, windowPreset))
         except CTInputError as error:
             raise NotCTVolumeError(str(error)) from error
         return np.asarray(volume, dtype=np.float32)
@@ -351,7 +358,8 @@ class CTMLLMLogicCore:
             conversation.modelId = model.model_id
             conversation.settings = {
                 **request.settings(),
-                "window": windowPreset or "default",
+                "window": windowPreset or "model default",
+                "preprocessing": self.preprocessConfig(model, windowPreset).to_dict(),
                 "max_new_tokens": maxNewTokens or "model default",
             }
             turn = conversation.add(
@@ -384,7 +392,7 @@ class CTMLLMLogicCore:
         if snapshot.arrayKJI is None:  # cached when snapshotted, evicted since: copy again
             raise NoVolumeError(f"the encoded {snapshot.name!r} left the cache: click again to re-encode")
         progress(STAGE_PREPROCESSING, None, None)
-        volume = self.prepareVolume(snapshot, windowPreset)  # (D, H, W) float32 in [0, 1]
+        volume = self.prepareVolume(snapshot, model, windowPreset)  # (D, H, W) float32 in [0, 1]
         progress(STAGE_ENCODING, None, None)
         features = model.encode_volume(volume, task=task)
         self._features[key] = features
@@ -486,11 +494,21 @@ class CTMLLMLogicCore:
         return target
 
     # -- display -----------------------------------------------------------------------------
-    def applyWindowPreset(self, volumeNode: Any, windowPreset: str) -> None:
+    def windowRange(self, windowPreset: str = "") -> tuple[float, float]:
+        """The HU range (low, high) the model reads: the preset's, or for "" the loaded model's own
+        window (the default preset while no model is loaded or it uses a per-volume window)."""
+        if windowPreset:
+            if windowPreset not in WINDOW_PRESETS:
+                raise CTMLLMSlicerError(f"window {windowPreset!r}: choose one of {', '.join(WINDOW_PRESETS)}")
+            return WINDOW_PRESETS[windowPreset]
+        window = self._model.config.preprocessing.get("window") if self._model is not None else None
+        if isinstance(window, (list, tuple)) and len(window) == 2:
+            return (float(window[0]), float(window[1]))
+        return WINDOW_PRESETS.get(window, next(iter(WINDOW_PRESETS.values())))
+
+    def applyWindowPreset(self, volumeNode: Any, windowPreset: str = "") -> None:
         """Show the volume in the slice views with the HU window the model reads."""
-        if windowPreset not in WINDOW_PRESETS:
-            raise CTMLLMSlicerError(f"window {windowPreset!r}: choose one of {', '.join(WINDOW_PRESETS)}")
-        low, high = WINDOW_PRESETS[windowPreset]
+        low, high = self.windowRange(windowPreset)
         displayNode = volumeNode.GetDisplayNode()
         if displayNode is not None:
             displayNode.SetAutoWindowLevel(False)
