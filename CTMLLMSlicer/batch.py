@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the first case (imports, discovery, model loading)
         print("interrupted before any case finished", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(summary.status_line())
-    if not summary.setup_error:
-        print(f"summary: {summary.output / 'summary.csv'} and {summary.output / 'summary.md'}")
+    if summary.setup_error:
+        print(summary.status_line(), file=sys.stderr)
     else:
-        print(f"error: {summary.setup_error}", file=sys.stderr)
+        print(summary.status_line())
+        print(f"summary: {summary.output / 'summary.csv'} and {summary.output / 'summary.md'}")
     return summary.exit_code
 
 

@@ -331,6 +331,23 @@ def test_out_of_memory_and_unexpected_errors_fail_their_case_only(tmp_path, tiny
     assert sorted(p.name for p in (output / "cases").iterdir()) == ["c.json", "c.md"]
 
 
+def test_stand_in_model_notice_is_a_warning_of_every_case(tmp_path, monkeypatch):
+    from model_core import hub
+    from model_core.model import CONFIG_FILE
+
+    if (hub.DEMO_MODEL_DIR / CONFIG_FILE).is_file():
+        pytest.skip("a trained demo model is installed: no stand-in notice")
+    monkeypatch.setenv("CTMLLM_CACHE", str(tmp_path / "cache"))
+    summary = run_batch(BatchOptions(ABDOMEN, tmp_path / "out", device="cpu", max_new_tokens=2))
+    (outcome,) = summary.outcomes
+    assert outcome.status == OK and any("tiny random test model" in w for w in outcome.warnings)
+    record = json.loads((tmp_path / "out" / "cases" / "abdomen_ct_3mm.json").read_text())
+    assert (
+        record["warnings"] == outcome.warnings
+        and "tiny random" in read_summary(tmp_path / "out")["abdomen_ct_3mm"]["warnings"]
+    )
+
+
 def test_check_reusable_says_why_not(tmp_path):
     output = tmp_path / "out"
     assert check_reusable(output, "x", "abc", {}).reason == "no earlier result"

@@ -116,11 +116,16 @@ class _Run:
     manifest: Manifest
     summary: BatchSummary
     model_info: dict[str, str] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    """The Logic's preprocessing for this model and window (it lives in the model's config, not its weights)."""
+    model_notices: list[str] = field(default_factory=list)
+    """What loading the model said (e.g. a stand-in model is used): a warning in every record."""
 
     def fingerprint(self, case: Case) -> dict[str, Any]:
         """Everything besides the input that changes a case's text: equal fingerprints allow reuse."""
         return {
             "model_sha256": self.model_info["sha256"],
+            "preprocessing": self.preprocessing,
             "task": self.options.task,
             "questions": list(case.questions),
             "max_new_tokens": self.options.max_new_tokens,
@@ -238,14 +243,18 @@ def _load_model(run: _Run, stream: TextIO) -> dict[str, str]:
     from model_core.model import WEIGHTS_FILE
 
     start = time.perf_counter()
-    model = run.logic.loadModel(
-        run.request, noticeCallback=lambda message: stream.write(f"note: {message}\n")
-    )
+
+    def notice(message: str) -> None:
+        run.model_notices.append(message)
+        stream.write(f"note: {message}\n")
+
+    model = run.logic.loadModel(run.request, noticeCallback=notice)
     run.summary.model_load_seconds = time.perf_counter() - start
     folder = Path(model.model_dir) if getattr(model, "model_dir", None) else None
     weights = folder / WEIGHTS_FILE if folder else None
     run.summary.model_id = model.model_id
     run.summary.model_sha256 = sha256_file(weights) if weights and weights.is_file() else ""
+    run.preprocessing = run.logic.preprocessConfig(model, run.options.window).to_dict()
     return {
         "id": model.model_id,
         "spec": run.request.spec,
@@ -324,16 +333,9 @@ def _compute_case(
             run.logic.clearConversation(node.GetID())
     timings["total_s"] = round(time.perf_counter() - start, 3)
     record = _case_record(run, case, conversation, input_sha256, fingerprint, started, timings, outputs)
-    record["warnings"] = list(dict.fromkeys([*warnings, *notices]))
+    record["warnings"] = list(dict.fromkeys([*warnings, *run.model_notices, *notices]))
     atomic_write_text(paths["json"], json.dumps(record, indent=2, ensure_ascii=False) + "\n")  # last: commits
     return record
-
-
-def _preprocessing(window: str) -> dict[str, Any]:
-    """The preprocessing settings the Logic applies for ``window`` (its default when empty)."""
-    from model_core.data import PreprocessConfig
-
-    return PreprocessConfig(window=window or next(iter(WINDOW_PRESETS))).to_dict()
 
 
 def _case_record(
@@ -346,6 +348,7 @@ def _case_record(
     timings: dict[str, Any],
     outputs: dict[str, Any],
 ) -> dict[str, Any]:
+    settings = dict(conversation.settings)
     report = next((t.answer for t in conversation.turns if t.task == REPORT), None)
     answers = [
         {
@@ -370,11 +373,8 @@ def _case_record(
         "task": run.options.task,
         "report": report,
         "answers": answers,
-        "preprocessing": _preprocessing(run.options.window),
-        "generation": {
-            **conversation.settings,
-            "max_new_tokens": run.options.max_new_tokens or "model default",
-        },
+        "preprocessing": settings.pop("preprocessing", None),  # as the Logic applied it
+        "generation": {**settings, "max_new_tokens": run.options.max_new_tokens or "model default"},
         "timings": timings,
         "warnings": [],
         "fingerprint": fingerprint,
