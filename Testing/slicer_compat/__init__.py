@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import tempfile
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,8 +163,16 @@ def pad_singleton_refcounts() -> None:
 
 
 def application() -> QtWidgets.QApplication:
+    """The QApplication; its QSettings go to a temporary folder, never the user's own settings."""
     pad_singleton_refcounts_once()
-    return QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    app.setOrganizationName("CTMLLMSlicerTests")
+    app.setApplicationName("slicer_compat")
+    QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
+    QtCore.QSettings.setPath(
+        QtCore.QSettings.IniFormat, QtCore.QSettings.UserScope, tempfile.mkdtemp(prefix="qsettings-")
+    )
+    return app
 
 
 _padded = False
