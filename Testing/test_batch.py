@@ -348,6 +348,27 @@ def test_stand_in_model_notice_is_a_warning_of_every_case(tmp_path, monkeypatch)
     )
 
 
+def test_case_list_vqa_run_answers_per_case_questions_and_records_an_empty_series(tmp_path, tiny_model):
+    link(ABDOMEN, tmp_path / "a.nii.gz")
+    (tmp_path / "empty_series").mkdir()
+    rows = [
+        {"path": "a.nii.gz", "id": "p1", "questions": ["Is there ascites?"]},
+        {"path": "empty_series", "id": "p2", "question": "Any fracture?"},
+    ]
+    (tmp_path / "cases.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "out"
+    options = BatchOptions(
+        tmp_path / "cases.jsonl", output, task="vqa", model=str(tiny_model), device="cpu", max_new_tokens=3
+    )
+    summary = run_batch(options, progress_stream=io.StringIO())
+    outcomes = {o.case_id: o for o in summary.outcomes}
+    record = json.loads((output / "cases" / "p1.json").read_text())
+    assert outcomes["p1"].status == OK and record["report"] is None
+    assert [a["question"] for a in record["answers"]] == ["Is there ascites?"]
+    assert outcomes["p2"].status == FAILED and outcomes["p2"].error_type == "DicomSeriesError"
+    assert "empty_series" in outcomes["p2"].error and "holds no DICOM image files" in outcomes["p2"].error
+
+
 def test_check_reusable_says_why_not(tmp_path):
     output = tmp_path / "out"
     assert check_reusable(output, "x", "abc", {}).reason == "no earlier result"
@@ -448,6 +469,34 @@ def test_folder_discovery_finds_files_and_each_dicom_series(tmp_path):
     assert [(c.case_id, c.kind) for c in cases] == [("x__scan", FILE), ("y__scan", FILE), ("dcm", DICOM)]
     assert len(cases[2].files) == 30 and all(c.questions == ("Q?",) for c in cases)
     assert cases[0].input_checksum() != cases[1].input_checksum()
+
+
+def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp_path):
+    """Two series in one folder: each case reads only its own files, as the NIfTI it came from."""
+    from CTMLLMSlicerLib.batch_scene import load_case_volume, nodes_added_during, slicer_context
+    from CTMLLMSlicerLib.logic import _ijkToRAS
+    from slicer.util import arrayFromVolume
+
+    from model_core.data import write_dicom_series
+
+    folder = tmp_path / "study"
+    write_dicom_from(ABDOMEN, folder)
+    for path in write_dicom_series(tmp_path / "mr", np.full((5, 8, 9), 300), (1.0, 1.0, 2.0), modality="MR"):
+        path.rename(folder / f"mr_{path.name}")
+    context = slicer_context(tmp_path / "slicer.log")
+    cases = {c.case_id.split("__")[1].split("_")[0]: c for c in discover_cases(folder)}
+    assert sorted(cases) == ["MR", "abdomen"]  # ids: dicom__<description>_<end of the series UID>
+    (reference,) = discover_cases(ABDOMEN)
+    with nodes_added_during(context.scene):
+        series_node, _ = load_case_volume(context, cases["abdomen"])
+        nifti_node, _ = load_case_volume(context, reference)
+        mr_node, _ = load_case_volume(context, cases["MR"])
+        assert np.array_equal(arrayFromVolume(series_node), arrayFromVolume(nifti_node))
+        assert np.allclose(_ijkToRAS(series_node), _ijkToRAS(nifti_node), atol=1e-3)
+        assert arrayFromVolume(mr_node).shape == (5, 8, 9)
+        count = context.scene.GetNumberOfNodes()
+    assert context.scene.GetNumberOfNodes() < count  # the case's nodes are gone afterwards
+    assert context.scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode") is None
 
 
 def test_case_lists_group_questions_and_resolve_relative_paths(tmp_path):
