@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -38,7 +39,6 @@ from CTMLLMSlicerLib.logic import (  # noqa: E402
     STAGE_LOADING,
     STAGE_PREPROCESSING,
     STAGE_REUSING,
-    WINDOW_PRESETS,
     CTMLLMLogicCore,
     ModelRequest,
 )
@@ -306,12 +306,15 @@ def test_display_window_and_ct_volume_rendering(mrml):
     assert core.showVolumeRendering(volume) is rendering  # shown again: the same display node
 
 
-def test_window_presets_match_model_core():
-    from model_core.data import WINDOW_PRESETS as MODEL_CORE_PRESETS
-    from model_core.data.preprocess import DEFAULT_WINDOW
-
-    assert WINDOW_PRESETS == MODEL_CORE_PRESETS
-    assert next(iter(WINDOW_PRESETS)) == DEFAULT_WINDOW
+def test_logic_imports_without_torch():
+    """The module must load (and offer its choices) before torch is installed in Slicer."""
+    code = (
+        "import sys; sys.path.insert(0, 'CTMLLMSlicer'); import CTMLLMSlicerLib.logic as logic; "
+        "assert 'torch' not in sys.modules, 'logic imported torch'; print(list(logic.WINDOW_PRESETS))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "soft_tissue" in done.stdout
 
 
 def test_repo_ids_and_the_default_cache_folder(tmp_path, monkeypatch):

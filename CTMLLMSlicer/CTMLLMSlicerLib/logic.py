@@ -38,6 +38,7 @@ from CTMLLMSlicerLib.errors import (
     OperationCancelled,
     isOutOfMemory,
 )
+from model_core.data.preprocess import WINDOW_PRESETS  # torch-free: offered before torch is installed
 
 RESULT_REFERENCE_ROLE = "CTMLLMResult"
 """Node reference role from a volume node to the text node holding its report and answers."""
@@ -48,17 +49,6 @@ PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 CT_RENDERING_PRESET = "CT-Chest-Contrast-Enhanced"
 """Slicer's volume rendering preset for contrast CT; built here when the presets are not loaded."""
 
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "wide": (-1000.0, 1000.0),
-    "soft_tissue": (-160.0, 240.0),
-    "lung": (-1350.0, 150.0),
-    "bone": (-500.0, 1300.0),
-}
-"""HU ranges (low, high) of ``model_core.data.WINDOW_PRESETS``, the first being the default.
-
-Repeated here because ``model_core.data`` imports torch, and the module must load (and offer
-these choices) before torch is installed; a test checks that both tables agree.
-"""
 
 STAGE_LOADING = "loading model"
 STAGE_PREPROCESSING = "preprocessing"

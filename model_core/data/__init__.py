@@ -6,8 +6,12 @@ the datasets yield ``Sample`` objects from M3D-Cap, M3D-VQA, CT-RATE and a gener
 See docs/DATA.md.
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from model_core.data.checks import check_ct, ct_intensity_verdict
-from model_core.data.datasets import CTRateDataset, JsonlDataset, M3DCapDataset, M3DVQADataset
 from model_core.data.dicom import DicomSeries, scan_dicom_folder, write_dicom_series
 from model_core.data.errors import (
     CTInputError,
@@ -44,6 +48,16 @@ from model_core.data.preprocess import (
     preprocess,
 )
 from model_core.data.sample import Sample
+
+_DATASETS = ("CTRateDataset", "JsonlDataset", "M3DCapDataset", "M3DVQADataset")
+"""Loaded on first use: they need torch, which the Slicer module may not have installed yet."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DATASETS:
+        return getattr(import_module("model_core.data.datasets"), name)
+    raise AttributeError(f"module 'model_core.data' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_MAX_VOXELS",

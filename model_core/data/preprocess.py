@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
 
 from model_core.config import ConfigError
 from model_core.data.checks import check_ct
@@ -202,6 +200,9 @@ def window(array: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def resize_to_grid(array: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Resize ``(D, H, W)`` to ``shape``: block-average axes that shrink, linearly interpolate ones that grow."""
+    import torch  # here, so that the presets and config import where torch is not installed yet
+    import torch.nn.functional as F
+
     volume = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]  # (1, 1, D, H, W)
     shrunk = tuple(min(have, want) for have, want in zip(volume.shape[2:], shape, strict=True))
     if shrunk != tuple(volume.shape[2:]):
