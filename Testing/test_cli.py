@@ -120,3 +120,21 @@ def test_generate_reads_a_real_nifti_and_refuses_mr(tiny_model_dir: Path, tmp_pa
         cache=tmp_path,
     )
     assert mr.returncode == 2 and "allow_non_ct" in mr.stderr
+
+
+def test_a_repo_in_the_local_cache_loads_without_asking(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, local_files_only=False, **kwargs):
+        calls.append((repo_id, local_files_only))
+        if not local_files_only:
+            raise AssertionError("no network download may be attempted without consent")
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_model_dir("owner/cached-model", cache_dir=tmp_path) == tiny_model_dir
+    assert calls == [("owner/cached-model", True)]

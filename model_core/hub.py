@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from model_core.model import CONFIG_FILE, CTMLLM
+from model_core.model import CONFIG_FILE, CTMLLM, HUB_FILE_PATTERNS
 
 DEMO_SPEC = "demo"
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
@@ -69,20 +69,20 @@ def resolve_model_dir(
         return folder
     if folder.exists() or not HUB_REPO_ID.fullmatch(str(spec)):
         raise ModelNotFoundError(f"model folder {folder} does not exist: check the path")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    fetch = dict(cache_dir=str(cache or default_cache_dir()), allow_patterns=HUB_FILE_PATTERNS)
+    try:  # a repo downloaded before loads offline, without asking again
+        return Path(snapshot_download(str(spec), local_files_only=True, **fetch))
+    except LocalEntryNotFoundError:
+        pass
     if not allow_download:
         raise ModelNotFoundError(
             f"{spec!r} is not a local folder; downloading it from the Hugging Face Hub needs your "
             f"agreement (allow_download=True / --allow-download)"
         )
-    from huggingface_hub import snapshot_download
-
-    return Path(
-        snapshot_download(
-            str(spec),
-            cache_dir=str(cache or default_cache_dir()),
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"],
-        )
-    )
+    return Path(snapshot_download(str(spec), **fetch))
 
 
 def pick_device(device: str = "auto") -> torch.device:

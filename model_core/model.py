@@ -44,6 +44,8 @@ from model_core.volume_encoder import VolumeAdapter, VolumeInputError
 CONFIG_FILE = "ctmllm_config.json"
 WEIGHTS_FILE = "model.safetensors"
 IMAGE_PLACEHOLDER = "<image>"
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+"""What a Hub download fetches: configs, safetensors weights, tokenizer files; never pickles or code."""
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -165,7 +167,7 @@ class CTMLLM(nn.Module):
                     str(path_or_repo_id),
                     revision=revision,
                     cache_dir=cache_dir,
-                    allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"],
+                    allow_patterns=HUB_FILE_PATTERNS,
                 )
             )
         mllm_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
