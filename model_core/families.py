@@ -218,3 +218,17 @@ def map_2d_state_dict_name(name: str) -> str:
         if name.startswith(old):
             return new + name[len(old) :]
     raise KeyError(f"2D tensor {name!r} is outside the vision tower, projector and language model")
+
+
+def map_ctmllm_state_dict_name(name: str) -> str:
+    """The 2D MLLM state-dict name of a CTMLLM tensor: the inverse of ``map_2d_state_dict_name``.
+
+    Used to export a CTMLLM with K=0 and no MoE (a 2D model) as a Hugging Face 2D checkpoint.
+    """
+    for old, new in STATE_DICT_PREFIXES:
+        if name.startswith(new):
+            return old + name[len(new) :]
+    raise KeyError(
+        f"CTMLLM tensor {name!r} has no 2D counterpart (volume adapter tensors such as MoE experts are "
+        f"3D-only): export a model with moe.mode 'none'"
+    )

@@ -1,0 +1,137 @@
+"""2D slab samples from a built lesion benchmark: what the demo's 2D model is pretrained on.
+
+Why: the project's 3D model starts from a 2D multimodal model. No pretrained 2D radiology model
+can be downloaded here, so the demo pipeline trains one first, on 3-slice slabs of the benchmark's
+training studies: a slab ``(3, H, W)`` is exactly one slice group of the 3D encoder, i.e. the 2D
+model's 3-channel image. Slabs start at multiples of 3, as ``model_core.volume_encoder`` cuts
+volumes, so the 2D model sees the images the 3D model's groups will hold.
+
+Each slab gets a caption stating the findings whose lesion sphere crosses it (written by the
+benchmark's own report writer, so the wording is the 3D reports') and questions from the
+benchmark's question maker about those findings (count, phase, organ, location, size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from model_core.benchmark.build import FINDINGS_FILE, SPLITS
+from model_core.benchmark.findings import Finding
+from model_core.benchmark.text import make_questions, write_report
+from model_core.data.formats import load_m3d_npy
+from model_core.data.sample import Sample
+from model_core.prompts import closed_target, format_closed_question
+from model_core.volume_encoder import SLICES_PER_GROUP
+
+SLAB_PROMPT = "Describe the focal lesions in this CT section."
+NORMAL_SLAB_TEXT = "No focal lesion in this section."
+
+
+def findings_in_slab(
+    findings: Sequence[Finding], spacing_mm: Sequence[float], start: int, depth: int = SLICES_PER_GROUP
+) -> list[Finding]:
+    """The findings whose sphere (diameter ``size_mm``) reaches slices ``[start, start + depth)``.
+
+    ``spacing_mm`` is ``(z, y, x)``; a finding needs ``center_voxel`` ``(z, y, x)`` (ground truth
+    always has one). Distance is taken from the lesion centre to the nearest slice centre of the slab.
+    """
+    chosen = []
+    for finding in findings:
+        if finding.center_voxel is None or finding.size_mm is None:
+            raise ValueError(f"finding {finding} has no centre or size: pass ground-truth findings")
+        z = finding.center_voxel[0]
+        gap_slices = max(start - z, 0, z - (start + depth - 1))
+        if gap_slices * float(spacing_mm[0]) <= finding.size_mm / 2:
+            chosen.append(finding)
+    return chosen
+
+
+@dataclass(frozen=True)
+class SlabItem:
+    """One slab sample before its image is read: which study, which slices, what to say."""
+
+    image: Path
+    start: int
+    task: str
+    prompt: str
+    answer: str
+    sample_id: str
+    meta: dict
+
+
+def _sites_of(findings: Sequence[Finding]) -> list[tuple[str, str | None]]:
+    return list(dict.fromkeys((f.organ, f.side) for f in findings))
+
+
+def slab_items(
+    benchmark_dir: str | os.PathLike,
+    split: str = "train",
+    questions_per_slab: int = 1,
+    seed: int = 0,
+    limit_studies: int | None = None,
+) -> list[SlabItem]:
+    """Every aligned slab of every study of ``split``: one caption and ``questions_per_slab``
+    questions each (closed and open alternate), drawn from ``(seed, study, slab)``."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use one of {SPLITS}")
+    root = Path(benchmark_dir)
+    manifest = root / FINDINGS_FILE
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"{manifest} does not exist: build the benchmark first (python -m model_core.benchmark build)"
+        )
+    studies = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
+    studies = [s for s in studies if s["split"] == split][:limit_studies]
+    if not studies:
+        raise ValueError(f"{root} holds no {split!r} studies: build it with a {split} count above 0")
+    items: list[SlabItem] = []
+    for number, study in enumerate(studies):
+        image = root / study["image"]
+        depth = int(np.load(image, mmap_mode="r").shape[-3])
+        findings = [Finding.from_dict(f) for f in study["findings"]]
+        for start in range(0, depth - SLICES_PER_GROUP + 1, SLICES_PER_GROUP):
+            rng = np.random.default_rng([seed, number, start])
+            inside = findings_in_slab(findings, study["spacing_mm"], start)
+            caption = write_report(inside, rng, _sites_of(inside)) if inside else NORMAL_SLAB_TEXT
+            base = {"study": study["id"], "slab_start": start, "findings": [f.to_dict() for f in inside]}
+            slab_id = f"{study['id']}@{start}"
+            items.append(SlabItem(image, start, "report", SLAB_PROMPT, caption, slab_id, base))
+            rows = make_questions(inside, rng, _sites_of(inside), study.get("phase"), questions_per_slab)
+            for index, row in enumerate(rows):
+                closed = (number + start // SLICES_PER_GROUP + index) % 2 == 0
+                choices = {letter: row[f"Choice {letter}"] for letter in "ABCD"}
+                prompt = format_closed_question(row["Question"], choices) if closed else row["Question"]
+                answer = closed_target(row["Answer Choice"], row["Answer"]) if closed else row["Answer"]
+                meta = {**base, "question_type": int(row["Question Type"]), "closed": closed}
+                items.append(SlabItem(image, start, "vqa", prompt, answer, f"{slab_id}#q{index}", meta))
+    return items
+
+
+class SlabDataset(Dataset):
+    """``Sample`` of ``(3, H, W)`` slabs (float32 in [0, 1]) read lazily from the benchmark's volumes."""
+
+    def __init__(self, items: Sequence[SlabItem]) -> None:
+        if not items:
+            raise ValueError("no slab items: build them with slab_items(benchmark_dir, split)")
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Sample:
+        item = self.items[index]
+        volume = load_m3d_npy(item.image)[item.start : item.start + SLICES_PER_GROUP]
+        return Sample(
+            task=item.task,
+            prompt=item.prompt,
+            answer=item.answer,
+            volume=np.ascontiguousarray(volume),
+            meta={**item.meta, "sample_id": item.sample_id},
+        )
