@@ -20,6 +20,17 @@ import ctk  # noqa: F401  (loaded for the .ui file's ctk widgets, as in Slicer's
 import qt
 import slicer
 import vtk
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
 from CTMLLMSlicerLib import dependencies, jobs
 from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation
 from CTMLLMSlicerLib.errors import CTMLLMSlicerError, describeError
@@ -33,16 +44,6 @@ from CTMLLMSlicerLib.logic import (
     defaultModelCacheFolder,
     isRepoId,
 )
-from slicer import vtkMRMLScalarVolumeNode
-from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
 
 MODE_REPORT = "Report"
 MODE_QUESTION = "Question"

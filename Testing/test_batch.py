@@ -473,10 +473,10 @@ def test_folder_discovery_finds_files_and_each_dicom_series(tmp_path):
 
 def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp_path):
     """Two series in one folder: each case reads only its own files, as the NIfTI it came from."""
-    from CTMLLMSlicerLib.batch_scene import load_case_volume, nodes_added_during, slicer_context
-    from CTMLLMSlicerLib.logic import _ijkToRAS
     from slicer.util import arrayFromVolume
 
+    from CTMLLMSlicerLib.batch_scene import load_case_volume, nodes_added_during, slicer_context
+    from CTMLLMSlicerLib.logic import _ijkToRAS
     from model_core.data import write_dicom_series
 
     folder = tmp_path / "study"

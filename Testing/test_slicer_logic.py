@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CTMLLMSlicer"))
 
 import slicer  # noqa: E402
+
 from CTMLLMSlicerLib import logic as logic_module  # noqa: E402
 from CTMLLMSlicerLib.conversation import QUESTION, REPORT  # noqa: E402
 from CTMLLMSlicerLib.errors import (  # noqa: E402

@@ -18,11 +18,11 @@ import slicer_compat
 standIn = slicer_compat.install()
 
 import slicer  # noqa: E402
-from CTMLLMSlicerLib.conversation import QUESTION, REPORT  # noqa: E402
-from CTMLLMSlicerLib.logic import RESULT_REFERENCE_ROLE, ModelRequest  # noqa: E402
 from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
 
 import CTMLLMSlicer as module  # noqa: E402  (importable once the stand-ins are installed)
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT  # noqa: E402
+from CTMLLMSlicerLib.logic import RESULT_REFERENCE_ROLE, ModelRequest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CT_DIR = REPO.parent / "shared" / "data" / "ct"

@@ -123,9 +123,9 @@ def check_complete(path: Path) -> None:
 
     Uses the check of ``model_core.data`` (NIfTI header size against the data present).
     """
-    from model_core.data.io import _check_nifti_complete  # TODO(data): public name requested
+    from model_core.data.io import check_file_complete
 
-    _check_nifti_complete(path)
+    check_file_complete(path)
 
 
 def _add_archetype_volume(context: SlicerContext, files: list[Path], name: str) -> Any:

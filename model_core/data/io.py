@@ -272,7 +272,7 @@ def _read_volume_file(path: Path, max_voxels: int) -> tuple[sitk.Image, list[str
         raise UnreadableVolumeError(
             f"{path}: cannot be read as an image ({_itk_reason(error)}); pass an uncorrupted {SUPPORTED_FORMATS}."
         ) from error
-    _check_nifti_complete(path)
+    check_file_complete(path)
     size = reader.GetSize()
     try:
         if len(size) != 3 or math.prod(size) <= max_voxels or reader.GetNumberOfComponents() != 1:
@@ -291,7 +291,7 @@ def _read_volume_file(path: Path, max_voxels: int) -> tuple[sitk.Image, list[str
         ) from error
 
 
-def _check_nifti_complete(path: Path) -> None:
+def check_file_complete(path: Path) -> None:
     """ITK zero-fills a truncated NIfTI without an error; compare the data size with the header's."""
     name = path.name.lower()
     if not (name.endswith(".nii") or name.endswith(".nii.gz")):
