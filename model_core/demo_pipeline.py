@@ -65,8 +65,8 @@ class DemoBudget:
     slab_steps: int = 600
     slab_batch: int = 16
     slab_lr: float = 1e-3
-    stage1_steps: int = 600
-    stage2_steps: int = 150
+    stage1_steps: int = 300
+    stage2_steps: int = 80
     batch_size: int = 8
     eval_max_new_tokens: int = 160
 
@@ -86,10 +86,10 @@ class DemoBudget:
 
 
 BUDGETS: dict[str, DemoBudget] = {
-    # The shipped demo model: about 40 minutes on one thread of a shared 2-core CPU.
+    # The shipped demo model: about an hour on one thread of a busy shared 2-core CPU.
     "small": DemoBudget(),
     # Ablations: the demo's benchmark and 2D checkpoints, a fifth of the 3D steps, per seed.
-    "ablation": DemoBudget(stage1_steps=120, stage2_steps=30, test=24),
+    "ablation": DemoBudget(stage1_steps=60, stage2_steps=15, test=12),
     # Tests: every step runs in seconds; the numbers mean nothing.
     "toy": DemoBudget(
         grid=(12, 48, 48),
@@ -273,8 +273,9 @@ def pretrain_2d(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % 50 == 0 or step == steps:
-                history.append({"step": step, "loss": float(loss), "seconds": time.perf_counter() - started})
-                log(f"2D step {step}/{steps}: loss {float(loss):.4f}")
+                value = float(loss.detach())
+                history.append({"step": step, "loss": value, "seconds": time.perf_counter() - started})
+                log(f"2D step {step}/{steps}: loss {value:.4f}")
             if step >= steps:
                 break
         epoch += 1

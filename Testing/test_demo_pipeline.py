@@ -1,0 +1,186 @@
+"""The demo pipeline at toy scale: every step runs and writes its artifacts; its pieces behave.
+
+One module-scoped run of ``run_pipeline(..., "toy")`` (about a minute on 2 CPU cores) feeds the
+artifact tests; the other tests use tiny inputs of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from model_core import demo_pipeline as dp
+from model_core.benchmark.findings import Finding
+from model_core.benchmark.slabs import (
+    NORMAL_SLAB_TEXT,
+    SLAB_PROMPT,
+    SlabDataset,
+    findings_in_slab,
+    slab_items,
+)
+from model_core.families import STATE_DICT_PREFIXES, map_2d_state_dict_name, map_ctmllm_state_dict_name
+from model_core.model import CTMLLM
+
+TOY = dp.BUDGETS["toy"]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo_toy")
+    torch.set_num_threads(1)
+    scores = dp.run_pipeline(out, "toy", seed=0, log=lambda _line: None)
+    return out, scores
+
+
+def test_pipeline_writes_every_artifact(toy_run: tuple[Path, dict]) -> None:
+    out, scores = toy_run
+    expected = [
+        "bench/benchmark.json",
+        "bench/findings.jsonl",
+        "tokenizer/tokenizer.json",
+        "2d_random/config.json",
+        "2d_checkpoint/config.json",
+        "2d_checkpoint/model.safetensors",
+        "2d_checkpoint/preprocessor_config.json",
+        "2d_checkpoint/pretraining_log.json",
+        "3d/config.yaml",
+        "3d/stage1/final/ctmllm_config.json",
+        "3d/stage2/final/ctmllm_config.json",
+        "eval/report/summary.json",
+        "eval/vqa/summary.json",
+        "eval/findings.json",
+        "scores.json",
+        "cost.json",
+        "3d/cost.json",
+    ]
+    assert [name for name in expected if not (out / name).is_file()] == []
+    assert scores["model_dir"] == str(out / "3d" / "stage2" / "final")
+    assert set(json.loads((out / "cost.json").read_text())) == {"benchmark_build", "2d_pretraining"}
+    assert 0.0 <= scores["findings"]["f1"] <= 1.0
+    assert scores["closed_accuracy"]["n"] > 0
+
+
+def test_final_model_is_the_3d_transfer_of_the_2d_checkpoint(toy_run: tuple[Path, dict]) -> None:
+    out, scores = toy_run
+    model = CTMLLM.from_pretrained(scores["model_dir"])
+    assert model.config.source == str(out / "2d_checkpoint")
+    assert model.config.volume.num_3d_blocks == 2
+    assert model.config.moe.mode == "tgh_hard"
+    assert model.preprocess_config().target_shape == TOY.grid
+    assert model.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(out / "tokenizer").get_vocab()
+
+
+def test_ship_model_stores_float16_that_loads_back(toy_run: tuple[Path, dict], tmp_path: Path) -> None:
+    _, scores = toy_run
+    shipped = dp.ship_model(Path(scores["model_dir"]), tmp_path / "demo_model")
+    original = CTMLLM.from_pretrained(scores["model_dir"])
+    loaded = CTMLLM.from_pretrained(shipped)
+    assert loaded.dtype == torch.float32  # stored as float16, cast back on load
+    for (name, a), (_, b) in zip(original.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a.half().float(), b.float()), name
+    weights = (shipped / "model.safetensors").stat().st_size
+    assert weights < 0.6 * (Path(scores["model_dir"]) / "model.safetensors").stat().st_size
+
+
+def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) -> None:
+    out, scores = toy_run
+    page = dp.write_results(out, tmp_path / "RESULTS.md").read_text()
+    assert f"| finding-level F1 (organ+side, kind, size bucket) | {scores['findings']['f1']:.3f} |" in page
+    assert f"{scores['closed_accuracy']['accuracy']:.3f} (n={scores['closed_accuracy']['n']})" in page
+    assert "| 3d_training |" in page and "| 2d_pretraining |" in page
+    assert "Not run." in page  # no ablations in this run
+
+
+def test_slab_dataset_reads_aligned_slabs_with_their_findings(toy_run: tuple[Path, dict]) -> None:
+    out, _ = toy_run
+    items = slab_items(out / "bench", "train", questions_per_slab=1)
+    groups = TOY.grid[0] // 3
+    captions = [item for item in items if item.task == "report"]
+    assert len(captions) == TOY.train * groups
+    assert {item.start for item in captions} == set(range(0, TOY.grid[0], 3))
+    for item in captions:
+        assert item.prompt == SLAB_PROMPT
+        assert (item.answer == NORMAL_SLAB_TEXT) == (not item.meta["findings"])
+    sample = SlabDataset(items)[0]
+    assert sample.load_volume().shape == (3, TOY.grid[1], TOY.grid[2])
+
+
+def test_findings_in_slab_uses_the_sphere_and_the_slice_spacing() -> None:
+    lesion = Finding("liver", "cyst", 20.0, center_voxel=(10, 5, 5))  # radius 10 mm
+    spacing = (10.0, 3.0, 3.0)
+    assert findings_in_slab([lesion], spacing, 9) == [lesion]
+    assert findings_in_slab([lesion], spacing, 6) == []  # nearest slice 8: 20 mm away
+    assert findings_in_slab([lesion], spacing, 11) == [lesion]  # slice 11: 10 mm away, on the edge
+    assert findings_in_slab([lesion], (4.0, 3.0, 3.0), 6) == [lesion]  # thinner slices: 8 mm away
+    with pytest.raises(ValueError, match="ground-truth"):
+        findings_in_slab([Finding("liver", "cyst", 20.0)], spacing, 0)
+
+
+def test_reverse_state_dict_names_invert_the_2d_mapping() -> None:
+    for old, _new in STATE_DICT_PREFIXES:
+        name = old + "layer.0.weight"
+        assert map_ctmllm_state_dict_name(map_2d_state_dict_name(name)) == name
+    with pytest.raises(KeyError, match="moe.mode 'none'"):
+        map_ctmllm_state_dict_name("volume_adapter.moe.experts.token.routers.0.weight")
+
+
+def test_exported_2d_checkpoint_converts_back_to_the_same_model(tmp_path: Path) -> None:
+    texts = ["There is a 12 mm cyst in the liver.", "No focal lesion in this section.", "A. liver"]
+    tokenizer = dp.train_tokenizer(texts * 3, 300)
+    model = dp.as_2d_ctmllm(dp.build_2d_mllm(tokenizer, TOY, seed=3), tokenizer, TOY).eval()
+    folder = dp.export_2d_checkpoint(model, tmp_path / "2d")
+    assert json.loads((folder / "preprocessor_config.json").read_text())["image_mean"] == list(
+        model.config.image_mean
+    )
+    converted = CTMLLM.from_2d_pretrained(folder, volume=model.config.volume).eval()
+    slab = torch.rand(1, 3, TOY.grid[1], TOY.grid[2])
+    with torch.no_grad():
+        assert torch.allclose(model.encode_volumes(slab), converted.encode_volumes(slab), atol=1e-6)
+        ids = torch.tensor([[1, 5, 9, 12]])
+        assert torch.allclose(
+            model.language_model(ids).logits, converted.language_model(ids).logits, atol=1e-6
+        )
+
+
+def test_export_refuses_a_3d_model() -> None:
+    tokenizer = dp.train_tokenizer(["a b c"] * 3, 280)
+    model = dp.as_2d_ctmllm(dp.build_2d_mllm(tokenizer, TOY, seed=0), tokenizer, TOY)
+    model.config.volume.num_3d_blocks = 1
+    with pytest.raises(ValueError, match="num_3d_blocks 0"):
+        dp.export_2d_checkpoint(model, Path("unused"))
+
+
+def test_ablation_table_gives_mean_and_spread_and_names_unrun_variants() -> None:
+    def run(seed: int, accuracy: float, f1: float) -> dict:
+        findings = {"f1": f1, "organ_f1": f1, "false_finding_rate_on_normals": 0.0}
+        return {"seed": seed, "closed_accuracy": {"accuracy": accuracy}, "findings": findings}
+
+    name = next(iter(dp.ABLATIONS))
+    ablations = {name: [run(0, 0.5, 0.2), run(1, 0.7, 0.4)]}
+    row = dp._mean_spread([0.5, 0.7])
+    assert row == f"0.600 ± {math.sqrt(0.02):.3f} (n=2)"
+    table = dp.results_markdown(_minimal_scores(), {}, ablations)
+    assert f"| {name} | {row} |" in table
+    unrun = [line for line in table.splitlines() if line.endswith("| not run | not run |")]
+    assert len(unrun) == len(dp.ABLATIONS) - 1
+
+
+def test_budget_refuses_a_grid_the_pixel_shuffle_cannot_take() -> None:
+    with pytest.raises(ValueError, match="even multiple"):
+        dp.DemoBudget(grid=(12, 48, 48), patch=16)
+
+
+def _minimal_scores() -> dict:
+    zero = {"f1": 0.0, "precision": 0.0, "recall": 0.0, "organ_f1": 0.0, "organ_kind_f1": 0.0}
+    return {
+        "findings": {**zero, "false_finding_rate_on_normals": 0.0, "n_normal_studies": 1.0},
+        "closed_accuracy": {"accuracy": 0.0, "n": 1, "per_type": {}},
+        "report_metrics": {},
+        "open_metrics": {},
+        "budget_settings": {**vars(TOY), "grid": list(TOY.grid)},
+    }
