@@ -282,3 +282,30 @@ def test_two_stage_run_lowers_the_loss_and_its_model_loads_and_generates(tmp_pat
     result = stage2.generate(volume, "Where is the lesion located?", max_new_tokens=6)
     assert result.new_tokens >= 1 and isinstance(result.text, str)
     assert (tmp_path / "out" / "stage2" / "loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_trains_resumes_and_runs_stage2(tmp_path: Path) -> None:
+    """DDP over gloo with two CPU processes (torchrun; accelerate reads its environment)."""
+    config = tiny_config(tmp_path, max_steps=4, save_every=2)
+    config_path = tmp_path / "ddp.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "model_core.train",
+    ]
+    base = ["--config", str(config_path), "--no-progress"]
+    root = Path(__file__).resolve().parents[1]
+    for extra in (["--stage", "1", "--until-step", "2"], ["--stage", "1", "--resume"], ["--stage", "2"]):
+        done = subprocess.run(launch + base + extra, capture_output=True, text=True, timeout=600, cwd=root)
+        assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint = list_checkpoints(tmp_path / "stage1")[-1][1]
+    assert (checkpoint / "random_states_1.pkl").is_file()  # really two processes
+    records = [json.loads(line) for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert CTMLLM.from_pretrained(tmp_path / "stage2" / "final").config.moe.mode == "tgh_hard"

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -190,6 +190,7 @@ def train(
         staging = staging_dir(run_dir, progress.step)
         accelerator.save_state(str(staging))
         state = accelerator.get_state_dict(step_module)  # gathers sharded weights (FSDP, ZeRO-3)
+        accelerator.wait_for_everyone()  # every process's random states are in before the rename
         if accelerator.is_main_process:
             state = {name.removeprefix("model."): value for name, value in state.items()}
             save_adapters(
@@ -344,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not PartialState().is_main_process:
+        return 0
     where = result.final_dir or result.run_dir
     print(
         f"stage {args.stage}: {result.step} steps, loss {result.last_record.get('loss', float('nan')):.4f}; {where}"
