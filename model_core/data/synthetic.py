@@ -10,6 +10,7 @@ patient's right is the low column index.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,7 @@ class SyntheticCTDataset(Dataset):
     """``num_samples`` samples of shape ``shape`` ``(D, H, W)``, float32 in [0, 1].
 
     A fraction ``vqa_fraction`` of the items are questions (task ``vqa``; half closed-ended in
-    M3D-VQA's format), the rest reports. ``meta`` has ``sample_id``, ``findings`` and, for questions,
+    M3D-VQA's format), the rest reports. ``meta`` has ``sample_id``, ``findings`` (a ``SyntheticFinding`` as a dict) and, for questions,
     ``question_type_name``, ``closed`` and, when closed, ``choices`` and ``answer_choice``.
     """
 
@@ -78,7 +79,7 @@ class SyntheticCTDataset(Dataset):
             size_mm=int(rng.integers(5, 30)),
         )
         volume = render_volume(finding, self.shape, rng)
-        meta = {"sample_id": f"synthetic-{self.seed}-{index:05d}", "findings": finding}
+        meta = {"sample_id": f"synthetic-{self.seed}-{index:05d}", "findings": dataclasses.asdict(finding)}
         if rng.random() < self.vqa_fraction:
             prompt, answer, question_meta = ask_question(finding, rng)
             return Sample("vqa", prompt, answer, volume=volume, meta={**meta, **question_meta})
