@@ -75,6 +75,8 @@ class CTMLLMSlicer(ScriptedLoadableModule):
             "Writes a radiology report of a loaded CT volume and answers questions about it with a "
             "multimodal large language model adapted from 2D to 3D. Pick a volume, choose Report or "
             "Question mode and click Generate Report or Ask; the text streams into the history. "
+            "Volumes that do not look like CT (MR, normalised images) are refused unless 'Accept "
+            "non-CT volumes' is checked. "
             "The output is machine-generated and must be reviewed by a radiologist. "
             "See docs/SLICER.md in the extension's repository."
         )
@@ -100,6 +102,8 @@ class CTMLLMSlicerParameterNode:
     device, precision - where and how the model runs.
     windowPreset - the HU window the model (and the slice views) see; "model default" keeps the
         preprocessing the model was trained with.
+    allowNonCT - accept volumes that do not look like CT (MR, normalised images); they are scaled
+        by their own intensity percentiles instead of an HU window.
     lastPrompt - the question typed last.
     maxNewTokens - the length budget of one answer.
     """
@@ -111,6 +115,7 @@ class CTMLLMSlicerParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     precision: Annotated[str, Choice(list(PRECISIONS))] = "auto"
     windowPreset: Annotated[str, Choice([MODEL_WINDOW, *WINDOW_PRESETS])] = MODEL_WINDOW
+    allowNonCT: bool = False
     lastPrompt: str = ""
     maxNewTokens: Annotated[int, WithinRange(1, 4096)] = 256
 
@@ -229,13 +234,14 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Keep the panel consistent with the state: shown volume, mode, enabled buttons."""
         node = self._parameterNode
         volume = node.inputVolume if node else None
+        display = (node.windowPreset, node.allowNonCT) if node else None
         if volume is not self._shownVolume:
-            self._shownVolume, self._shownPreset = volume, node.windowPreset if node else None
+            self._shownVolume, self._shownPreset = volume, display
             self.showVolume(volume)
             self.renderConversation()
-        elif volume is not None and node.windowPreset != self._shownPreset:
-            self._shownPreset = node.windowPreset
-            self.logic.applyWindowPreset(volume, self.windowPreset())
+        elif volume is not None and display != self._shownPreset:
+            self._shownPreset = display
+            self.logic.applyWindowPreset(volume, self.windowPreset(), node.allowNonCT)
         questionMode = bool(node) and node.mode == MODE_QUESTION
         self.ui.generateButton.setVisible(not questionMode)
         self.ui.questionLineEdit.setVisible(questionMode)
@@ -264,7 +270,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volumeNode is None:
             return
         try:
-            self.logic.applyWindowPreset(volumeNode, self.windowPreset())
+            self.logic.applyWindowPreset(volumeNode, self.windowPreset(), self._parameterNode.allowNonCT)
             slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
             self.logic.showVolumeRendering(volumeNode)
         except Exception as error:  # display is a convenience: report, never block the panel
@@ -343,17 +349,19 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
             self.ensureDependencies()
             request = self.modelRequest()
-            snapshot = self.logic.volumeSnapshot(node.inputVolume, self.windowPreset(), task, request)
+            snapshot = self.logic.volumeSnapshot(
+                node.inputVolume, self.windowPreset(), task, request, node.allowNonCT
+            )
         except Exception as error:
             self.showError(error)
             return
-        preset, maxNewTokens = self.windowPreset(), node.maxNewTokens
+        preset, maxNewTokens, allowNonCT = self.windowPreset(), node.maxNewTokens, node.allowNonCT
 
         def job(context: jobs.JobContext):
             return self.logic.run(
                 snapshot, task, prompt, request, preset, maxNewTokens,
                 onText=context.text, progressCallback=context.progress,
-                noticeCallback=context.notice, cancel=context.cancelEvent,
+                noticeCallback=context.notice, cancel=context.cancelEvent, allowNonCT=allowNonCT,
             )  # fmt: skip
 
         self._appendHistory("Report:\n" if task == REPORT else f"Q: {prompt}\nA: ")
@@ -392,8 +400,9 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             state = "Cancelled" if turn.cancelled else "Done"
             notices = "".join(f" {notice}" for notice in event.result.notices)
             self.showMessage(f"{state}: {turn.newTokens} tokens in {turn.seconds:.1f} s{reuse}.{notices}")
-            if self._parameterNode.inputVolume is not None and not self.windowPreset():
-                self.logic.applyWindowPreset(self._parameterNode.inputVolume)  # the model's own window
+            node = self._parameterNode
+            if node.inputVolume is not None and not self.windowPreset():  # the model's own window
+                self.logic.applyWindowPreset(node.inputVolume, "", node.allowNonCT)
         elif event.kind == jobs.CANCELLED:
             self._appendHistory("[cancelled]\n\n")
             self.showMessage("Cancelled.")

@@ -3,7 +3,7 @@
 In Slicer::
 
     Slicer --no-splash --no-main-window --python-script CTMLLMSlicer/batch.py -- \\
-        --input IN --output OUT [--task report|vqa] [--questions FILE] [--model DIR] [--resume]
+        --input IN --output OUT [--task report|vqa] [--questions FILE] [--model DIR] [--allow-non-ct] [--resume]
 
 With plain Python on the slicer-core wheel (same options)::
 
@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--window", default="", help="HU window preset for the model's input (default: the Logic's)"
     )
     parser.add_argument(
+        "--allow-non-ct",
+        action="store_true",
+        help="accept volumes that do not look like CT (MR, normalised images), scaled by their own percentiles",
+    )
+    parser.add_argument(
         "--save-scene", action="store_true", help="also write each case's MRML scene with its report"
     )
     parser.add_argument(
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         save_scene=args.save_scene,
         resume=args.resume,
         allow_download=args.allow_download,
+        allow_non_ct=args.allow_non_ct,
     )
     try:
         summary = run_batch(options, command_line=arguments)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +172,7 @@ def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_mo
     assert (
         "mr_head.nii.gz" in rows["mr_head"]["error"] and "does not look like a CT" in rows["mr_head"]["error"]
     )
+    assert "pass --allow-non-ct" in rows["mr_head"]["error"]  # the refusal names the flag that accepts it
     summary_md = (output / "summary.md").read_text()
     assert "## Failures" in summary_md and "truncated" in summary_md and "3 ok" in summary_md
     assert "2 failed" in result.stdout
@@ -303,6 +306,26 @@ def test_resume_recomputes_changed_inputs_and_changed_settings(tmp_path, tiny_mo
     fourth = run_batch(longer, progress_stream=io.StringIO())
     assert not any(o.reused for o in fourth.outcomes)  # other settings: nothing reused
     assert fourth.cases_per_minute > 0
+
+    fifth = run_batch(replace(longer, allow_non_ct=True), progress_stream=io.StringIO())
+    assert not any(o.reused for o in fifth.outcomes)  # the non-CT switch is part of the fingerprint
+    assert json.loads((output / "cases" / "a.json").read_text())["fingerprint"]["allow_non_ct"] is True
+
+
+def test_allow_non_ct_flag_runs_an_mr_scaled_by_its_own_percentiles(tmp_path, tiny_model):
+    """The script's --allow-non-ct (parsed in-process by its main) accepts the MR the default refuses."""
+    spec = importlib.util.spec_from_file_location("ctmllm_batch_script", BATCH_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    output = tmp_path / "out"
+    common = ["--input", str(MR), "--model", str(tiny_model), "--max-new-tokens", "2", "--device", "cpu"]
+    assert script.main([*common, "--output", str(tmp_path / "refused")]) == 1
+    assert script.main([*common, "--output", str(output), "--allow-non-ct"]) == 0
+    record = json.loads((output / "cases" / "not_ct_mr_3mm.json").read_text())
+    assert record["status"] == OK and record["report"] is not None
+    assert record["generation"]["allow_non_ct"] is True and record["fingerprint"]["allow_non_ct"] is True
+    assert record["preprocessing"]["window"] == "percentile" and record["preprocessing"]["allow_non_ct"]
+    assert any("does not look like a CT" in warning for warning in record["warnings"])
 
 
 def test_out_of_memory_and_unexpected_errors_fail_their_case_only(tmp_path, tiny_model, monkeypatch):

@@ -34,6 +34,7 @@ from CTMLLMSlicerLib.errors import (  # noqa: E402
     OperationCancelled,
 )
 from CTMLLMSlicerLib.logic import (  # noqa: E402
+    ALLOW_NON_CT_LABEL,
     RESULT_REFERENCE_ROLE,
     STAGE_ENCODING,
     STAGE_GENERATING,
@@ -225,13 +226,42 @@ def test_a_cancel_before_generation_raises_after_the_stage_in_progress(mrml, req
     assert core.conversation(volume.GetID()).isEmpty()
 
 
-def test_a_non_ct_volume_raises_a_typed_error_naming_it(mrml, request_):
+def test_a_non_ct_volume_is_refused_naming_the_switch_and_accepted_with_it(mrml, request_):
     volume = mrml.load(NOT_CT, "brain_mr")
     core = CTMLLMLogicCore(mrml.scene)
-    with pytest.raises(NotCTVolumeError, match="brain_mr"):
+    with pytest.raises(NotCTVolumeError, match=r"brain_mr: does not look like a CT") as refused:
         core.generateReport(volume, request_, maxNewTokens=2)
+    assert f"check '{ALLOW_NON_CT_LABEL}'" in str(refused.value)
     with pytest.raises(NoVolumeError, match="select a CT volume"):
         core.generateReport(None, request_)
+
+    notices: list[str] = []
+    result = core.generateReport(
+        volume, request_, windowPreset="lung", maxNewTokens=2, allowNonCT=True, noticeCallback=notices.append
+    )
+    assert result.encoded and result.turn.newTokens >= 1
+    assert any("does not look like a CT" in n and "percentiles" in n and "lung" in n for n in notices)
+    settings = core.conversation(volume.GetID()).settings
+    assert settings["allow_non_ct"] is True
+    assert settings["preprocessing"]["window"] == "percentile" and settings["preprocessing"]["allow_non_ct"]
+    # the features encoded with the switch on are not reused once it is off: refused again
+    with pytest.raises(NotCTVolumeError, match="does not look like a CT"):
+        core.generateReport(volume, request_, windowPreset="lung", maxNewTokens=2)
+
+    batchCore = CTMLLMLogicCore(mrml.scene, nonCTHint="pass --allow-non-ct")
+    with pytest.raises(NotCTVolumeError, match="to run on it anyway, pass --allow-non-ct"):
+        batchCore.prepareVolume(batchCore.volumeSnapshot(volume), core.loadModel(request_))
+
+
+def test_the_switch_keeps_a_ct_in_its_hu_window(mrml, request_):
+    volume = mrml.load(ABDOMEN, "abdomen")
+    core = CTMLLMLogicCore(mrml.scene)
+    model = core.loadModel(request_)
+    snapshot = core.volumeSnapshot(volume)
+    prepared = core.prepareVolume(snapshot, model, "soft_tissue", allowNonCT=True)
+    assert prepared.notices == [] and prepared.preprocessing["window"] == "soft_tissue"
+    plain = core.prepareVolume(snapshot, model, "soft_tissue")
+    assert np.array_equal(prepared.volume, plain.volume) and not plain.preprocessing["allow_non_ct"]
 
 
 def test_model_errors_are_typed_and_say_what_to_do(mrml, tmp_path):
@@ -299,6 +329,13 @@ def test_display_window_and_ct_volume_rendering(mrml):
     assert (display.GetWindow(), display.GetLevel()) == (2000.0, 0.0)
     with pytest.raises(CTMLLMSlicerError, match="choose one of"):
         core.applyWindowPreset(volume, "brain")
+    core.applyWindowPreset(volume, "lung", allowNonCT=True)  # a CT keeps its HU window with the switch on
+    assert (display.GetWindow(), display.GetLevel()) == (1500.0, -600.0)
+    mr = mrml.load(NOT_CT, "brain_mr")
+    core.applyWindowPreset(mr, "lung", allowNonCT=True)  # an MR shows its own percentile window
+    low, high = np.percentile(slicer.util.arrayFromVolume(mr), [0.5, 99.5])
+    assert mr.GetDisplayNode().GetWindow() == pytest.approx(high - low)
+    assert mr.GetDisplayNode().GetLevel() == pytest.approx((low + high) / 2)
 
     rendering = core.showVolumeRendering(volume)  # presets not loaded here: the module builds its own
     assert rendering.GetVisibility() and rendering.GetVolumeNode() is volume

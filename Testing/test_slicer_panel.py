@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import slicer_compat
 
@@ -230,17 +231,32 @@ def test_results_are_saved_copied_and_exported(panel, abdomen, tiny_model_dir, t
     assert panel.ui.historyView.toPlainText() == "" and not panel.ui.saveButton.isEnabled()
 
 
-def test_errors_show_in_the_panel(panel, abdomen, tiny_model_dir):
+def test_a_non_ct_volume_is_refused_until_the_checkbox_is_checked(panel, tiny_model_dir):
     mr = standIn.loadVolume(str(CT_DIR / "not_ct_mr_3mm.nii.gz"), "brain_mr")
-    panel.useModel(tiny_model_dir, maxNewTokens=4)
+    panel.useModel(tiny_model_dir, maxNewTokens=3)
     panel.ui.inputSelector.setCurrentNode(mr)
     panel.ui.generateButton.click()
     panel.pump(lambda: not panel.busy())
-    assert "brain_mr" in panel.ui.statusLabel.text() and "CT" in panel.ui.statusLabel.text()
+    status = panel.ui.statusLabel.text()
+    assert "brain_mr" in status and "does not look like a CT" in status
+    assert panel.ui.allowNonCTCheckBox.text() in status  # the message names the checkbox that accepts it
     assert "color" in panel.ui.statusLabel.styleSheet() and panel.ui.historyView.toPlainText().endswith(
         "[failed]\n\n"
     )
 
+    panel.ui.allowNonCTCheckBox.setChecked(True)
+    assert panel.parameters.allowNonCT
+    low, high = np.percentile(slicer.util.arrayFromVolume(mr), [0.5, 99.5])
+    assert mr.GetDisplayNode().GetWindow() == pytest.approx(high - low)  # the views show what the model reads
+    panel.ui.generateButton.click()
+    panel.pump(lambda: not panel.busy())
+    assert panel.ui.statusLabel.text().startswith("Done: ") and "percentiles" in panel.ui.statusLabel.text()
+    (turn,) = panel.widget.logic.conversation(mr.GetID()).turns
+    assert turn.newTokens >= 1 and panel.widget.logic.conversation(mr.GetID()).settings["allow_non_ct"]
+
+
+def test_errors_show_in_the_panel(panel, abdomen, tiny_model_dir):
+    panel.useModel(tiny_model_dir, maxNewTokens=4)
     panel.ui.inputSelector.setCurrentNode(abdomen)
     panel.ui.modeComboBox.setCurrentText(module.MODE_QUESTION)
     panel.ui.askButton.click()
@@ -276,6 +292,7 @@ def test_the_panel_state_is_restored_from_a_saved_scene(panel, abdomen, tmp_path
     panel.ui.modeComboBox.setCurrentText(module.MODE_QUESTION)
     panel.ui.windowPresetComboBox.setCurrentText("lung")
     panel.ui.precisionComboBox.setCurrentText("bfloat16")
+    panel.ui.allowNonCTCheckBox.setChecked(True)
     panel.ui.questionLineEdit.setText("Any nodules?")
     storage = abdomen.GetStorageNode()
     storage.SetFileName(str(tmp_path / "abdomen.nrrd"))
@@ -294,6 +311,7 @@ def test_the_panel_state_is_restored_from_a_saved_scene(panel, abdomen, tmp_path
         assert restored.ui.modeComboBox.currentText() == module.MODE_QUESTION
         assert restored.ui.windowPresetComboBox.currentText() == "lung"
         assert restored.ui.precisionComboBox.currentText() == "bfloat16"
+        assert restored.ui.allowNonCTCheckBox.isChecked()
         assert restored.ui.questionLineEdit.text() == "Any nodules?"
     finally:
         restored.close()

@@ -332,8 +332,10 @@ def resolve_series(case: Case) -> tuple[DicomSeries, list[str]]:
     """The DICOM series a case reads, and warnings saying which one it is when there was a choice.
 
     A case found in a folder knows its series; a list entry names a folder (the CT series with the
-    most slices, or ``series_uid``) or one file (its series). Raises ``model_core.data``'s typed
-    errors (no series, not CT, broken series) with messages naming the input.
+    most slices, or ``series_uid``) or one file (its series). A folder without a CT series gives
+    its largest series of another modality: as for series found in a folder, the Logic's intensity
+    check then decides, refusing non-CT input unless ``--allow-non-ct`` is given. Raises
+    ``model_core.data``'s typed errors (no series, broken series) with messages naming the input.
     """
     from model_core.data.dicom import scan_dicom_folder, select_series
 
@@ -344,7 +346,7 @@ def resolve_series(case: Case) -> tuple[DicomSeries, list[str]]:
     uid = case.series_uid
     if uid is None and case.path.is_file():
         uid = next((s.uid for s in series if case.path in s.files), None)
-    return select_series(series, source=str(case.path), series_uid=uid)
+    return select_series(series, source=str(case.path), series_uid=uid, allow_non_ct=True)
 
 
 def read_questions_file(path: str | os.PathLike) -> list[str]:

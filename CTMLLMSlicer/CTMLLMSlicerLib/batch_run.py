@@ -67,6 +67,8 @@ from model_core.data.errors import CTInputError
 TASKS = (REPORT, QUESTION)
 _EXPECTED_ERRORS = (CTMLLMSlicerError, CTInputError, CaseListError, OSError)
 """Errors about the input, the model or the disk, whose message says it all; others are bugs to report."""
+NON_CT_HINT = "pass --allow-non-ct"
+"""How the Logic's refusal of a non-CT volume tells a batch user to accept it."""
 ERROR_LOG = "errors.log"
 SLICER_LOG = "slicer.log"
 
@@ -75,7 +77,8 @@ SLICER_LOG = "slicer.log"
 class BatchOptions:
     """The command line's options. ``task``: ``report`` (a report, plus answers when questions are
     given) or ``vqa`` (answers only; every case needs questions). ``window``: a window preset name,
-    empty for the Logic's default. ``max_new_tokens``: None for the model's default."""
+    empty for the Logic's default. ``max_new_tokens``: None for the model's default.
+    ``allow_non_ct``: run on volumes that do not look like CT (scaled by their own percentiles)."""
 
     input: Path
     output: Path
@@ -89,6 +92,7 @@ class BatchOptions:
     save_scene: bool = False
     resume: bool = False
     allow_download: bool = False
+    allow_non_ct: bool = False
 
     def validate(self) -> None:
         """Refuse option values before anything runs, naming the option and the accepted values."""
@@ -131,6 +135,7 @@ class _Run:
             "max_new_tokens": self.options.max_new_tokens,
             "window": self.options.window,
             "precision": self.options.precision,
+            "allow_non_ct": self.options.allow_non_ct,
         }
 
 
@@ -188,7 +193,7 @@ def _run_locked(
         precision=options.precision,
         allowDownload=options.allow_download,
     )
-    logic = CTMLLMLogicCore(context.scene)
+    logic = CTMLLMLogicCore(context.scene, nonCTHint=NON_CT_HINT)
     run = _Run(options, output, context, logic, request, manifest, summary)
     try:
         run.model_info = _load_model(run, stream)
@@ -254,7 +259,9 @@ def _load_model(run: _Run, stream: TextIO) -> dict[str, str]:
     weights = folder / WEIGHTS_FILE if folder else None
     run.summary.model_id = model.model_id
     run.summary.model_sha256 = sha256_file(weights) if weights and weights.is_file() else ""
-    run.preprocessing = run.logic.preprocessConfig(model, run.options.window).to_dict()
+    run.preprocessing = run.logic.preprocessConfig(
+        model, run.options.window, run.options.allow_non_ct
+    ).to_dict()
     return {
         "id": model.model_id,
         "spec": run.request.spec,
@@ -307,6 +314,7 @@ def _compute_case(
         "windowPreset": run.options.window,
         "maxNewTokens": run.options.max_new_tokens,
         "noticeCallback": notices.append,
+        "allowNonCT": run.options.allow_non_ct,
     }
     timings["checksum_s"] = round(time.perf_counter() - start, 3)
     with nodes_added_during(run.context.scene):

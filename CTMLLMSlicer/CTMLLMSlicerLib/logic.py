@@ -9,7 +9,11 @@ thread, i.e. Slicer's GUI thread; ``run`` (model load, preprocessing, encoding, 
 run in a worker thread because it only touches the snapshot's numpy copy and the model.
 
 Caches: the last loaded model (one at a time) and the visual features of the last few
-(volume, window preset, task) combinations, so a follow-up question skips the encoder.
+(volume, window preset, non-CT switch, task) combinations, so a follow-up question skips the encoder.
+
+Non-CT input: volumes whose intensities do not look like CT in Hounsfield units (MR, normalised
+images) are refused unless the caller turns on ``allowNonCT``; accepted, they are scaled by their
+own 0.5-99.5th percentiles (``model_core.data``'s ``"percentile"`` window), not an HU window.
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ from CTMLLMSlicerLib.errors import (
     OperationCancelled,
     isOutOfMemory,
 )
-from model_core.data.preprocess import WINDOW_PRESETS  # torch-free: offered before torch is installed
+from model_core.data.checks import ct_intensity_verdict
+from model_core.data.preprocess import (  # torch-free: offered before torch is installed
+    PERCENTILE_WINDOW,
+    WINDOW_PRESETS,
+    percentile_window,
+)
 
 RESULT_REFERENCE_ROLE = "CTMLLMResult"
 """Node reference role from a volume node to the text node holding its report and answers."""
@@ -48,6 +57,10 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 CT_RENDERING_PRESET = "CT-Chest-Contrast-Enhanced"
 """Slicer's volume rendering preset for contrast CT; built here when the presets are not loaded."""
+ALLOW_NON_CT_LABEL = "Accept non-CT volumes (MR, normalised images)"
+"""The panel's checkbox that turns on ``allowNonCT``."""
+PANEL_NON_CT_HINT = f"check '{ALLOW_NON_CT_LABEL}' in the Input section"
+"""How a panel user turns on ``allowNonCT``; the batch script names its ``--allow-non-ct`` instead."""
 
 
 STAGE_LOADING = "loading model"
@@ -121,6 +134,25 @@ class VolumeSnapshot:
 
 
 @dataclass
+class PreparedVolume:
+    """The model input ``volume`` ``(D, H, W)`` float32 in [0, 1], the preprocessing that made it
+    (``PreprocessConfig.to_dict()``), and notices for the user (e.g. accepted as non-CT)."""
+
+    volume: np.ndarray
+    preprocessing: dict[str, Any]
+    notices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Encoded:
+    """A cache entry: the visual features, and the preprocessing and notices of their volume."""
+
+    features: Any
+    preprocessing: dict[str, Any]
+    notices: list[str]
+
+
+@dataclass
 class RunResult:
     """The finished (or cancelled) turn, whether the encoder ran, and notices for the user."""
 
@@ -152,6 +184,8 @@ class CTMLLMLogicCore:
     ``vtkSlicerVolumeRenderingLogic`` from slicer-core; without it ``showVolumeRendering`` raises.
     ``scene`` may be None only while a subclass's other base class initialises first (Slicer's
     ``ScriptedLoadableModuleLogic.__init__`` calls ``super().__init__()`` without arguments).
+    ``nonCTHint`` ends the refusal of a non-CT volume: how this caller's user turns ``allowNonCT``
+    on (the panel's checkbox by default; the batch script passes its command-line flag).
     """
 
     featureCacheSize = 4
@@ -161,13 +195,15 @@ class CTMLLMLogicCore:
         scene: Any = None,
         volumeRenderingLogic: Any = None,
         modelLoader: Callable[[ModelRequest, Callable[[str], None]], Any] | None = None,
+        nonCTHint: str = PANEL_NON_CT_HINT,
     ) -> None:
         self.scene = scene
         self.volumeRenderingLogic = volumeRenderingLogic
+        self.nonCTHint = nonCTHint
         self._modelLoader = modelLoader or _defaultModelLoader
         self._model: Any = None
         self._modelKey: tuple | None = None
-        self._features: OrderedDict[tuple, Any] = OrderedDict()
+        self._features: OrderedDict[tuple, _Encoded] = OrderedDict()
         self._lock = threading.RLock()
         self.conversations: dict[str, Conversation] = {}
 
@@ -241,15 +277,23 @@ class CTMLLMLogicCore:
         return (volumeNode.GetID(), image.GetMTime(), image.GetDimensions(), tuple(matrix.round(6).ravel()))
 
     @staticmethod
-    def _featureKey(request: ModelRequest, volumeKey: tuple, windowPreset: str, task: str) -> tuple:
-        return (request.key, volumeKey, windowPreset, task)
+    def _featureKey(
+        request: ModelRequest, volumeKey: tuple, windowPreset: str, allowNonCT: bool, task: str
+    ) -> tuple:
+        return (request.key, volumeKey, windowPreset, allowNonCT, task)
 
     def volumeSnapshot(
-        self, volumeNode: Any, windowPreset: str = "", task: str = REPORT, request: ModelRequest | None = None
+        self,
+        volumeNode: Any,
+        windowPreset: str = "",
+        task: str = REPORT,
+        request: ModelRequest | None = None,
+        allowNonCT: bool = False,
     ) -> VolumeSnapshot:
         """Copy what the worker needs from ``volumeNode`` (GUI thread).
 
-        The voxels are skipped when ``request``'s model is loaded and has the features cached.
+        The voxels are skipped when ``request``'s model is loaded and has the features cached
+        for these settings.
         """
         if volumeNode is None:
             raise NoVolumeError("no input volume: select a CT volume in the Input volume selector")
@@ -259,7 +303,7 @@ class CTMLLMLogicCore:
         cached = (
             request is not None
             and self.isModelCached(request)
-            and self._featureKey(request, key, windowPreset, task) in self._features
+            and self._featureKey(request, key, windowPreset, allowNonCT, task) in self._features
         )
         array = None
         if not cached:
@@ -269,26 +313,58 @@ class CTMLLMLogicCore:
         return VolumeSnapshot(volumeNode.GetID(), volumeNode.GetName(), key, _ijkToRAS(volumeNode), array)
 
     @staticmethod
-    def preprocessConfig(model: Any, windowPreset: str = "") -> Any:
+    def preprocessConfig(
+        model: Any, windowPreset: str = "", allowNonCT: bool = False, looksLikeCT: bool = True
+    ) -> Any:
         """How volumes are prepared for ``model``: the preprocessing it was trained with
         (``CTMLLM.preprocess_config``), with the user's window preset if one is chosen ("" keeps
-        the model's own)."""
-        return model.preprocess_config(window=windowPreset) if windowPreset else model.preprocess_config()
+        the model's own). With ``allowNonCT`` non-CT volumes are accepted, and one that does not
+        look like CT (``looksLikeCT`` False) takes its own percentile window, whatever the preset:
+        an HU window means nothing for it."""
+        overrides: dict[str, Any] = {"window": windowPreset} if windowPreset else {}
+        if allowNonCT:
+            overrides["allow_non_ct"] = True
+            if not looksLikeCT:
+                overrides["window"] = PERCENTILE_WINDOW
+        return model.preprocess_config(**overrides)
 
-    def prepareVolume(self, snapshot: VolumeSnapshot, model: Any, windowPreset: str = "") -> np.ndarray:
-        """Checks and preprocessing of ``model_core.data``: ``(D, H, W)`` float32 in [0, 1]."""
-        from model_core.data import CTImage, CTInputError, preprocess
+    def prepareVolume(
+        self, snapshot: VolumeSnapshot, model: Any, windowPreset: str = "", allowNonCT: bool = False
+    ) -> PreparedVolume:
+        """Checks and preprocessing of ``model_core.data``: ``(D, H, W)`` float32 in [0, 1].
+
+        A volume that does not look like CT is refused (the message ends with ``nonCTHint``)
+        unless ``allowNonCT``; then it is scaled by its own percentiles and a notice says so.
+        """
+        from model_core.data import CTImage, CTInputError, NotCTError, preprocess
 
         if snapshot.arrayKJI is None:
             raise NoVolumeError(
                 f"volume {snapshot.name!r} was snapshotted without voxels: take a new snapshot"
             )
         try:
-            ct = CTImage.from_ijk_to_ras(snapshot.arrayKJI, snapshot.ijkToRAS, source=snapshot.name)
-            volume = preprocess(ct, self.preprocessConfig(model, windowPreset))
+            ct = CTImage.from_ijk_to_ras(
+                snapshot.arrayKJI, snapshot.ijkToRAS, source=snapshot.name, allow_non_ct=allowNonCT
+            )
+            looksLikeCT = not allowNonCT or ct_intensity_verdict(ct.array).is_ct
+            config = self.preprocessConfig(model, windowPreset, allowNonCT, looksLikeCT)
+            volume = preprocess(ct, config)
+        except NotCTError as error:
+            reason = ct_intensity_verdict(snapshot.arrayKJI).reason
+            raise NotCTVolumeError(
+                f"{snapshot.name}: does not look like a CT in Hounsfield units: {reason}. If it is a CT, or "
+                f"to run on it anyway, {self.nonCTHint}."
+            ) from error
         except CTInputError as error:
             raise NotCTVolumeError(str(error)) from error
-        return np.asarray(volume, dtype=np.float32)
+        notices = []
+        if not looksLikeCT:
+            ignored = f" (the {windowPreset} HU window is not used)" if windowPreset else ""
+            notices.append(
+                f"{snapshot.name} does not look like a CT: read as non-CT input, scaled by its own "
+                f"0.5-99.5th percentiles{ignored}."
+            )
+        return PreparedVolume(np.asarray(volume, dtype=np.float32), config.to_dict(), notices)
 
     # -- running the model -------------------------------------------------------------------
     def run(
@@ -303,8 +379,11 @@ class CTMLLMLogicCore:
         progressCallback: ProgressCallback | None = None,
         noticeCallback: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        allowNonCT: bool = False,
     ) -> RunResult:
         """Report (``task="report"``) or answer (``task="vqa"``) about a volume node or snapshot.
+
+        ``allowNonCT`` accepts a volume that does not look like CT (see the module docstring).
 
         Text reaches ``onText`` as it is generated; setting ``cancel`` stops after the token in
         progress and returns the partial answer (``turn.cancelled``); set before generation
@@ -325,19 +404,23 @@ class CTMLLMLogicCore:
 
         cancel = cancel or threading.Event()
         if not isinstance(volume, VolumeSnapshot):
-            volume = self.volumeSnapshot(volume, windowPreset, task, request)
+            volume = self.volumeSnapshot(volume, windowPreset, task, request, allowNonCT)
         snapshot = volume
         with self._lock:
             model = self.loadModel(request, progress, notice)
             try:
                 _raiseIfCancelled(cancel)
-                features, encoded = self._featuresFor(model, request, snapshot, windowPreset, task, progress)
+                entry, encoded = self._featuresFor(
+                    model, request, snapshot, windowPreset, allowNonCT, task, progress
+                )
+                for message in entry.notices:
+                    notice(message)
                 _raiseIfCancelled(cancel)
                 conversation = self.conversation(snapshot.nodeID, snapshot.name)
                 history = conversation.history() if task == QUESTION else []
                 text = prompt.strip() if prompt and prompt.strip() else model.default_prompt(REPORT)
                 result = self._generate(
-                    model, features, text, task, history, maxNewTokens, onText, progress, cancel
+                    model, entry.features, text, task, history, maxNewTokens, onText, progress, cancel
                 )
             except CTMLLMSlicerError:
                 raise
@@ -349,7 +432,8 @@ class CTMLLMLogicCore:
             conversation.settings = {
                 **request.settings(),
                 "window": windowPreset or "model default",
-                "preprocessing": self.preprocessConfig(model, windowPreset).to_dict(),
+                "allow_non_ct": allowNonCT,
+                "preprocessing": entry.preprocessing,
                 "max_new_tokens": maxNewTokens or "model default",
             }
             turn = conversation.add(
@@ -371,10 +455,11 @@ class CTMLLMLogicCore:
         request: ModelRequest,
         snapshot: VolumeSnapshot,
         windowPreset: str,
+        allowNonCT: bool,
         task: str,
         progress: ProgressCallback,
-    ) -> tuple[Any, bool]:
-        key = self._featureKey(request, snapshot.cacheKey, windowPreset, task)
+    ) -> tuple[_Encoded, bool]:
+        key = self._featureKey(request, snapshot.cacheKey, windowPreset, allowNonCT, task)
         if key in self._features:
             self._features.move_to_end(key)
             progress(STAGE_REUSING, 1.0, None)
@@ -382,13 +467,15 @@ class CTMLLMLogicCore:
         if snapshot.arrayKJI is None:  # cached when snapshotted, evicted since: copy again
             raise NoVolumeError(f"the encoded {snapshot.name!r} left the cache: click again to re-encode")
         progress(STAGE_PREPROCESSING, None, None)
-        volume = self.prepareVolume(snapshot, model, windowPreset)  # (D, H, W) float32 in [0, 1]
+        prepared = self.prepareVolume(snapshot, model, windowPreset, allowNonCT)
         progress(STAGE_ENCODING, None, None)
-        features = model.encode_volume(volume, task=task)
-        self._features[key] = features
+        entry = _Encoded(
+            model.encode_volume(prepared.volume, task=task), prepared.preprocessing, prepared.notices
+        )
+        self._features[key] = entry
         while len(self._features) > self.featureCacheSize:
             self._features.popitem(last=False)
-        return features, True
+        return entry, True
 
     @staticmethod
     def _generate(
@@ -496,9 +583,16 @@ class CTMLLMLogicCore:
             return (float(window[0]), float(window[1]))
         return WINDOW_PRESETS.get(window, next(iter(WINDOW_PRESETS.values())))
 
-    def applyWindowPreset(self, volumeNode: Any, windowPreset: str = "") -> None:
-        """Show the volume in the slice views with the HU window the model reads."""
-        low, high = self.windowRange(windowPreset)
+    def applyWindowPreset(self, volumeNode: Any, windowPreset: str = "", allowNonCT: bool = False) -> None:
+        """Show the volume in the slice views with the window the model reads: the HU window, or
+        with ``allowNonCT`` for a volume that does not look like CT its own percentile window."""
+        from slicer.util import arrayFromVolume
+
+        array = arrayFromVolume(volumeNode) if allowNonCT else None  # (slices, rows, columns)
+        if array is not None and not ct_intensity_verdict(array).is_ct:
+            low, high = percentile_window(array)
+        else:
+            low, high = self.windowRange(windowPreset)
         displayNode = volumeNode.GetDisplayNode()
         if displayNode is not None:
             displayNode.SetAutoWindowLevel(False)
