@@ -507,7 +507,12 @@ class CTMLLMSlicerLogic(ScriptedLoadableModuleLogic, CTMLLMLogicCore):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        CTMLLMLogicCore.__init__(self, slicer.mrmlScene, slicer.modules.volumerendering.logic())
+        CTMLLMLogicCore.__init__(
+            self,
+            slicer.mrmlScene,
+            slicer.modules.volumerendering.logic(),
+            volumesLogic=slicer.modules.volumes.logic(),
+        )
 
     def getParameterNode(self):
         return CTMLLMSlicerParameterNode(super().getParameterNode())

@@ -109,6 +109,16 @@ def leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith(".partial")]
 
 
+@pytest.fixture(autouse=True)
+def slicer_core_environment(monkeypatch):
+    """These tests run the batch on slicer-core. The panel tests' stand-ins (``slicer.app``,
+    ``slicer.mrmlScene``) look like the application when both run in one process; their shared
+    scene would then hold other tests' volumes."""
+    from CTMLLMSlicerLib import batch_scene
+
+    monkeypatch.setattr(batch_scene, "in_slicer_application", lambda: False)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     from model_core.tiny import build_tiny_ctmllm
@@ -499,7 +509,7 @@ def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp
     from slicer.util import arrayFromVolume
 
     from CTMLLMSlicerLib.batch_scene import load_case_volume, nodes_added_during, slicer_context
-    from CTMLLMSlicerLib.logic import _ijkToRAS
+    from CTMLLMSlicerLib.logic import CTMLLMLogicCore, _ijkToRAS
     from model_core.data import write_dicom_series
 
     folder = tmp_path / "study"
@@ -507,13 +517,14 @@ def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp
     for path in write_dicom_series(tmp_path / "mr", np.full((5, 8, 9), 300), (1.0, 1.0, 2.0), modality="MR"):
         path.rename(folder / f"mr_{path.name}")
     context = slicer_context(tmp_path / "slicer.log")
+    logic = CTMLLMLogicCore(context.scene, volumesLogic=context.volumesLogic)
     cases = {c.case_id.split("__")[1].split("_")[0]: c for c in discover_cases(folder)}
     assert sorted(cases) == ["MR", "abdomen"]  # ids: dicom__<description>_<end of the series UID>
     (reference,) = discover_cases(ABDOMEN)
     with nodes_added_during(context.scene):
-        series_node, _ = load_case_volume(context, cases["abdomen"])
-        nifti_node, _ = load_case_volume(context, reference)
-        mr_node, _ = load_case_volume(context, cases["MR"])
+        series_node, _ = load_case_volume(logic, cases["abdomen"])
+        nifti_node, _ = load_case_volume(logic, reference)
+        mr_node, _ = load_case_volume(logic, cases["MR"])
         assert np.array_equal(arrayFromVolume(series_node), arrayFromVolume(nifti_node))
         assert np.allclose(_ijkToRAS(series_node), _ijkToRAS(nifti_node), atol=1e-3)
         assert arrayFromVolume(mr_node).shape == (5, 8, 9)

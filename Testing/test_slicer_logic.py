@@ -72,9 +72,8 @@ class MRML:
             self.logics[name] = logic
 
     def load(self, path: Path, name: str):
-        node = self.logics["Volumes"].AddArchetypeVolume(str(path), name)
-        assert node is not None, f"could not read {path}"
-        return node
+        """Read ``path`` into the scene through the Logic's loader (as the batch script does)."""
+        return CTMLLMLogicCore(self.scene, volumesLogic=self.logics["Volumes"]).loadVolumeFile(path, name)
 
 
 @pytest.fixture(scope="module")
@@ -366,6 +365,39 @@ def test_repo_ids_and_the_default_cache_folder(tmp_path, monkeypatch):
     assert logic_module.defaultModelCacheFolder() == os.path.join(
         str(tmp_path / "cache"), "CTMLLMSlicer", "models"
     )
+
+
+def test_load_volume_file_reads_files_and_series_and_refuses_bad_input(mrml, tmp_path):
+    import SimpleITK as sitk
+
+    from model_core.data import UnreadableVolumeError, write_dicom_series
+
+    core = CTMLLMLogicCore(mrml.scene, volumesLogic=mrml.logics["Volumes"])
+    volume = core.loadVolumeFile(ABDOMEN)
+    assert volume.IsA("vtkMRMLScalarVolumeNode") and volume.GetName() == "abdomen_ct_3mm"
+    assert volume.GetImageData().GetDimensions() == (122, 101, 30)
+
+    voxels = np.arange(4 * 6 * 5, dtype=np.int16).reshape(4, 6, 5) * 20 - 1000  # (slices, rows, columns)
+    files = write_dicom_series(tmp_path / "series", voxels, (1.0, 1.0, 2.0))
+    for other in write_dicom_series(tmp_path / "other", voxels + 7, (1.0, 1.0, 2.0)):
+        other.rename(tmp_path / "series" / f"other_{other.name}")  # a second series beside it
+    series = core.loadVolumeFile(files, "series")
+    assert np.array_equal(slicer.util.arrayFromVolume(series), voxels)  # only its own files were read
+
+    count = mrml.scene.GetNumberOfNodes()
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(ABDOMEN.read_bytes()[: ABDOMEN.stat().st_size // 2])
+    with pytest.raises(UnreadableVolumeError, match=r"truncated\.nii\.gz: is truncated"):
+        core.loadVolumeFile(truncated)
+    with pytest.raises(UnreadableVolumeError, match="does not exist"):
+        core.loadVolumeFile(tmp_path / "missing.nrrd")
+    rgb = tmp_path / "rgb.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.float32), isVector=True), str(rgb))
+    with pytest.raises(UnreadableVolumeError, match="not a scalar CT volume"):
+        core.loadVolumeFile(rgb)
+    assert mrml.scene.GetNumberOfNodes() == count  # refused input leaves nothing in the scene
+    with pytest.raises(CTMLLMSlicerError, match="no volumes logic"):
+        CTMLLMLogicCore(mrml.scene).loadVolumeFile(ABDOMEN)
 
 
 def test_snapshot_copies_voxels_and_geometry(mrml):

@@ -4,7 +4,7 @@
 ``CTMLLMSlicer/batch.py`` wraps it; a benchmark can time it and read ``cases_per_minute``). In
 execution order: lock the output folder and remove leftovers of killed runs -> find the cases ->
 load the model once (``CTMLLMLogicCore.loadModel``) -> per case: checksum the input, reuse its
-outputs if ``--resume`` allows, else load the volume into the MRML scene, run the Logic's
+outputs if ``--resume`` allows, else load the volume into the MRML scene (``loadVolumeFile``), run the Logic's
 report and questions, write Markdown, scene and the JSON completion record (each atomically),
 update the manifest and summaries -> mark the run finished.
 
@@ -193,7 +193,7 @@ def _run_locked(
         precision=options.precision,
         allowDownload=options.allow_download,
     )
-    logic = CTMLLMLogicCore(context.scene, nonCTHint=NON_CT_HINT)
+    logic = CTMLLMLogicCore(context.scene, nonCTHint=NON_CT_HINT, volumesLogic=context.volumesLogic)
     run = _Run(options, output, context, logic, request, manifest, summary)
     try:
         run.model_info = _load_model(run, stream)
@@ -319,7 +319,7 @@ def _compute_case(
     timings["checksum_s"] = round(time.perf_counter() - start, 3)
     with nodes_added_during(run.context.scene):
         tick = time.perf_counter()
-        node, warnings = load_case_volume(run.context, case)
+        node, warnings = load_case_volume(run.logic, case)
         timings["load_volume_s"] = round(time.perf_counter() - tick, 3)
         try:
             if run.options.task == REPORT:

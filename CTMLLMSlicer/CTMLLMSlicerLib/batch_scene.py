@@ -5,8 +5,8 @@ module's logic, so volumes load exactly as with "Add data". With plain Python on
 wheel there is no ``slicer.app`` or ``slicer.mrmlScene``: the scene, the application logic, the
 Colors logic (volume loading needs it) and the Volumes logic are built here.
 
-Volume files are read by ``vtkSlicerVolumesLogic.AddArchetypeVolume``; a DICOM series is read
-from its explicit file list, so other series in the same folder are never mixed in.
+Reading a case's files into the scene is the Logic's (``CTMLLMLogicCore.loadVolumeFile``, on
+the Volumes logic found here); this module only says which files a case reads.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from CTMLLMSlicerLib.batch_cases import DICOM, Case, resolve_series
 from CTMLLMSlicerLib.batch_files import commit_partial, partial_path
+from CTMLLMSlicerLib.logic import CTMLLMLogicCore
 
 IN_APPLICATION = "Slicer application"
 SLICER_CORE = "slicer-core (no application)"
@@ -76,35 +77,17 @@ def _route_vtk_messages(log_file: Path | None) -> None:
         vtk.vtkLogger.LogToFile(str(log_file), vtk.vtkLogger.APPEND, vtk.vtkLogger.VERBOSITY_WARNING)
 
 
-def load_case_volume(context: SlicerContext, case: Case) -> tuple[Any, list[str]]:
-    """Load the case's volume into the scene as a scalar volume node; returns it and reader warnings.
+def load_case_volume(logic: CTMLLMLogicCore, case: Case) -> tuple[Any, list[str]]:
+    """Load the case's volume into the Logic's scene; returns the scalar volume node and warnings
+    about the series choice.
 
     Raises ``model_core.data``'s ``UnreadableVolumeError`` (missing, truncated or corrupt input) or
     ``DicomSeriesError`` (no usable series) with a message that names the input.
     """
-    from model_core.data.errors import UnreadableVolumeError
-
-    if case.kind == DICOM:
-        files, warnings = _series_files(case)
-    else:
-        if not case.path.is_file():
-            raise UnreadableVolumeError(f"{case.path}: does not exist (any more): check the input folder")
-        check_complete(case.path)
-        files, warnings = [case.path], []
-    node = _add_archetype_volume(context, files, case.case_id)
-    if node is None:
-        what = (
-            f"DICOM series {case.series_uid or ''} in {case.path}" if case.kind == DICOM else str(case.path)
-        )
-        raise UnreadableVolumeError(
-            f"{what}: Slicer could not read it as a volume (corrupt, truncated or not an image); export or copy "
-            "it again. VTK's messages are in the run's slicer.log."
-        )
-    if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
-        raise UnreadableVolumeError(
-            f"{case.path}: was read as a {node.GetClassName()}, not a scalar CT volume: pass a single-channel CT"
-        )
-    return node, warnings
+    if case.kind != DICOM:
+        return logic.loadVolumeFile(case.path, case.case_id), []
+    files, warnings = _series_files(case)
+    return logic.loadVolumeFile(files, case.case_id), warnings
 
 
 def _series_files(case: Case) -> tuple[list[Path], list[str]]:
@@ -116,27 +99,6 @@ def _series_files(case: Case) -> tuple[list[Path], list[str]]:
         return list(case.files), []
     series, warnings = resolve_series(case)
     return list(series.files), warnings
-
-
-def check_complete(path: Path) -> None:
-    """Refuse a truncated volume file before Slicer's reader zero-fills its missing voxels.
-
-    Uses the check of ``model_core.data`` (NIfTI header size against the data present).
-    """
-    from model_core.data.io import check_file_complete
-
-    check_file_complete(path)
-
-
-def _add_archetype_volume(context: SlicerContext, files: list[Path], name: str) -> Any:
-    import vtk
-
-    if len(files) == 1:
-        return context.volumesLogic.AddArchetypeVolume(str(files[0]), name)
-    fileList = vtk.vtkStringArray()
-    for file in files:
-        fileList.InsertNextValue(str(file))
-    return context.volumesLogic.AddArchetypeVolume(str(files[0]), name, 0, fileList)
 
 
 @contextmanager

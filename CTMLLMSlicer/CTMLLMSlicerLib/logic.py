@@ -24,7 +24,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +182,8 @@ class CTMLLMLogicCore:
     ``modelLoader(request, notice) -> CTMLLM`` defaults to ``model_core.hub.load_model``;
     ``volumeRenderingLogic`` is Slicer's (``slicer.modules.volumerendering.logic()``) or a
     ``vtkSlicerVolumeRenderingLogic`` from slicer-core; without it ``showVolumeRendering`` raises.
+    ``volumesLogic`` likewise (``slicer.modules.volumes.logic()`` or a ``vtkSlicerVolumesLogic``
+    on the same scene) reads files for ``loadVolumeFile``.
     ``scene`` may be None only while a subclass's other base class initialises first (Slicer's
     ``ScriptedLoadableModuleLogic.__init__`` calls ``super().__init__()`` without arguments).
     ``nonCTHint`` ends the refusal of a non-CT volume: how this caller's user turns ``allowNonCT``
@@ -196,9 +198,11 @@ class CTMLLMLogicCore:
         volumeRenderingLogic: Any = None,
         modelLoader: Callable[[ModelRequest, Callable[[str], None]], Any] | None = None,
         nonCTHint: str = PANEL_NON_CT_HINT,
+        volumesLogic: Any = None,
     ) -> None:
         self.scene = scene
         self.volumeRenderingLogic = volumeRenderingLogic
+        self.volumesLogic = volumesLogic
         self.nonCTHint = nonCTHint
         self._modelLoader = modelLoader or _defaultModelLoader
         self._model: Any = None
@@ -269,6 +273,59 @@ class CTMLLMLogicCore:
         )
 
     # -- volume ------------------------------------------------------------------------------
+    def loadVolumeFile(
+        self, pathOrSeriesFiles: str | os.PathLike | Sequence[str | os.PathLike], name: str | None = None
+    ) -> Any:
+        """Read a volume file, or the files of one DICOM series, into the scene; returns the
+        ``vtkMRMLScalarVolumeNode``.
+
+        Slicer's Volumes logic reads it, as "Add data" does. A truncated NIfTI is refused before
+        Slicer's reader would zero-fill its missing voxels; a series is read from its explicit
+        file list, so other series in the same folder never mix in. ``name`` defaults to the file
+        name without its suffixes (the folder name for a series). Raises ``model_core.data``'s
+        ``UnreadableVolumeError`` naming the input.
+        """
+        from model_core.data.errors import UnreadableVolumeError
+        from model_core.data.io import check_file_complete
+
+        if self.volumesLogic is None:
+            raise CTMLLMSlicerError("no volumes logic: create the Logic with one to load volume files")
+        single = isinstance(pathOrSeriesFiles, (str, os.PathLike))
+        files = [Path(pathOrSeriesFiles)] if single else [Path(f) for f in pathOrSeriesFiles]
+        if not files:
+            raise UnreadableVolumeError(
+                "no files to load: pass a volume file or the files of one DICOM series"
+            )
+        what = (
+            str(files[0])
+            if len(files) == 1
+            else f"the DICOM series of {len(files)} files in {files[0].parent}"
+        )
+        missing = next((f for f in files if not f.is_file()), None)
+        if missing is not None:
+            raise UnreadableVolumeError(f"{missing}: does not exist (any more): check the path")
+        if len(files) == 1:
+            check_file_complete(files[0])
+        name = name or (files[0].parent.name if len(files) > 1 else _volumeName(files[0]))
+        node = _addArchetypeVolume(self.volumesLogic, files, name)
+        if node is None:
+            raise UnreadableVolumeError(
+                f"{what}: Slicer could not read it as a volume (corrupt, truncated or not an image); export or "
+                "copy it again"
+            )
+        image = node.GetImageData()
+        if (
+            not node.IsA("vtkMRMLScalarVolumeNode")
+            or node.IsA("vtkMRMLLabelMapVolumeNode")
+            or image is None
+            or image.GetNumberOfScalarComponents() != 1  # vector and tensor nodes derive from scalar ones
+        ):
+            _removeWithDisplayAndStorage(self.scene, node)
+            raise UnreadableVolumeError(
+                f"{what}: was read as a {node.GetClassName()}, not a scalar CT volume: pass a single-channel CT"
+            )
+        return node
+
     @staticmethod
     def _volumeKey(volumeNode: Any) -> tuple:
         """Changes when the voxels or the geometry change (not on display or reference edits)."""
@@ -620,6 +677,34 @@ class CTMLLMLogicCore:
 def _raiseIfCancelled(cancel: threading.Event) -> None:
     if cancel.is_set():
         raise OperationCancelled("cancelled before generation started")
+
+
+def _volumeName(path: Path) -> str:
+    """``scan.nii.gz`` -> ``scan``: the file name without its compression and format suffixes."""
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    return Path(name).stem or name
+
+
+def _addArchetypeVolume(volumesLogic: Any, files: list[Path], name: str) -> Any:
+    """One file through ``AddArchetypeVolume``; a series through its file-list overload."""
+    import vtk
+
+    if len(files) == 1:
+        return volumesLogic.AddArchetypeVolume(str(files[0]), name)
+    fileList = vtk.vtkStringArray()
+    for file in files:
+        fileList.InsertNextValue(str(file))
+    return volumesLogic.AddArchetypeVolume(str(files[0]), name, 0, fileList)
+
+
+def _removeWithDisplayAndStorage(scene: Any, node: Any) -> None:
+    """Take a refused node out of the scene with the display and storage nodes its reader added."""
+    companions = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    companions.append(node.GetStorageNode())
+    scene.RemoveNode(node)
+    for companion in companions:
+        if companion is not None and scene.IsNodePresent(companion):
+            scene.RemoveNode(companion)
 
 
 def _ijkToRAS(volumeNode: Any) -> np.ndarray:

@@ -9,9 +9,10 @@ The module ``CTMLLMSlicer/CTMLLMSlicer.py`` imports PythonQt's ``qt``, ``ctk`` a
 - ``slicer.ScriptedLoadableModule`` -> base classes (``scripted_module``);
 - ``slicer.parameterNodeWrapper`` -> typed parameter node (``parameter_node``);
 - ``slicer.i18n.tr`` -> returns the text unchanged;
-- ``slicer.mrmlScene``, ``slicer.app``, ``slicer.modules.volumerendering`` -> a real slicer-core
-  scene with the application, colors, volumes and volume rendering logics, one 3D view node and
-  the Red/Yellow/Green slice composite nodes (what Slicer's layout would create);
+- ``slicer.mrmlScene``, ``slicer.app``, ``slicer.modules.volumerendering`` and ``.volumes`` ->
+  a real slicer-core scene with the application, colors, volumes and volume rendering logics,
+  one 3D view node and the Red/Yellow/Green slice composite nodes (what Slicer's layout would
+  create);
 - ``slicer.util`` GUI helpers: ``loadUI`` (QUiLoader with the stand-in widgets),
   ``childWidgetVariables`` (by objectName), ``confirmOkCancelDisplay`` (answers from
   ``StandIn.confirmAnswers``, records the question), ``pip_install`` (records, installs nothing),
@@ -215,7 +216,10 @@ def install() -> StandIn:
     slicer.ScriptedLoadableModule, slicer.parameterNodeWrapper, slicer.i18n = scripted, wrapper, i18n
     slicer.qMRMLWidget, slicer.qMRMLNodeComboBox = widgets.qMRMLWidget, widgets.qMRMLNodeComboBox
     slicer.mrmlScene, slicer.app = scene, _App()
-    slicer.modules = types.SimpleNamespace(volumerendering=types.SimpleNamespace(logic=lambda: vrLogic))
+    slicer.modules = types.SimpleNamespace(
+        volumerendering=types.SimpleNamespace(logic=lambda: vrLogic),
+        volumes=types.SimpleNamespace(logic=lambda: logics["Volumes"]),
+    )
 
     def confirm(text: str, windowTitle: str | None = None, parent: Any = None, **kwargs: Any) -> bool:
         standIn.confirmations.append(text)
