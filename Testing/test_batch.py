@@ -25,38 +25,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import ABDOMEN_CT, MODULE_DIR, NOT_CT_MR, TORSO_CT, needs_shared_ct
 
-REPO = Path(__file__).resolve().parents[1]
-MODULE_DIR = REPO / "CTMLLMSlicer"
-BATCH_SCRIPT = MODULE_DIR / "batch.py"
-CT_DATA = REPO.parent / "shared" / "data" / "ct"
-ABDOMEN = CT_DATA / "abdomen_ct_3mm.nii.gz"
-TORSO = CT_DATA / "torso_ct_3mm.nii.gz"
-MR = CT_DATA / "not_ct_mr_3mm.nii.gz"
-
-if str(MODULE_DIR) not in sys.path:
-    sys.path.insert(0, str(MODULE_DIR))
-
-from CTMLLMSlicerLib.batch_cases import (  # noqa: E402
+from CTMLLMSlicerLib.batch_cases import (
     DICOM,
     FILE,
     CaseListError,
     discover_cases,
     read_questions_file,
 )
-from CTMLLMSlicerLib.batch_files import (  # noqa: E402
+from CTMLLMSlicerLib.batch_files import (
     OutputFolderBusyError,
     RunLock,
     atomic_write_text,
     remove_partial_files,
 )
-from CTMLLMSlicerLib.batch_manifest import check_reusable  # noqa: E402
-from CTMLLMSlicerLib.batch_run import BatchOptions, run_batch  # noqa: E402
-from CTMLLMSlicerLib.batch_summary import FAILED, OK, CaseOutcome, ProgressLine  # noqa: E402
+from CTMLLMSlicerLib.batch_manifest import check_reusable
+from CTMLLMSlicerLib.batch_run import BatchOptions, run_batch
+from CTMLLMSlicerLib.batch_summary import FAILED, OK, CaseOutcome, ProgressLine
 
-pytestmark = pytest.mark.skipif(
-    not ABDOMEN.is_file(), reason="the shared CT volumes are not at ../shared/data"
-)
+BATCH_SCRIPT = MODULE_DIR / "batch.py"
+
+pytestmark = needs_shared_ct
 
 
 def sha256(path: Path) -> str:
@@ -90,14 +80,43 @@ def write_dicom_from(volume: Path, folder: Path) -> str:
     return series.uid
 
 
+def script_command(*args: str | Path) -> list[str]:
+    return [sys.executable, str(BATCH_SCRIPT), *map(str, args)]
+
+
 def run_script(*args: str | Path, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(BATCH_SCRIPT), *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return subprocess.run(script_command(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def long_run_args(inputs: Path, output: Path, model: Path) -> list[str | Path]:
+    """Options for a run whose cases take long enough (32-token answers) for a signal to land mid-run."""
+    return [
+        "--input",
+        inputs,
+        "--output",
+        output,
+        "--model",
+        model,
+        "--max-new-tokens",
+        "32",
+        "--device",
+        "cpu",
+    ]
+
+
+def wait_for_first_record(process: subprocess.Popen, output: Path, timeout: float = 180) -> None:
+    """Return once the running script has committed its first case record; fail (and kill it) if
+    it ends or times out first."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not list((output / "cases").glob("*.json")):
+            assert process.poll() is None, "the run ended before its first case was recorded"
+            assert time.monotonic() < deadline, f"no case finished within {timeout} s"
+            time.sleep(0.02)
+    except AssertionError:
+        process.kill()
+        process.wait(timeout=30)
+        raise
 
 
 def read_summary(output: Path) -> dict[str, dict[str, str]]:
@@ -119,30 +138,23 @@ def slicer_core_environment(monkeypatch):
     monkeypatch.setattr(batch_scene, "in_slicer_application", lambda: False)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from model_core.tiny import build_tiny_ctmllm
-
-    return build_tiny_ctmllm("internvl").save_pretrained(tmp_path_factory.mktemp("model") / "tiny-internvl")
-
-
 # --- issue test 1 -------------------------------------------------------------------------------
 
 
-def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_model):
+def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_model_dir):
     """Two NIfTI CTs, a DICOM series, a truncated file and an MR: 3 complete outputs, 2 errors, status 1."""
     inputs = tmp_path / "in"
-    link(ABDOMEN, inputs / "abdomen.nii.gz")
-    link(TORSO, inputs / "torso.nii.gz")
-    link(MR, inputs / "mr_head.nii.gz")
-    series_uid = write_dicom_from(ABDOMEN, inputs / "patient7" / "ct_series")
-    (inputs / "broken.nii.gz").write_bytes(ABDOMEN.read_bytes()[: ABDOMEN.stat().st_size // 2])
+    link(ABDOMEN_CT, inputs / "abdomen.nii.gz")
+    link(TORSO_CT, inputs / "torso.nii.gz")
+    link(NOT_CT_MR, inputs / "mr_head.nii.gz")
+    series_uid = write_dicom_from(ABDOMEN_CT, inputs / "patient7" / "ct_series")
+    (inputs / "broken.nii.gz").write_bytes(ABDOMEN_CT.read_bytes()[: ABDOMEN_CT.stat().st_size // 2])
     questions = tmp_path / "questions.txt"
     questions.write_text("# asked about every case\nIs there ascites?\nIs the liver enlarged?\n")
     output = tmp_path / "out"
 
     result = run_script(
-        "--input", inputs, "--output", output, "--model", tiny_model, "--questions", questions,
+        "--input", inputs, "--output", output, "--model", tiny_model_dir, "--questions", questions,
         "--max-new-tokens", "6", "--device", "cpu", cwd=tmp_path,
     )  # fmt: skip
 
@@ -154,7 +166,7 @@ def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_mo
         "torso": inputs / "torso.nii.gz",
         "patient7__ct_series": None,
     }
-    model_sha = sha256(tiny_model / "model.safetensors")
+    model_sha = sha256(tiny_model_dir / "model.safetensors")
     for case_id, source in good.items():
         assert rows[case_id]["status"] == OK
         record = json.loads((output / "cases" / f"{case_id}.json").read_text())
@@ -192,35 +204,19 @@ def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_mo
 # --- issue test 2 -------------------------------------------------------------------------------
 
 
-def test_sigkill_mid_run_then_resume_completes_each_case_once(tmp_path, tiny_model):
+def test_sigkill_mid_run_then_resume_completes_each_case_once(tmp_path, tiny_model_dir):
     """kill -9 after the first case's record appears; --resume finishes the rest and recomputes nothing."""
     inputs = tmp_path / "in"
     for index in range(5):
-        link(TORSO if index % 2 else ABDOMEN, inputs / f"study{index}.nii.gz")
+        link(TORSO_CT if index % 2 else ABDOMEN_CT, inputs / f"study{index}.nii.gz")
     output = tmp_path / "out"
-    args = [
-        "--input",
-        inputs,
-        "--output",
-        output,
-        "--model",
-        tiny_model,
-        "--max-new-tokens",
-        "32",
-        "--device",
-        "cpu",
-    ]
-    command = [sys.executable, str(BATCH_SCRIPT), *map(str, args)]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    try:
-        while not list((output / "cases").glob("*.json")):
-            assert process.poll() is None, "the run ended before its first case was recorded"
-            assert time.monotonic() < deadline, "no case finished within 180 s"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=30)
+    args = long_run_args(inputs, output, tiny_model_dir)
+    process = subprocess.Popen(
+        script_command(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_for_first_record(process, output)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
     before = {
         p.name: (p.stat().st_mtime_ns, json.loads(p.read_text())["run_id"])
@@ -251,31 +247,14 @@ def test_sigkill_mid_run_then_resume_completes_each_case_once(tmp_path, tiny_mod
     assert not leftovers(output)
 
 
-def test_ctrl_c_keeps_finished_cases_and_exits_130(tmp_path, tiny_model):
+def test_ctrl_c_keeps_finished_cases_and_exits_130(tmp_path, tiny_model_dir):
     inputs = tmp_path / "in"
     for index in range(4):
-        link(ABDOMEN, inputs / f"s{index}.nii.gz")
+        link(ABDOMEN_CT, inputs / f"s{index}.nii.gz")
     output = tmp_path / "out"
-    args = [
-        "--input",
-        inputs,
-        "--output",
-        output,
-        "--model",
-        tiny_model,
-        "--max-new-tokens",
-        "32",
-        "--device",
-        "cpu",
-    ]
-    process = subprocess.Popen(
-        [sys.executable, str(BATCH_SCRIPT), *map(str, args)], cwd=tmp_path, stdout=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 180
-    while (
-        not list((output / "cases").glob("*.json")) and time.monotonic() < deadline and process.poll() is None
-    ):
-        time.sleep(0.02)
+    args = long_run_args(inputs, output, tiny_model_dir)
+    process = subprocess.Popen(script_command(*args), cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    wait_for_first_record(process, output)
     process.send_signal(signal.SIGINT)
     stdout, _ = process.communicate(timeout=60)
     assert process.returncode == 130, stdout
@@ -292,27 +271,31 @@ def test_ctrl_c_keeps_finished_cases_and_exits_130(tmp_path, tiny_model):
 # --- resume decisions, options, scene (in-process through run_batch) -----------------------------
 
 
-def test_resume_recomputes_changed_inputs_and_changed_settings(tmp_path, tiny_model):
+def test_resume_recomputes_changed_inputs_and_changed_settings(tmp_path, tiny_model_dir):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    shutil.copyfile(ABDOMEN, inputs / "a.nii.gz")
-    link(ABDOMEN, inputs / "b.nii.gz")
+    shutil.copyfile(ABDOMEN_CT, inputs / "a.nii.gz")
+    link(ABDOMEN_CT, inputs / "b.nii.gz")
     output = tmp_path / "out"
-    options = BatchOptions(inputs, output, model=str(tiny_model), device="cpu", max_new_tokens=4, resume=True)
+    options = BatchOptions(
+        inputs, output, model=str(tiny_model_dir), device="cpu", max_new_tokens=4, resume=True
+    )
     first = run_batch(options, progress_stream=io.StringIO())
     assert first.exit_code == 0 and not any(o.reused for o in first.outcomes)
 
-    shutil.copyfile(TORSO, inputs / "a.nii.gz")  # a changed input
+    shutil.copyfile(TORSO_CT, inputs / "a.nii.gz")  # a changed input
     second = run_batch(options, progress_stream=io.StringIO())
     assert {o.case_id: o.reused for o in second.outcomes} == {"a": False, "b": True}
     record = json.loads((output / "cases" / "a.json").read_text())
-    assert record["input_sha256"] == sha256(TORSO) and record["run_id"] == second.run_id
+    assert record["input_sha256"] == sha256(TORSO_CT) and record["run_id"] == second.run_id
 
     (output / "cases" / "b.md").write_text("edited by hand\n")  # a damaged output
     third = run_batch(options, progress_stream=io.StringIO())
     assert {o.case_id: o.reused for o in third.outcomes} == {"a": True, "b": False}
 
-    longer = BatchOptions(inputs, output, model=str(tiny_model), device="cpu", max_new_tokens=5, resume=True)
+    longer = BatchOptions(
+        inputs, output, model=str(tiny_model_dir), device="cpu", max_new_tokens=5, resume=True
+    )
     fourth = run_batch(longer, progress_stream=io.StringIO())
     assert not any(o.reused for o in fourth.outcomes)  # other settings: nothing reused
     assert fourth.cases_per_minute > 0
@@ -322,13 +305,22 @@ def test_resume_recomputes_changed_inputs_and_changed_settings(tmp_path, tiny_mo
     assert json.loads((output / "cases" / "a.json").read_text())["fingerprint"]["allow_non_ct"] is True
 
 
-def test_allow_non_ct_flag_runs_an_mr_scaled_by_its_own_percentiles(tmp_path, tiny_model):
+def test_allow_non_ct_flag_runs_an_mr_scaled_by_its_own_percentiles(tmp_path, tiny_model_dir):
     """The script's --allow-non-ct (parsed in-process by its main) accepts the MR the default refuses."""
     spec = importlib.util.spec_from_file_location("ctmllm_batch_script", BATCH_SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     output = tmp_path / "out"
-    common = ["--input", str(MR), "--model", str(tiny_model), "--max-new-tokens", "2", "--device", "cpu"]
+    common = [
+        "--input",
+        str(NOT_CT_MR),
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert script.main([*common, "--output", str(tmp_path / "refused")]) == 1
     assert script.main([*common, "--output", str(output), "--allow-non-ct"]) == 0
     record = json.loads((output / "cases" / "not_ct_mr_3mm.json").read_text())
@@ -338,7 +330,7 @@ def test_allow_non_ct_flag_runs_an_mr_scaled_by_its_own_percentiles(tmp_path, ti
     assert any("does not look like a CT" in warning for warning in record["warnings"])
 
 
-def test_out_of_memory_and_unexpected_errors_fail_their_case_only(tmp_path, tiny_model, monkeypatch):
+def test_out_of_memory_and_unexpected_errors_fail_their_case_only(tmp_path, tiny_model_dir, monkeypatch):
     from CTMLLMSlicerLib.logic import CTMLLMLogicCore
 
     original = CTMLLMLogicCore._generate
@@ -352,9 +344,9 @@ def test_out_of_memory_and_unexpected_errors_fail_their_case_only(tmp_path, tiny
 
     monkeypatch.setattr(CTMLLMLogicCore, "_generate", staticmethod(generate_or_fail))
     for name in ("a", "b", "c"):
-        link(ABDOMEN, tmp_path / "in" / f"{name}.nii.gz")
+        link(ABDOMEN_CT, tmp_path / "in" / f"{name}.nii.gz")
     output = tmp_path / "out"
-    options = BatchOptions(tmp_path / "in", output, model=str(tiny_model), device="cpu", max_new_tokens=4)
+    options = BatchOptions(tmp_path / "in", output, model=str(tiny_model_dir), device="cpu", max_new_tokens=4)
     summary = run_batch(options, progress_stream=io.StringIO())
     outcomes = {o.case_id: o for o in summary.outcomes}
     assert outcomes["a"].error_type == "ModelOutOfMemoryError" and "out of memory" in outcomes["a"].error
@@ -371,7 +363,7 @@ def test_stand_in_model_notice_is_a_warning_of_every_case(tmp_path, monkeypatch)
     if (hub.DEMO_MODEL_DIR / CONFIG_FILE).is_file():
         pytest.skip("a trained demo model is installed: no stand-in notice")
     monkeypatch.setenv("CTMLLM_CACHE", str(tmp_path / "cache"))
-    summary = run_batch(BatchOptions(ABDOMEN, tmp_path / "out", device="cpu", max_new_tokens=2))
+    summary = run_batch(BatchOptions(ABDOMEN_CT, tmp_path / "out", device="cpu", max_new_tokens=2))
     (outcome,) = summary.outcomes
     assert outcome.status == OK and any("tiny random test model" in w for w in outcome.warnings)
     record = json.loads((tmp_path / "out" / "cases" / "abdomen_ct_3mm.json").read_text())
@@ -381,8 +373,8 @@ def test_stand_in_model_notice_is_a_warning_of_every_case(tmp_path, monkeypatch)
     )
 
 
-def test_case_list_vqa_run_answers_per_case_questions_and_records_an_empty_series(tmp_path, tiny_model):
-    link(ABDOMEN, tmp_path / "a.nii.gz")
+def test_case_list_vqa_run_answers_per_case_questions_and_records_an_empty_series(tmp_path, tiny_model_dir):
+    link(ABDOMEN_CT, tmp_path / "a.nii.gz")
     (tmp_path / "empty_series").mkdir()
     rows = [
         {"path": "a.nii.gz", "id": "p1", "questions": ["Is there ascites?"]},
@@ -391,7 +383,12 @@ def test_case_list_vqa_run_answers_per_case_questions_and_records_an_empty_serie
     (tmp_path / "cases.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     output = tmp_path / "out"
     options = BatchOptions(
-        tmp_path / "cases.jsonl", output, task="vqa", model=str(tiny_model), device="cpu", max_new_tokens=3
+        tmp_path / "cases.jsonl",
+        output,
+        task="vqa",
+        model=str(tiny_model_dir),
+        device="cpu",
+        max_new_tokens=3,
     )
     summary = run_batch(options, progress_stream=io.StringIO())
     outcomes = {o.case_id: o for o in summary.outcomes}
@@ -410,37 +407,39 @@ def test_check_reusable_says_why_not(tmp_path):
     assert not check_reusable(output, "x", "abc", {}).reusable
 
 
-def test_vqa_without_questions_fails_each_case_with_a_clear_message(tmp_path, tiny_model):
+def test_vqa_without_questions_fails_each_case_with_a_clear_message(tmp_path, tiny_model_dir):
     output = tmp_path / "out"
-    options = BatchOptions(ABDOMEN, output, task="vqa", model=str(tiny_model), device="cpu", max_new_tokens=4)
+    options = BatchOptions(
+        ABDOMEN_CT, output, task="vqa", model=str(tiny_model_dir), device="cpu", max_new_tokens=4
+    )
     summary = run_batch(options, progress_stream=io.StringIO())
     (outcome,) = summary.outcomes
     assert outcome.status == FAILED and "task vqa needs questions" in outcome.error
     assert summary.exit_code == 1 and not (output / "cases" / "abdomen_ct_3mm.json").exists()
 
 
-def test_setup_errors_give_exit_status_2(tmp_path, tiny_model):
+def test_setup_errors_give_exit_status_2(tmp_path, tiny_model_dir):
     missing_input = run_batch(
-        BatchOptions(tmp_path / "nowhere", tmp_path / "out", model=str(tiny_model)),
+        BatchOptions(tmp_path / "nowhere", tmp_path / "out", model=str(tiny_model_dir)),
         progress_stream=io.StringIO(),
     )
     assert missing_input.exit_code == 2 and "does not exist" in missing_input.setup_error
     missing_model = run_batch(
-        BatchOptions(ABDOMEN, tmp_path / "out2", model=str(tmp_path / "no-model")),
+        BatchOptions(ABDOMEN_CT, tmp_path / "out2", model=str(tmp_path / "no-model")),
         progress_stream=io.StringIO(),
     )
     assert missing_model.exit_code == 2 and "no-model" in missing_model.setup_error
     assert [o.status for o in missing_model.outcomes] == ["not run"]
-    bad_option = run_batch(BatchOptions(ABDOMEN, tmp_path / "out3", window="purple"))
+    bad_option = run_batch(BatchOptions(ABDOMEN_CT, tmp_path / "out3", window="purple"))
     assert bad_option.exit_code == 2 and "--window" in bad_option.setup_error
 
 
-def test_save_scene_keeps_the_report_in_a_text_node_of_the_volume(tmp_path, tiny_model):
+def test_save_scene_keeps_the_report_in_a_text_node_of_the_volume(tmp_path, tiny_model_dir):
     import slicer
 
     output = tmp_path / "out"
     options = BatchOptions(
-        ABDOMEN, output, model=str(tiny_model), device="cpu", max_new_tokens=4, save_scene=True
+        ABDOMEN_CT, output, model=str(tiny_model_dir), device="cpu", max_new_tokens=4, save_scene=True
     )
     summary = run_batch(options, progress_stream=io.StringIO())
     assert summary.exit_code == 0
@@ -455,7 +454,7 @@ def test_save_scene_keeps_the_report_in_a_text_node_of_the_volume(tmp_path, tiny
     text = volume.GetNodeReference("CTMLLMResult")
     assert text is not None and text.IsA("vtkMRMLTextNode")
     assert text.GetText().startswith("CT-MLLM results for abdomen_ct_3mm")
-    assert Path(volume.GetStorageNode().GetFileName()).resolve() == ABDOMEN.resolve()
+    assert Path(volume.GetStorageNode().GetFileName()).resolve() == ABDOMEN_CT.resolve()
 
 
 def test_two_runs_cannot_share_an_output_folder(tmp_path):
@@ -492,12 +491,12 @@ def test_remove_partial_files_removes_only_leftovers(tmp_path):
 
 
 def test_folder_discovery_finds_files_and_each_dicom_series(tmp_path):
-    link(ABDOMEN, tmp_path / "in" / "x" / "scan.nii.gz")
-    link(MR, tmp_path / "in" / "y" / "scan.nii.gz")
-    write_dicom_from(ABDOMEN, tmp_path / "in" / "dcm")
+    link(ABDOMEN_CT, tmp_path / "in" / "x" / "scan.nii.gz")
+    link(NOT_CT_MR, tmp_path / "in" / "y" / "scan.nii.gz")
+    write_dicom_from(ABDOMEN_CT, tmp_path / "in" / "dcm")
     (tmp_path / "in" / "README.txt").write_text("not a case")
     (tmp_path / "in" / "out" / "cases").mkdir(parents=True)
-    link(ABDOMEN, tmp_path / "in" / "out" / "old.nii.gz")  # inside the output folder: ignored
+    link(ABDOMEN_CT, tmp_path / "in" / "out" / "old.nii.gz")  # inside the output folder: ignored
     cases = discover_cases(tmp_path / "in", exclude=[tmp_path / "in" / "out"], questions=["Q?"])
     assert [(c.case_id, c.kind) for c in cases] == [("x__scan", FILE), ("y__scan", FILE), ("dcm", DICOM)]
     assert len(cases[2].files) == 30 and all(c.questions == ("Q?",) for c in cases)
@@ -513,14 +512,14 @@ def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp
     from model_core.data import write_dicom_series
 
     folder = tmp_path / "study"
-    write_dicom_from(ABDOMEN, folder)
+    write_dicom_from(ABDOMEN_CT, folder)
     for path in write_dicom_series(tmp_path / "mr", np.full((5, 8, 9), 300), (1.0, 1.0, 2.0), modality="MR"):
         path.rename(folder / f"mr_{path.name}")
     context = slicer_context(tmp_path / "slicer.log")
     logic = CTMLLMLogicCore(context.scene, volumesLogic=context.volumesLogic)
     cases = {c.case_id.split("__")[1].split("_")[0]: c for c in discover_cases(folder)}
     assert sorted(cases) == ["MR", "abdomen"]  # ids: dicom__<description>_<end of the series UID>
-    (reference,) = discover_cases(ABDOMEN)
+    (reference,) = discover_cases(ABDOMEN_CT)
     with nodes_added_during(context.scene):
         series_node, _ = load_case_volume(logic, cases["abdomen"])
         nifti_node, _ = load_case_volume(logic, reference)
@@ -534,8 +533,8 @@ def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp
 
 
 def test_case_lists_group_questions_and_resolve_relative_paths(tmp_path):
-    link(ABDOMEN, tmp_path / "vols" / "a.nii.gz")
-    write_dicom_from(ABDOMEN, tmp_path / "vols" / "dcm")
+    link(ABDOMEN_CT, tmp_path / "vols" / "a.nii.gz")
+    write_dicom_from(ABDOMEN_CT, tmp_path / "vols" / "dcm")
     (tmp_path / "cases.csv").write_text(
         "path,id,question\nvols/a.nii.gz,p1,Is there ascites?\nvols/a.nii.gz,p1,Any fracture?\nvols/dcm,,\n"
     )
@@ -573,8 +572,8 @@ def test_case_list_errors_name_the_line_and_the_fix(tmp_path):
 
 
 def test_duplicate_names_get_distinct_case_ids(tmp_path):
-    link(ABDOMEN, tmp_path / "in" / "a_b.nii.gz")
-    link(ABDOMEN, tmp_path / "in" / "a b.nii")  # not a valid NIfTI, but discovery only reads names
+    link(ABDOMEN_CT, tmp_path / "in" / "a_b.nii.gz")
+    link(ABDOMEN_CT, tmp_path / "in" / "a b.nii")  # not a valid NIfTI, but discovery only reads names
     assert [c.case_id for c in discover_cases(tmp_path / "in")] == ["a_b", "a_b_2"]
 
 

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "CTMLLMSlicer"))
-
-from CTMLLMSlicerLib import dependencies, jobs  # noqa: E402
-from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation, Turn  # noqa: E402
-from CTMLLMSlicerLib.errors import (  # noqa: E402
+from CTMLLMSlicerLib import dependencies, jobs
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation, Turn
+from CTMLLMSlicerLib.errors import (
     JobBusyError,
     MissingDependenciesError,
     NotCTVolumeError,

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import slicer
+from conftest import ABDOMEN_CT, NOT_CT_MR, REPO, needs_shared_ct, save_scene_with_volume
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "CTMLLMSlicer"))
-
-import slicer  # noqa: E402
-
-from CTMLLMSlicerLib import logic as logic_module  # noqa: E402
-from CTMLLMSlicerLib.conversation import QUESTION, REPORT  # noqa: E402
-from CTMLLMSlicerLib.errors import (  # noqa: E402
+from CTMLLMSlicerLib import logic as logic_module
+from CTMLLMSlicerLib.batch_scene import slicer_core_scene
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT
+from CTMLLMSlicerLib.errors import (
     CTMLLMSlicerError,
     DownloadNotConfirmedError,
     ModelOutOfMemoryError,
@@ -33,7 +31,7 @@ from CTMLLMSlicerLib.errors import (  # noqa: E402
     NoVolumeError,
     OperationCancelled,
 )
-from CTMLLMSlicerLib.logic import (  # noqa: E402
+from CTMLLMSlicerLib.logic import (
     ALLOW_NON_CT_LABEL,
     RESULT_REFERENCE_ROLE,
     STAGE_ENCODING,
@@ -45,44 +43,18 @@ from CTMLLMSlicerLib.logic import (  # noqa: E402
     ModelRequest,
 )
 
-CT_DIR = REPO.parent / "shared" / "data" / "ct"
-ABDOMEN = CT_DIR / "abdomen_ct_3mm.nii.gz"
-NOT_CT = CT_DIR / "not_ct_mr_3mm.nii.gz"
-
-pytestmark = pytest.mark.skipif(not ABDOMEN.is_file(), reason="shared CT data not found at ../shared/data/ct")
+pytestmark = needs_shared_ct
 
 
 class MRML:
-    """A scene with the application, colors, volumes and volume rendering logics (kept alive here)."""
+    """A slicer-core scene with the application, colors, volumes and volume rendering logics."""
 
     def __init__(self) -> None:
-        self.scene = slicer.vtkMRMLScene()
-        self.app = slicer.vtkSlicerApplicationLogic()
-        self.app.SetMRMLScene(self.scene)
-        self.logics = {}
-        for name, cls in (
-            ("Colors", slicer.vtkSlicerColorLogic),
-            ("Volumes", slicer.vtkSlicerVolumesLogic),
-            ("VolumeRendering", slicer.vtkSlicerVolumeRenderingLogic),
-        ):
-            logic = cls()
-            logic.SetMRMLApplicationLogic(self.app)
-            logic.SetMRMLScene(self.scene)
-            self.app.SetModuleLogic(name, logic)
-            self.logics[name] = logic
+        self.scene, self.app, self.logics = slicer_core_scene(("Colors", "Volumes", "VolumeRendering"))
 
     def load(self, path: Path, name: str):
         """Read ``path`` into the scene through the Logic's loader (as the batch script does)."""
         return CTMLLMLogicCore(self.scene, volumesLogic=self.logics["Volumes"]).loadVolumeFile(path, name)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    from model_core.tiny import build_tiny_ctmllm
-
-    folder = tmp_path_factory.mktemp("model") / "tiny-internvl"
-    build_tiny_ctmllm(family="internvl").save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture
@@ -92,7 +64,7 @@ def mrml() -> MRML:
 
 @pytest.fixture
 def request_(tiny_model_dir) -> ModelRequest:
-    return ModelRequest(tiny_model_dir, device="cpu")
+    return ModelRequest(str(tiny_model_dir), device="cpu")
 
 
 def count_encodes(core: CTMLLMLogicCore, request: ModelRequest) -> list[str]:
@@ -110,7 +82,7 @@ def count_encodes(core: CTMLLMLogicCore, request: ModelRequest) -> list[str]:
 
 
 def test_report_streams_is_saved_in_a_text_node_and_survives_a_scene_reload(mrml, request_, tmp_path):
-    volume = mrml.load(ABDOMEN, "abdomen")
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
     core = CTMLLMLogicCore(mrml.scene)
     chunks, stages = [], []
     result = core.generateReport(
@@ -135,15 +107,10 @@ def test_report_streams_is_saved_in_a_text_node_and_survives_a_scene_reload(mrml
     assert result.turn.answer.strip() in saved and "abdomen" in saved
     assert core.saveResultToTextNode(volume) is textNode  # a second save updates the same node
 
-    storage = volume.GetStorageNode()
-    storage.SetFileName(str(tmp_path / "abdomen.nrrd"))
-    assert storage.WriteData(volume)
-    mrml.scene.SetRootDirectory(str(tmp_path))
-    mrml.scene.SetURL(str(tmp_path / "scene.mrml"))
-    assert mrml.scene.Commit()
+    sceneFile = save_scene_with_volume(mrml.scene, volume, tmp_path)
 
     reloaded = MRML()
-    reloaded.scene.SetURL(str(tmp_path / "scene.mrml"))
+    reloaded.scene.SetURL(str(sceneFile))
     assert reloaded.scene.Connect()
     volumeAgain = reloaded.scene.GetFirstNodeByName("abdomen")
     assert volumeAgain is not None and volumeAgain.GetImageData().GetDimensions() == (122, 101, 30)
@@ -154,7 +121,7 @@ def test_report_streams_is_saved_in_a_text_node_and_survives_a_scene_reload(mrml
 
 
 def test_follow_up_questions_reuse_the_encoded_volume_and_the_conversation(mrml, request_):
-    volume = mrml.load(ABDOMEN, "abdomen")
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
     core = CTMLLMLogicCore(mrml.scene)
     encodes = count_encodes(core, request_)
 
@@ -181,7 +148,7 @@ def test_follow_up_questions_reuse_the_encoded_volume_and_the_conversation(mrml,
 
 
 def test_a_different_window_or_model_setting_encodes_again(mrml, request_):
-    volume = mrml.load(ABDOMEN, "abdomen")
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
     core = CTMLLMLogicCore(mrml.scene)
     encodes = count_encodes(core, request_)
     core.askQuestion(volume, "Any fluid?", request_, windowPreset="wide", maxNewTokens=2)
@@ -194,7 +161,7 @@ def test_a_different_window_or_model_setting_encodes_again(mrml, request_):
 
 
 def test_cancel_stops_generation_and_keeps_the_partial_answer_out_of_the_history(mrml, request_):
-    volume = mrml.load(ABDOMEN, "abdomen")
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
     core = CTMLLMLogicCore(mrml.scene)
     cancel = threading.Event()
     chunks: list[str] = []
@@ -212,7 +179,7 @@ def test_cancel_stops_generation_and_keeps_the_partial_answer_out_of_the_history
 
 
 def test_a_cancel_before_generation_raises_after_the_stage_in_progress(mrml, request_):
-    volume = mrml.load(ABDOMEN, "abdomen")
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
     core = CTMLLMLogicCore(mrml.scene)
     cancel = threading.Event()
 
@@ -226,7 +193,7 @@ def test_a_cancel_before_generation_raises_after_the_stage_in_progress(mrml, req
 
 
 def test_a_non_ct_volume_is_refused_naming_the_switch_and_accepted_with_it(mrml, request_):
-    volume = mrml.load(NOT_CT, "brain_mr")
+    volume = mrml.load(NOT_CT_MR, "brain_mr")
     core = CTMLLMLogicCore(mrml.scene)
     with pytest.raises(NotCTVolumeError, match=r"brain_mr: does not look like a CT") as refused:
         core.generateReport(volume, request_, maxNewTokens=2)
@@ -253,7 +220,7 @@ def test_a_non_ct_volume_is_refused_naming_the_switch_and_accepted_with_it(mrml,
 
 
 def test_the_switch_keeps_a_ct_in_its_hu_window(mrml, request_):
-    volume = mrml.load(ABDOMEN, "abdomen")
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
     core = CTMLLMLogicCore(mrml.scene)
     model = core.loadModel(request_)
     snapshot = core.volumeSnapshot(volume)
@@ -296,7 +263,7 @@ def test_the_model_is_loaded_once_per_request(mrml, request_):
 
 
 def test_exports_carry_model_id_and_settings(mrml, request_, tmp_path):
-    volume = mrml.load(ABDOMEN, "abdomen")
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
     core = CTMLLMLogicCore(mrml.scene)
     with pytest.raises(CTMLLMSlicerError, match="nothing to export"):
         core.exportConversation(volume.GetID(), tmp_path / "empty.md")
@@ -317,7 +284,7 @@ def test_exports_carry_model_id_and_settings(mrml, request_, tmp_path):
 
 
 def test_display_window_and_ct_volume_rendering(mrml):
-    volume = mrml.load(ABDOMEN, "abdomen")
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
     with pytest.raises(CTMLLMSlicerError, match="volume rendering logic"):
         CTMLLMLogicCore(mrml.scene).showVolumeRendering(volume)
     core = CTMLLMLogicCore(mrml.scene, mrml.logics["VolumeRendering"])
@@ -330,7 +297,7 @@ def test_display_window_and_ct_volume_rendering(mrml):
         core.applyWindowPreset(volume, "brain")
     core.applyWindowPreset(volume, "lung", allowNonCT=True)  # a CT keeps its HU window with the switch on
     assert (display.GetWindow(), display.GetLevel()) == (1500.0, -600.0)
-    mr = mrml.load(NOT_CT, "brain_mr")
+    mr = mrml.load(NOT_CT_MR, "brain_mr")
     core.applyWindowPreset(mr, "lung", allowNonCT=True)  # an MR shows its own percentile window
     low, high = np.percentile(slicer.util.arrayFromVolume(mr), [0.5, 99.5])
     assert mr.GetDisplayNode().GetWindow() == pytest.approx(high - low)
@@ -373,7 +340,7 @@ def test_load_volume_file_reads_files_and_series_and_refuses_bad_input(mrml, tmp
     from model_core.data import UnreadableVolumeError, write_dicom_series
 
     core = CTMLLMLogicCore(mrml.scene, volumesLogic=mrml.logics["Volumes"])
-    volume = core.loadVolumeFile(ABDOMEN)
+    volume = core.loadVolumeFile(ABDOMEN_CT)
     assert volume.IsA("vtkMRMLScalarVolumeNode") and volume.GetName() == "abdomen_ct_3mm"
     assert volume.GetImageData().GetDimensions() == (122, 101, 30)
 
@@ -386,7 +353,7 @@ def test_load_volume_file_reads_files_and_series_and_refuses_bad_input(mrml, tmp
 
     count = mrml.scene.GetNumberOfNodes()
     truncated = tmp_path / "truncated.nii.gz"
-    truncated.write_bytes(ABDOMEN.read_bytes()[: ABDOMEN.stat().st_size // 2])
+    truncated.write_bytes(ABDOMEN_CT.read_bytes()[: ABDOMEN_CT.stat().st_size // 2])
     with pytest.raises(UnreadableVolumeError, match=r"truncated\.nii\.gz: is truncated"):
         core.loadVolumeFile(truncated)
     with pytest.raises(UnreadableVolumeError, match="does not exist"):
@@ -397,11 +364,11 @@ def test_load_volume_file_reads_files_and_series_and_refuses_bad_input(mrml, tmp
         core.loadVolumeFile(rgb)
     assert mrml.scene.GetNumberOfNodes() == count  # refused input leaves nothing in the scene
     with pytest.raises(CTMLLMSlicerError, match="no volumes logic"):
-        CTMLLMLogicCore(mrml.scene).loadVolumeFile(ABDOMEN)
+        CTMLLMLogicCore(mrml.scene).loadVolumeFile(ABDOMEN_CT)
 
 
 def test_snapshot_copies_voxels_and_geometry(mrml):
-    volume = mrml.load(ABDOMEN, "abdomen")
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
     snapshot = CTMLLMLogicCore(mrml.scene).volumeSnapshot(volume)
     assert snapshot.arrayKJI.shape == (30, 101, 122) and snapshot.arrayKJI.dtype == np.int16
     assert np.allclose(np.diag(snapshot.ijkToRAS)[:3], [3.0, 3.0, 3.0])

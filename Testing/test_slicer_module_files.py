@@ -20,14 +20,13 @@ import slicer_compat
 standIn = slicer_compat.install()
 
 import slicer  # noqa: E402
+from conftest import MODULE_DIR, REPO  # noqa: E402
 from PySide6 import QtGui  # noqa: E402
 from slicer_compat.scripted_module import ModuleParent  # noqa: E402
 
 import CTMLLMSlicer as module  # noqa: E402
 from CTMLLMSlicerLib.logic import CTMLLMLogicCore  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-MODULE_DIR = REPO / "CTMLLMSlicer"
 CMAKE = (REPO / "CMakeLists.txt").read_text()
 S4EXT_FIELDS = (
     "scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",

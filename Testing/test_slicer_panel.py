@@ -19,29 +19,25 @@ import slicer_compat
 standIn = slicer_compat.install()
 
 import slicer  # noqa: E402
+from conftest import ABDOMEN_CT, NOT_CT_MR, REPO, needs_shared_ct, save_scene_with_volume  # noqa: E402
 from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
 
 import CTMLLMSlicer as module  # noqa: E402  (importable once the stand-ins are installed)
 from CTMLLMSlicerLib.conversation import QUESTION, REPORT  # noqa: E402
 from CTMLLMSlicerLib.logic import RESULT_REFERENCE_ROLE, ModelRequest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-CT_DIR = REPO.parent / "shared" / "data" / "ct"
 ARTIFACTS = REPO / "Testing" / "artifacts"
 MAX_STALL_S = 0.2
 
-pytestmark = pytest.mark.skipif(not (CT_DIR / "abdomen_ct_3mm.nii.gz").is_file(), reason="no ../shared/data")
+pytestmark = needs_shared_ct
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    import model_core.data  # noqa: F401  (imported once here, as after a first use in Slicer)
+@pytest.fixture(scope="module", autouse=True)
+def model_code_imported() -> None:
+    """Import what the worker needs before any timed test, as after a first use in Slicer: a first
+    import holds the GIL and would count as a GUI stall (see docs/SLICER.md, known limit)."""
+    import model_core.data  # noqa: F401
     import model_core.hub  # noqa: F401
-    from model_core.tiny import build_tiny_ctmllm
-
-    folder = tmp_path_factory.mktemp("model") / "tiny-internvl"
-    build_tiny_ctmllm(family="internvl").save_pretrained(folder)
-    return str(folder)
 
 
 class Panel:
@@ -81,10 +77,10 @@ class Panel:
     def longestStall(self) -> float:
         return max(later - earlier for earlier, later in zip(self.beats, self.beats[1:], strict=False))
 
-    def useModel(self, folder: str, maxNewTokens: int) -> None:
+    def useModel(self, folder: Path, maxNewTokens: int) -> None:
         """Pick a local model folder through the widgets, as a user would."""
         self.ui.modelSourceComboBox.setCurrentText(module.SOURCE_FOLDER)
-        self.ui.modelLocationLineEdit.setText(folder)
+        self.ui.modelLocationLineEdit.setText(str(folder))
         self.ui.deviceComboBox.setCurrentText("cpu")
         self.ui.maxNewTokensSpinBox.setValue(maxNewTokens)
 
@@ -110,11 +106,11 @@ def panel():
 
 @pytest.fixture
 def abdomen():
-    return standIn.loadVolume(str(CT_DIR / "abdomen_ct_3mm.nii.gz"), "abdomen")
+    return standIn.loadVolume(ABDOMEN_CT, "abdomen")
 
 
 def test_selecting_a_volume_shows_it_in_the_slice_views_and_in_3d(panel, abdomen):
-    mr = standIn.loadVolume(str(CT_DIR / "not_ct_mr_3mm.nii.gz"), "brain_mr")
+    mr = standIn.loadVolume(NOT_CT_MR, "brain_mr")
     panel.ui.inputSelector.setCurrentNode(mr)
     panel.ui.inputSelector.setCurrentNode(abdomen)
     assert panel.parameters.inputVolume is abdomen
@@ -179,7 +175,7 @@ def test_question_mode_adds_turns_and_a_follow_up_does_not_encode_again(panel, a
     panel.ui.modeComboBox.setCurrentText(module.MODE_QUESTION)
     assert panel.ui.generateButton.isHidden() and not panel.ui.askButton.isHidden()
 
-    request = ModelRequest(tiny_model_dir, device="cpu", cacheFolder=panel.widget.modelCacheFolder())
+    request = ModelRequest(str(tiny_model_dir), device="cpu", cacheFolder=panel.widget.modelCacheFolder())
     model = panel.widget.logic.loadModel(request)
     encodes: list[str] = []
     encode = model.encode_volume
@@ -223,7 +219,7 @@ def test_results_are_saved_copied_and_exported(panel, abdomen, tiny_model_dir, t
     assert QtWidgets.QApplication.clipboard().text() == textNode.GetText()
     panel.widget.exportResults(str(tmp_path / "results.json"))
     exported = json.loads((tmp_path / "results.json").read_text())
-    assert exported["settings"]["model"] == tiny_model_dir and exported["turns"][0]["task"] == REPORT
+    assert exported["settings"]["model"] == str(tiny_model_dir) and exported["turns"][0]["task"] == REPORT
     panel.widget.exportResults(str(tmp_path / "results.txt"))
     assert ".md" in panel.ui.statusLabel.text() and "color" in panel.ui.statusLabel.styleSheet()
 
@@ -232,7 +228,7 @@ def test_results_are_saved_copied_and_exported(panel, abdomen, tiny_model_dir, t
 
 
 def test_a_non_ct_volume_is_refused_until_the_checkbox_is_checked(panel, tiny_model_dir):
-    mr = standIn.loadVolume(str(CT_DIR / "not_ct_mr_3mm.nii.gz"), "brain_mr")
+    mr = standIn.loadVolume(NOT_CT_MR, "brain_mr")
     panel.useModel(tiny_model_dir, maxNewTokens=3)
     panel.ui.inputSelector.setCurrentNode(mr)
     panel.ui.generateButton.click()
@@ -263,7 +259,7 @@ def test_errors_show_in_the_panel(panel, abdomen, tiny_model_dir):
     assert "question is empty" in panel.ui.statusLabel.text() and not panel.busy()
 
     panel.ui.modelSourceComboBox.setCurrentText(module.SOURCE_FOLDER)
-    panel.ui.modelLocationLineEdit.setText(str(Path(tiny_model_dir).parent / "no-such-model"))
+    panel.ui.modelLocationLineEdit.setText(str(tiny_model_dir.parent / "no-such-model"))
     panel.ui.questionLineEdit.setText("Anything?")
     panel.ui.askButton.click()
     panel.pump(lambda: not panel.busy())
@@ -294,16 +290,11 @@ def test_the_panel_state_is_restored_from_a_saved_scene(panel, abdomen, tmp_path
     panel.ui.precisionComboBox.setCurrentText("bfloat16")
     panel.ui.allowNonCTCheckBox.setChecked(True)
     panel.ui.questionLineEdit.setText("Any nodules?")
-    storage = abdomen.GetStorageNode()
-    storage.SetFileName(str(tmp_path / "abdomen.nrrd"))
-    assert storage.WriteData(abdomen)
-    slicer.mrmlScene.SetRootDirectory(str(tmp_path))
-    slicer.mrmlScene.SetURL(str(tmp_path / "scene.mrml"))
-    assert slicer.mrmlScene.Commit()
+    sceneFile = save_scene_with_volume(slicer.mrmlScene, abdomen, tmp_path)
     panel.close()
 
     slicer.mrmlScene.Clear(True)
-    slicer.mrmlScene.SetURL(str(tmp_path / "scene.mrml"))
+    slicer.mrmlScene.SetURL(str(sceneFile))
     assert slicer.mrmlScene.Connect()
     restored = Panel()
     try:
@@ -327,6 +318,6 @@ def test_closing_the_scene_resets_the_panel(panel, abdomen):
     assert after is not None and slicer.mrmlScene.IsNodePresent(after.parameterNode)
     assert after.inputVolume is None and after.mode == module.MODE_REPORT
     assert panel.ui.historyView.toPlainText() == "" and not panel.ui.generateButton.isEnabled()
-    again = standIn.loadVolume(str(CT_DIR / "abdomen_ct_3mm.nii.gz"), "abdomen")
+    again = standIn.loadVolume(ABDOMEN_CT, "abdomen")
     panel.ui.inputSelector.setCurrentNode(again)
     assert panel.parameters.inputVolume is again and panel.ui.generateButton.isEnabled()

@@ -12,7 +12,7 @@ the Volumes logic found here); this module only says which files a case reads.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,12 @@ from CTMLLMSlicerLib.logic import CTMLLMLogicCore
 
 IN_APPLICATION = "Slicer application"
 SLICER_CORE = "slicer-core (no application)"
+MODULE_LOGIC_CLASSES = {
+    "Colors": "vtkSlicerColorLogic",
+    "Volumes": "vtkSlicerVolumesLogic",
+    "VolumeRendering": "vtkSlicerVolumeRenderingLogic",
+}
+"""Slicer's module logics by module name, as slicer-core names their classes."""
 
 
 @dataclass
@@ -55,17 +61,30 @@ def slicer_context(log_file: Path | None = None) -> SlicerContext:
     if in_slicer_application():
         return SlicerContext(slicer.mrmlScene, slicer.modules.volumes.logic(), IN_APPLICATION)
     _route_vtk_messages(log_file)
+    scene, appLogic, logics = slicer_core_scene()
+    return SlicerContext(scene, logics["Volumes"], SLICER_CORE, keep=(appLogic, *logics.values()))
+
+
+def slicer_core_scene(modules: Sequence[str] = ("Colors", "Volumes")) -> tuple[Any, Any, dict[str, Any]]:
+    """A new scene with Slicer's application logic and the ``modules``' logics set up on it, as
+    the application does (``MODULE_LOGIC_CLASSES``; loading volumes needs Colors and Volumes).
+
+    Returns ``(scene, appLogic, {module name: logic})``. Keep the logics referenced while the
+    scene is used: the application logic does not hold them.
+    """
+    import slicer
+
     scene = slicer.vtkMRMLScene()
     appLogic = slicer.vtkSlicerApplicationLogic()
     appLogic.SetMRMLScene(scene)
-    colorLogic = slicer.vtkSlicerColorLogic()
-    colorLogic.SetMRMLApplicationLogic(appLogic)
-    colorLogic.SetMRMLScene(scene)
-    appLogic.SetModuleLogic("Colors", colorLogic)
-    volumesLogic = slicer.vtkSlicerVolumesLogic()
-    volumesLogic.SetMRMLApplicationLogic(appLogic)
-    volumesLogic.SetMRMLScene(scene)
-    return SlicerContext(scene, volumesLogic, SLICER_CORE, keep=(appLogic, colorLogic))
+    logics = {}
+    for name in modules:
+        logic = getattr(slicer, MODULE_LOGIC_CLASSES[name])()
+        logic.SetMRMLApplicationLogic(appLogic)
+        logic.SetMRMLScene(scene)
+        appLogic.SetModuleLogic(name, logic)
+        logics[name] = logic
+    return scene, appLogic, logics
 
 
 def _route_vtk_messages(log_file: Path | None) -> None:

@@ -55,36 +55,25 @@ class StandIn:
     pipInstalls: list[Any] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
-    def loadVolume(self, path: str, name: str | None = None) -> Any:
-        """What ``slicer.util.loadVolume`` does in Slicer: read a file through the volumes logic."""
-        node = self.logics["Volumes"].AddArchetypeVolume(path, name or os.path.basename(path).split(".")[0])
-        if node is None:
-            raise RuntimeError(f"could not read volume {path}")
-        return node
+    def loadVolume(self, path: str | os.PathLike, name: str | None = None) -> Any:
+        """What ``slicer.util.loadVolume`` does in Slicer: read a file through the volumes logic
+        (here through the module Logic's ``loadVolumeFile``, the project's one loader)."""
+        from CTMLLMSlicerLib.logic import CTMLLMLogicCore
+
+        return CTMLLMLogicCore(self.scene, volumesLogic=self.logics["Volumes"]).loadVolumeFile(path, name)
 
 
 _installed: StandIn | None = None
 
 
 def build_scene() -> tuple[Any, Any, dict[str, Any]]:
-    """A scene with the logics volume loading and rendering need (see /work/shared/NOTES.md).
+    """The application's scene: the logics volume loading and rendering need, and the view nodes.
 
     The logics are returned so that the caller keeps them alive: the application logic does not.
     """
-    scene = slicer.vtkMRMLScene()
-    appLogic = slicer.vtkSlicerApplicationLogic()
-    appLogic.SetMRMLScene(scene)
-    logics = {}
-    for name, cls in (
-        ("Colors", slicer.vtkSlicerColorLogic),
-        ("Volumes", slicer.vtkSlicerVolumesLogic),
-        ("VolumeRendering", slicer.vtkSlicerVolumeRenderingLogic),
-    ):
-        logic = cls()
-        logic.SetMRMLApplicationLogic(appLogic)
-        logic.SetMRMLScene(scene)
-        appLogic.SetModuleLogic(name, logic)
-        logics[name] = logic
+    from CTMLLMSlicerLib.batch_scene import slicer_core_scene
+
+    scene, appLogic, logics = slicer_core_scene(("Colors", "Volumes", "VolumeRendering"))
     for node in build_view_nodes():
         scene.AddNode(node)
     return scene, appLogic, logics
@@ -191,6 +180,8 @@ def install() -> StandIn:
     global _installed
     if _installed is not None:
         return _installed
+    if MODULE_DIR not in sys.path:
+        sys.path.insert(0, MODULE_DIR)
     application()
     scene, appLogic, logics = build_scene()
     standIn = StandIn(scene, appLogic, logics)
@@ -230,7 +221,5 @@ def install() -> StandIn:
     slicer.util.confirmOkCancelDisplay = confirm
     slicer.util.pip_install = standIn.pipInstalls.append
     slicer.util.errorDisplay = lambda text, *args, **kwargs: standIn.errors.append(text)
-    if MODULE_DIR not in sys.path:
-        sys.path.insert(0, MODULE_DIR)
     _installed = standIn
     return standIn
