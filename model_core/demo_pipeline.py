@@ -65,9 +65,10 @@ class DemoBudget:
     slab_steps: int = 600
     slab_batch: int = 16
     slab_lr: float = 1e-3
-    stage1_steps: int = 300
-    stage2_steps: int = 80
+    stage1_steps: int = 1200
+    stage2_steps: int = 200
     batch_size: int = 8
+    report_repeats: int = 6
     eval_max_new_tokens: int = 160
 
     def __post_init__(self) -> None:
@@ -89,7 +90,7 @@ BUDGETS: dict[str, DemoBudget] = {
     # The shipped demo model: about an hour on one thread of a busy shared 2-core CPU.
     "small": DemoBudget(),
     # Ablations: the demo's benchmark and 2D checkpoints, a fifth of the 3D steps, per seed.
-    "ablation": DemoBudget(stage1_steps=60, stage2_steps=15, test=12),
+    "ablation": DemoBudget(stage1_steps=250, stage2_steps=50, test=16),
     # Tests: every step runs in seconds; the numbers mean nothing.
     "toy": DemoBudget(
         grid=(12, 48, 48),
@@ -107,6 +108,7 @@ BUDGETS: dict[str, DemoBudget] = {
         stage1_steps=3,
         stage2_steps=2,
         batch_size=2,
+        report_repeats=1,
         eval_max_new_tokens=12,
     ),
 }
@@ -358,8 +360,11 @@ def write_3d_config(
         seed=seed,
         preprocessing={"window": "soft_tissue", "target_shape": list(budget.grid)},
         data={
+            # a study has one report but about 12 question samples: repeat the reports so both tasks
+            # get a comparable share of the steps
             "train": [
-                {"kind": "m3d_cap", "json_path": str(bench / "M3D_Cap.json"), "split": "train"},
+                *[{"kind": "m3d_cap", "json_path": str(bench / "M3D_Cap.json"), "split": "train"}]
+                * budget.report_repeats,
                 {"kind": "m3d_vqa", "csv_path": str(bench / "M3D_VQA_train.csv"), "mode": "both"},
             ],
             "eval": None,
@@ -540,7 +545,8 @@ def run_ablations(
     benchmark and 2D checkpoints (``out`` is the demo run folder); results in ``out/ablations.json``."""
     budget = BUDGETS["ablation"]
     bench = out / "bench"
-    test_bench = build_data(out / "ablation_bench", replace(budget, train=0, val=0))
+    # held-out studies of another seed: not the demo model's test studies
+    test_bench = build_data(out / "ablation_bench", replace(budget, train=0, val=0), seed=1)
     results: dict[str, list[dict[str, Any]]] = {}
     path = out / "ablations.json"
     if path.is_file():
@@ -669,7 +675,7 @@ def results_markdown(scores: dict[str, Any], cost: dict[str, Any], ablations: di
         lines += [
             f"Each variant: {ab.stage1_steps} stage-1 + {ab.stage2_steps} stage-2 steps (variants without task "
             f"experts: {ab.stage1_steps + ab.stage2_steps} stage-1 steps), batch {ab.batch_size}, from the same "
-            f"benchmark and 2D checkpoints; evaluated on {ab.test} separate held-out studies (closed VQA, reports).",
+            f"benchmark and 2D checkpoints; evaluated on {ab.test} other held-out studies (benchmark seed 1; closed VQA, reports).",
             "",
             "| variant | closed-VQA acc. | finding F1 | organ F1 | false findings on normals | task-router acc. |",
             "| --- | --- | --- | --- | --- | --- |",

@@ -1,0 +1,80 @@
+"""CI regression guard for the bundled demo model (``model_core/demo_model``).
+
+A fixed held-out sample (20 test-split studies of benchmark seed ``SAMPLE_SEED`` at the model's
+own grid, not the studies docs/RESULTS.md scores) is read by the model: its reports are parsed
+into findings and scored, and two closed questions per study are answered. The floors sit just
+below the scores measured when the model was shipped (see ``MEASURED``); a retrained model that
+scores lower fails here. Skipped when no demo model is installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_core import metrics
+from model_core.benchmark import BenchmarkConfig, make_study, parse_report, score_findings
+from model_core.model import CONFIG_FILE, CTMLLM
+from model_core.prompts import format_closed_question
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "model_core" / "demo_model"
+SAMPLE_SEED = 7
+STUDIES = 20
+QUESTIONS_PER_STUDY = 2
+REPORT_TOKENS = 120
+
+MEASURED = {"closed_accuracy": 0.55, "finding_f1": 0.0, "organ_f1": 0.0}
+"""What the shipped model scored on this sample when it was committed (CPU, float32, greedy)."""
+FLOORS = {"closed_accuracy": 0.50}
+"""Floors just below ``MEASURED``; a metric measured at 0 gets no floor (it could not fail)."""
+
+pytestmark = pytest.mark.skipif(
+    not (DEMO_DIR / CONFIG_FILE).is_file(), reason="no demo model installed in model_core/demo_model"
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> CTMLLM:
+    torch.set_num_threads(1)
+    return CTMLLM.from_pretrained(DEMO_DIR)
+
+
+@pytest.fixture(scope="module")
+def measured(model: CTMLLM) -> dict[str, float]:
+    settings = model.preprocess_config()
+    config = BenchmarkConfig(seed=SAMPLE_SEED, grid=tuple(settings.target_shape), window=settings.window)
+    predicted, truth, correct = [], [], []
+    for index in range(STUDIES):
+        study = make_study("test", index, config)
+        report = model.generate(study.image, task="report", max_new_tokens=REPORT_TOKENS).text
+        predicted.append(parse_report(report))
+        truth.append(study.findings)
+        features = model.encode_volume(study.image, task="vqa")
+        for row in study.questions[:QUESTIONS_PER_STUDY]:
+            choices = {letter: row[f"Choice {letter}"] for letter in "ABCD"}
+            prompt = format_closed_question(row["Question"], choices)
+            answer = model.generate(features, prompt, max_new_tokens=8).text
+            correct.append(metrics.closed_vqa_correct(answer, row["Answer Choice"]))
+    scores = score_findings(predicted, truth)
+    return {
+        "closed_accuracy": sum(correct) / len(correct),
+        "finding_f1": scores["f1"],
+        "organ_f1": scores["organ_f1"],
+    }
+
+
+def test_demo_model_records_how_it_was_trained(model: CTMLLM) -> None:
+    settings = model.preprocess_config()
+    assert settings.window == "soft_tissue" and len(settings.target_shape) == 3
+    assert model.config.volume.num_3d_blocks == 2 and model.config.moe.mode == "tgh_hard"
+    assert sum(f.stat().st_size for f in DEMO_DIR.iterdir() if f.is_file()) <= 30 * 1024 * 1024
+
+
+@pytest.mark.parametrize("metric", sorted(FLOORS))
+def test_demo_model_stays_above_its_floor(measured: dict[str, float], metric: str) -> None:
+    assert measured[metric] >= FLOORS[metric], (
+        f"{metric} {measured[metric]:.3f} fell below its floor {FLOORS[metric]} (measured at ship time: "
+        f"{MEASURED[metric]})"
+    )
