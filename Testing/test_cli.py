@@ -22,6 +22,7 @@ def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
         cwd=REPO,
         capture_output=True,
         text=True,
+        encoding="utf-8",
         timeout=300,
         env=env,
     )
@@ -79,7 +80,7 @@ def test_bad_model_and_volume_get_clear_errors(tiny_model_dir: Path, tmp_path: P
     flat = tmp_path / "flat.npy"
     np.save(flat, np.zeros((32, 32), dtype=np.float32))
     done = run_cli("generate", "--model", str(tiny_model_dir), "--volume", str(flat), cache=tmp_path)
-    assert done.returncode == 2 and "2D image" in done.stderr
+    assert done.returncode == 2 and "holds shape (32, 32)" in done.stderr
 
 
 def test_hub_spec_resolution(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ def test_demo_runs_and_prints_ground_truth(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
+        encoding="utf-8",
         timeout=600,
         env=env,
     )

@@ -227,7 +227,12 @@ def test_mixed_precision_checkpointing_and_accumulation_run(tmp_path: Path) -> N
         "--no-progress",
     ]
     done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1]
+        command,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()]
@@ -302,7 +307,9 @@ def test_two_process_ddp_on_cpu_trains_resumes_and_runs_stage2(tmp_path: Path) -
     base = ["--config", str(config_path), "--no-progress"]
     root = Path(__file__).resolve().parents[1]
     for extra in (["--stage", "1", "--until-step", "2"], ["--stage", "1", "--resume"], ["--stage", "2"]):
-        done = subprocess.run(launch + base + extra, capture_output=True, text=True, timeout=600, cwd=root)
+        done = subprocess.run(
+            launch + base + extra, capture_output=True, text=True, encoding="utf-8", timeout=600, cwd=root
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     checkpoint = list_checkpoints(tmp_path / "stage1")[-1][1]
     assert (checkpoint / "random_states_1.pkl").is_file()  # really two processes
