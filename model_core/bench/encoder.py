@@ -18,6 +18,7 @@ import torch
 from model_core.bench.common import (
     bench_2d_mllm,
     case_main,
+    current_rss_mib,
     median_seconds,
     peak_rss_mib,
     run_cases_in_subprocesses,
@@ -32,11 +33,13 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     from model_core.model import CTMLLM
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_default_dtype(DTYPES[case["dtype"]])  # build in the measured precision: no float32 peak
     mllm, tokenizer = bench_2d_mllm()
+    torch.set_default_dtype(torch.float32)
     model = CTMLLM.from_2d_model(mllm, tokenizer, volume=VolumeAdapterConfig(num_3d_blocks=case["k"]))
     model.to(device=device, dtype=DTYPES[case["dtype"]]).eval()
     volume = torch.rand(1, case["depth"], 256, 256, generator=torch.Generator().manual_seed(0)).to(device)
-    baseline_mib = peak_rss_mib()
+    model_mib = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else current_rss_mib()
     seconds = []
     with torch.inference_mode():
         for index in range(case["repeats"] + 1):
@@ -56,7 +59,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         "median_s": round(median_seconds(seconds), 3),
         "min_s": round(min(seconds), 3),
         "peak_mib": round(peak, 1),
-        "model_mib": round(baseline_mib, 1),
+        "model_mib": round(model_mib, 1),
+        "growth_mib": round(peak - model_mib, 1),
     }
 
 
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.ks
     ]
     rows = run_cases_in_subprocesses("model_core.bench.encoder", cases, args.timeout)
-    columns = ["dtype", "depth", "k", "visual_tokens", "median_s", "min_s", "peak_mib"]
+    columns = ["dtype", "depth", "k", "visual_tokens", "median_s", "min_s", "peak_mib", "growth_mib"]
     write_report(args.out, "encoder", rows, columns, vars(args) | {"out": str(args.out)})
     return 0 if all("error" not in row for row in rows) else 1
 
