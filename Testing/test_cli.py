@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ABDOMEN_CT, NOT_CT_MR, REPO, needs_shared_ct
 
 from model_core.hub import ModelNotFoundError, resolve_model_dir
-from model_core.tiny import build_tiny_ctmllm, save_tiny_2d_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
+from model_core.tiny import save_tiny_2d_checkpoint
 
 
 def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
@@ -25,13 +24,6 @@ def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
         encoding="utf-8",
         timeout=300,
         env=env,
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return build_tiny_ctmllm("internvl", num_3d_blocks=1).save_pretrained(
-        tmp_path_factory.mktemp("m") / "tiny"
     )
 
 
@@ -60,7 +52,7 @@ def test_info_describes_the_model(tiny_model_dir: Path, tmp_path: Path) -> None:
     done = run_cli("info", str(tiny_model_dir), cache=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "family:           internvl" in done.stdout
-    assert "3D blocks (K):    1 of 4" in done.stdout
+    assert "3D blocks (K):    2 of 4" in done.stdout
     assert "at most 512 per volume" in done.stdout
 
 
@@ -93,17 +85,14 @@ def test_hub_spec_resolution(tiny_model_dir: Path, tmp_path: Path) -> None:
         resolve_model_dir(not_a_model)
 
 
-SHARED_CT = REPO.parent / "shared" / "data" / "ct"
-
-
-@pytest.mark.skipif(not SHARED_CT.is_dir(), reason="../shared/data/ct is not beside the checkout")
+@needs_shared_ct
 def test_generate_reads_a_real_nifti_and_refuses_mr(tiny_model_dir: Path, tmp_path: Path) -> None:
     done = run_cli(
         "generate",
         "--model",
         str(tiny_model_dir),
         "--volume",
-        str(SHARED_CT / "abdomen_ct_3mm.nii.gz"),
+        str(ABDOMEN_CT),
         "--max-new-tokens",
         "4",
         "--device",
@@ -117,7 +106,7 @@ def test_generate_reads_a_real_nifti_and_refuses_mr(tiny_model_dir: Path, tmp_pa
         "--model",
         str(tiny_model_dir),
         "--volume",
-        str(SHARED_CT / "not_ct_mr_3mm.nii.gz"),
+        str(NOT_CT_MR),
         cache=tmp_path,
     )
     assert mr.returncode == 2 and "allow_non_ct" in mr.stderr

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from model_core.hub import DEMO_MODEL_DIR
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+from model_core.hub import DEMO_MODEL_DIR
 
 
 def test_demo_runs_and_prints_ground_truth(tmp_path: Path) -> None:

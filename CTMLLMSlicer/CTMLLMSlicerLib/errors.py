@@ -54,7 +54,10 @@ def isOutOfMemory(error: BaseException) -> bool:
 
 
 def describeError(error: BaseException) -> str:
-    """One message for the panel: our typed errors as they are, anything else with its type name."""
-    if isinstance(error, CTMLLMSlicerError):
+    """One message for the panel: our typed errors and model_core's input errors as they are
+    (their messages name the problem and the fix), anything else with its type name."""
+    from model_core.data.errors import CTInputError
+
+    if isinstance(error, (CTMLLMSlicerError, CTInputError)):
         return str(error)
     return f"Unexpected error ({type(error).__name__}): {error}. The Python console has the details."
