@@ -87,14 +87,18 @@ def machine_description() -> dict[str, Any]:
 
 
 def run_cases_in_subprocesses(
-    module: str, cases: list[dict[str, Any]], timeout: float
+    module: str | list[str], cases: list[dict[str, Any]], timeout: float
 ) -> list[dict[str, Any]]:
-    """Run ``python -m module --case JSON`` for each case; each prints one JSON line."""
+    """Run ``python -m module --case JSON`` (or ``[*command, "--case", JSON]`` when given a command
+    list, e.g. a script's path) for each case; each prints one JSON line."""
+    prefix = [sys.executable, "-m", module] if isinstance(module, str) else list(module)
     results = []
     for case in cases:
-        command = [sys.executable, "-m", module, "--case", json.dumps(case)]
+        command = [*prefix, "--case", json.dumps(case)]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+            done = subprocess.run(
+                command, capture_output=True, text=True, encoding="utf-8", timeout=timeout, check=False
+            )
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             if done.returncode == 0 and lines:
                 results.append(json.loads(lines[-1]))
