@@ -30,20 +30,10 @@ from model_core.data import (
     write_m3d_cap,
     write_m3d_vqa,
 )
+from model_core.data.formats import M3D_VQA_COLUMNS
 from model_core.prompts import DEFAULT_REPORT_PROMPT
 
-VQA_HEADER = [
-    "Image Path",
-    "Text",
-    "Question Type",
-    "Question",
-    "Choice A",
-    "Choice B",
-    "Choice C",
-    "Choice D",
-    "Answer",
-    "Answer Choice",
-]
+VQA_HEADER = list(M3D_VQA_COLUMNS)
 
 
 def m3d_volume(seed: int, shape: tuple[int, ...] = (1, 4, 8, 8)) -> np.ndarray:

@@ -7,6 +7,7 @@ with a ChatML chat template, so tiny models exercise the same prompt path as rea
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -43,8 +44,8 @@ bone spine vertebra pancreas stomach gallbladder bladder colon bowel chest abdom
 """
 
 
-def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A deterministic byte-level BPE tokenizer with a ChatML template."""
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts`` (deterministic), with ChatML specials and template."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -54,13 +55,18 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         chat_template=CHATML_TEMPLATE,
     )
+
+
+def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """The tiny models' tokenizer, trained on the small built-in radiology corpus."""
+    return train_bpe_tokenizer([CORPUS] * 4, vocab_size)
 
 
 def _tiny_text_config(vocab_size: int, hidden: int) -> Qwen2Config:
