@@ -25,10 +25,18 @@ STUDIES = 20
 QUESTIONS_PER_STUDY = 2
 REPORT_TOKENS = 120
 
-MEASURED = {"closed_accuracy": 0.55, "finding_f1": 0.0, "organ_f1": 0.0}
+MEASURED = {
+    "closed_accuracy": 0.575,
+    "finding_f1": 0.0,
+    "organ_f1": 0.0,
+    "report_rouge1": 0.443,
+    "false_findings_on_normals": 0.0,
+}
 """What the shipped model scored on this sample when it was committed (CPU, float32, greedy)."""
-FLOORS = {"closed_accuracy": 0.50}
+FLOORS = {"closed_accuracy": 0.52, "report_rouge1": 0.40}
 """Floors just below ``MEASURED``; a metric measured at 0 gets no floor (it could not fail)."""
+CEILINGS = {"false_findings_on_normals": 0.2}
+"""Share of the sample's 5 normal studies with any reported finding: at most 1 of 5."""
 
 pytestmark = pytest.mark.skipif(
     not (DEMO_DIR / CONFIG_FILE).is_file(), reason="no demo model installed in model_core/demo_model"
@@ -45,12 +53,14 @@ def model() -> CTMLLM:
 def measured(model: CTMLLM) -> dict[str, float]:
     settings = model.preprocess_config()
     config = BenchmarkConfig(seed=SAMPLE_SEED, grid=tuple(settings.target_shape), window=settings.window)
-    predicted, truth, correct = [], [], []
+    predicted, truth, correct, reports, references = [], [], [], [], []
     for index in range(STUDIES):
         study = make_study("test", index, config)
         report = model.generate(study.image, task="report", max_new_tokens=REPORT_TOKENS).text
         predicted.append(parse_report(report))
         truth.append(study.findings)
+        reports.append(report)
+        references.append(study.report)
         features = model.encode_volume(study.image, task="vqa")
         for row in study.questions[:QUESTIONS_PER_STUDY]:
             choices = {letter: row[f"Choice {letter}"] for letter in "ABCD"}
@@ -58,10 +68,13 @@ def measured(model: CTMLLM) -> dict[str, float]:
             answer = model.generate(features, prompt, max_new_tokens=8).text
             correct.append(metrics.closed_vqa_correct(answer, row["Answer Choice"]))
     scores = score_findings(predicted, truth)
+    rouge1 = metrics.score_texts(references, reports, bertscore=False, meteor_score=False)["rouge1"]
     return {
         "closed_accuracy": sum(correct) / len(correct),
         "finding_f1": scores["f1"],
         "organ_f1": scores["organ_f1"],
+        "report_rouge1": sum(rouge1) / len(rouge1),
+        "false_findings_on_normals": scores["false_finding_rate_on_normals"],
     }
 
 
@@ -76,5 +89,13 @@ def test_demo_model_records_how_it_was_trained(model: CTMLLM) -> None:
 def test_demo_model_stays_above_its_floor(measured: dict[str, float], metric: str) -> None:
     assert measured[metric] >= FLOORS[metric], (
         f"{metric} {measured[metric]:.3f} fell below its floor {FLOORS[metric]} (measured at ship time: "
+        f"{MEASURED[metric]})"
+    )
+
+
+@pytest.mark.parametrize("metric", sorted(CEILINGS))
+def test_demo_model_stays_below_its_ceiling(measured: dict[str, float], metric: str) -> None:
+    assert measured[metric] <= CEILINGS[metric], (
+        f"{metric} {measured[metric]:.3f} rose above its ceiling {CEILINGS[metric]} (measured at ship time: "
         f"{MEASURED[metric]})"
     )
