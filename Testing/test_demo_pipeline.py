@@ -6,6 +6,7 @@ artifact tests; the other tests use tiny inputs of their own.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -94,6 +95,9 @@ def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) 
     assert f"{scores['closed_accuracy']['accuracy']:.3f} (n={scores['closed_accuracy']['n']})" in page
     assert "| 3d_training |" in page and "| 2d_pretraining |" in page
     assert "Not run." in page  # no ablations in this run
+    with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
+        distinct = len({row["prediction"] for row in csv.DictReader(stream)})
+    assert f"Distinct generated reports: {distinct} for {TOY.test} test studies" in page
 
 
 def test_slab_dataset_reads_aligned_slabs_with_their_findings(toy_run: tuple[Path, dict]) -> None:

@@ -22,6 +22,7 @@ so an interrupted run continues):
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -666,6 +667,12 @@ def results_markdown(scores: dict[str, Any], cost: dict[str, Any], ablations: di
     for label, values in (("report", report), ("open VQA", open_m)):
         cells = [_fmt(values.get(name)) for name in ("bleu1", "rouge1", "meteor", "bertscore_f1")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if "distinct_reports" in scores:
+        lines += [
+            "",
+            f"Distinct generated reports: {scores['distinct_reports']} for {scores['counts']['report']['samples']} "
+            "test studies (a model that reads the image writes different reports for different studies).",
+        ]
     lines += ["", "## Training cost", "", "| step | minutes | device |", "| --- | --- | --- |"]
     for step, entry in cost.items():
         lines.append(f"| {step} | {entry['minutes']} | {entry['device']} |")
@@ -701,6 +708,8 @@ def results_markdown(scores: dict[str, Any], cost: dict[str, Any], ablations: di
 def write_results(out: Path, target: Path) -> Path:
     """Render ``out/scores.json``, ``out/cost.json`` (+ the 3D run's) and ``out/ablations.json``."""
     scores = json.loads((out / "scores.json").read_text())
+    with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
+        scores["distinct_reports"] = len({row["prediction"] for row in csv.DictReader(stream)})
     cost = json.loads((out / COST_FILE).read_text())
     three_d = out / "3d" / COST_FILE
     if three_d.is_file():
