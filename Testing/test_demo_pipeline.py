@@ -98,6 +98,9 @@ def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) 
     with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
         distinct = len({row["prediction"] for row in csv.DictReader(stream)})
     assert f"Distinct generated reports: {distinct} for {TOY.test} test studies" in page
+    check = scores["slab_check_2d"]
+    assert check["slabs_with_lesion"] + check["slabs_without"] > 0
+    assert f"on {check['reported_on_normal_slabs']} of {check['slabs_without']} without" in page
 
 
 def test_slab_dataset_reads_aligned_slabs_with_their_findings(toy_run: tuple[Path, dict]) -> None:

@@ -483,6 +483,32 @@ def collect_scores(eval_dir: Path) -> dict[str, Any]:
     }
 
 
+def slab_lesion_check(checkpoint: Path, bench: Path, per_group: int = 30) -> dict[str, int]:
+    """Does the 2D checkpoint see lesions? Captions it writes for held-out test slabs with and
+    without a lesion, parsed into findings: where a 3D failure to report lesions starts."""
+    from model_core.benchmark import parse_report
+    from model_core.benchmark.slabs import SlabDataset, slab_items
+    from model_core.config import VolumeAdapterConfig
+    from model_core.model import CTMLLM
+
+    model = CTMLLM.from_2d_pretrained(checkpoint, volume=VolumeAdapterConfig(num_3d_blocks=0)).eval()
+    captions = [item for item in slab_items(bench, "test") if item.task == "report"]
+    with_lesion = [item for item in captions if item.meta["findings"]][:per_group]
+    without = [item for item in captions if not item.meta["findings"]][:per_group]
+    texts = [
+        model.generate(sample.load_volume(), sample.prompt, task="report", max_new_tokens=48).text
+        for sample in SlabDataset(with_lesion + without)
+    ]
+    reported = [bool(parse_report(text)) for text in texts]
+    return {
+        "slabs_with_lesion": len(with_lesion),
+        "reported_on_lesion_slabs": sum(reported[: len(with_lesion)]),
+        "slabs_without": len(without),
+        "reported_on_normal_slabs": sum(reported[len(with_lesion) :]),
+        "distinct_captions": len(set(texts)),
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Step 6: cost, shipping
 
@@ -537,6 +563,9 @@ def run_pipeline(
     final = train_3d(config, out / "3d", "tgh_hard", log)
     scores = evaluate_model(final, bench, out / "eval", budget, log)
     scores.update(budget=budget_name, budget_settings=asdict(budget), model_dir=str(final))
+    scores["slab_check_2d"] = slab_lesion_check(
+        out / "2d_checkpoint", bench, per_group=4 if budget_name == "toy" else 30
+    )
     (out / "scores.json").write_text(json.dumps(scores, indent=1))
     return scores
 
@@ -672,6 +701,14 @@ def results_markdown(scores: dict[str, Any], cost: dict[str, Any], ablations: di
             "",
             f"Distinct generated reports: {scores['distinct_reports']} for {scores['counts']['report']['samples']} "
             "test studies (a model that reads the image writes different reports for different studies).",
+        ]
+    check = scores.get("slab_check_2d")
+    if check:
+        lines += [
+            "",
+            f"The 2D checkpoint on held-out test slabs: a finding reported on {check['reported_on_lesion_slabs']} of "
+            f"{check['slabs_with_lesion']} slabs with a lesion and on {check['reported_on_normal_slabs']} of "
+            f"{check['slabs_without']} without; {check['distinct_captions']} distinct caption(s).",
         ]
     lines += ["", "## Training cost", "", "| step | minutes | device |", "| --- | --- | --- |"]
     for step, entry in cost.items():
