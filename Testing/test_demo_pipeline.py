@@ -175,6 +175,9 @@ def test_ablation_table_gives_mean_and_spread_and_names_unrun_variants() -> None
     assert f"| {name} | {row} |" in table
     unrun = [line for line in table.splitlines() if line.endswith("| not run | not run |")]
     assert len(unrun) == len(dp.ABLATIONS) - 1
+    assert "does not yet tell the variants apart" not in table  # one run has F1 above 0
+    blind = dp.results_markdown(_minimal_scores(), {}, {name: [run(0, 0.5, 0.0), run(1, 0.6, 0.0)]})
+    assert "does not yet tell the variants apart" in blind
 
 
 def test_budget_refuses_a_grid_the_pixel_shuffle_cannot_take() -> None:
