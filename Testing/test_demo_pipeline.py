@@ -117,6 +117,22 @@ def test_slab_dataset_reads_aligned_slabs_with_their_findings(toy_run: tuple[Pat
     assert sample.load_volume().shape == (3, TOY.grid[1], TOY.grid[2])
 
 
+def test_lesion_share_keeps_every_lesion_slab_and_drops_normal_ones(toy_run: tuple[Path, dict]) -> None:
+    out, _ = toy_run
+
+    def slabs(items: list) -> tuple[set, set]:
+        keys = {(i.meta["study"], i.start): bool(i.meta["findings"]) for i in items}
+        return {k for k, v in keys.items() if v}, {k for k, v in keys.items() if not v}
+
+    lesion_all, normal_all = slabs(slab_items(out / "bench", "train"))
+    lesion_kept, normal_kept = slabs(slab_items(out / "bench", "train", min_lesion_share=0.5))
+    assert lesion_all and lesion_kept == lesion_all
+    assert normal_kept <= normal_all and len(normal_kept) == min(len(normal_all), len(lesion_all))
+    assert slabs(slab_items(out / "bench", "train", min_lesion_share=1.0))[1] == set()
+    with pytest.raises(ValueError, match="min_lesion_share"):
+        slab_items(out / "bench", "train", min_lesion_share=0.0)
+
+
 def test_findings_in_slab_uses_the_sphere_and_the_slice_spacing() -> None:
     lesion = Finding("liver", "cyst", 20.0, center_voxel=(10, 5, 5))  # radius 10 mm
     spacing = (10.0, 3.0, 3.0)

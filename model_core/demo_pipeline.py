@@ -66,6 +66,7 @@ class DemoBudget:
     slab_steps: int = 600
     slab_batch: int = 16
     slab_lr: float = 1e-3
+    lesion_slab_share: float | None = None  # None: every slab (most hold no lesion)
     stage1_steps: int = 1200
     stage2_steps: int = 200
     batch_size: int = 8
@@ -327,7 +328,10 @@ def make_2d_checkpoints(
     if (out / "2d_checkpoint" / "config.json").is_file():
         return
     model = as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget)
-    dataset = SlabDataset(slab_items(bench, "train", questions_per_slab=1, seed=seed))
+    items = slab_items(
+        bench, "train", questions_per_slab=1, seed=seed, min_lesion_share=budget.lesion_slab_share
+    )
+    dataset = SlabDataset(items)
     log(f"2D pretraining on {len(dataset)} slab samples, {budget.slab_steps} steps")
     started = time.perf_counter()
     history = pretrain_2d(model, dataset, budget.slab_steps, budget.slab_batch, budget.slab_lr, seed, log)

@@ -76,9 +76,18 @@ def slab_items(
     questions_per_slab: int = 1,
     seed: int = 0,
     limit_studies: int | None = None,
+    min_lesion_share: float | None = None,
 ) -> list[SlabItem]:
     """Every aligned slab of every study of ``split``: one caption and ``questions_per_slab``
-    questions each (closed and open alternate), drawn from ``(seed, study, slab)``."""
+    questions each (closed and open alternate), drawn from ``(seed, study, slab)``.
+
+    ``min_lesion_share`` keeps every slab with a lesion and only as many lesion-free slabs (drawn
+    from ``seed``) as leave slabs with a lesion at least that share; most slabs hold none.
+    """
+    if min_lesion_share is not None and not 0.0 < min_lesion_share <= 1.0:
+        raise ValueError(
+            f"min_lesion_share={min_lesion_share}: use a share in (0, 1], or None for every slab"
+        )
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use one of {SPLITS}")
     root = Path(benchmark_dir)
@@ -111,7 +120,18 @@ def slab_items(
                 answer = closed_target(row["Answer Choice"], row["Answer"]) if closed else row["Answer"]
                 meta = {**base, "question_type": int(row["Question Type"]), "closed": closed}
                 items.append(SlabItem(image, start, "vqa", prompt, answer, f"{slab_id}#q{index}", meta))
-    return items
+    return items if min_lesion_share is None else _keep_lesion_share(items, min_lesion_share, seed)
+
+
+def _keep_lesion_share(items: list[SlabItem], share: float, seed: int) -> list[SlabItem]:
+    """Drop the items of randomly drawn lesion-free slabs until lesion slabs make up ``share``."""
+    slabs = list(dict.fromkeys((item.meta["study"], item.start) for item in items))
+    with_lesion = {(i.meta["study"], i.start) for i in items if i.meta["findings"]}
+    normal = [slab for slab in slabs if slab not in with_lesion]
+    keep = min(len(normal), int(len(with_lesion) * (1 - share) / share))
+    chosen = np.random.default_rng(seed).permutation(len(normal))[:keep]
+    kept = with_lesion | {normal[i] for i in chosen}
+    return [item for item in items if (item.meta["study"], item.start) in kept]
 
 
 class SlabDataset(Dataset):
