@@ -657,7 +657,9 @@ def _mean_spread(values: Sequence[float | None]) -> str:
     return f"{np.mean(present):.3f} ± {_fmt(spread)} (n={len(present)})"
 
 
-def results_markdown(scores: dict[str, Any], cost: dict[str, Any], ablations: dict[str, list[dict]]) -> str:
+def results_markdown(
+    scores: dict[str, Any], cost: dict[str, Any], ablations: dict[str, list[dict]], run_dir: str = "runs/demo"
+) -> str:
     """docs/RESULTS.md: the demo model's held-out scores, training cost and the ablation table."""
     findings, closed = scores["findings"], scores["closed_accuracy"]
     report, open_m = scores["report_metrics"], scores["open_metrics"]
@@ -665,7 +667,7 @@ def results_markdown(scores: dict[str, Any], cost: dict[str, Any], ablations: di
     lines = [
         "# Results: the demo model on the lesion benchmark's held-out split",
         "",
-        "Written by `python -m model_core.demo_pipeline --out runs/demo --budget small --ship "
+        f"Written by `python -m model_core.demo_pipeline --out {run_dir} --budget small --ship "
         "--ablations --results docs/RESULTS.md` from the JSON that `python -m model_core.evaluate` and "
         "`python -m model_core.benchmark score` wrote; no number here is typed by hand. Greedy decoding.",
         "",
@@ -725,7 +727,8 @@ def results_markdown(scores: dict[str, Any], cost: dict[str, Any], ablations: di
         lines += [
             f"Each variant: {ab.stage1_steps} stage-1 + {ab.stage2_steps} stage-2 steps (variants without task "
             f"experts: {ab.stage1_steps + ab.stage2_steps} stage-1 steps), batch {ab.batch_size}, from the same "
-            f"benchmark and 2D checkpoints; evaluated on {ab.test} other held-out studies (benchmark seed 1; closed VQA, reports).",
+            f"benchmark and 2D checkpoints; evaluated on {ab.test} other held-out studies (benchmark seed 1; closed VQA, reports). "
+            "Train minutes are wall-clock time on a shared CPU where other jobs ran at the same time.",
             "",
             "| variant | closed-VQA acc. | finding F1 | organ F1 | false findings on normals | task-router acc. "
             "| train minutes |",
@@ -766,7 +769,7 @@ def write_results(out: Path, target: Path) -> Path:
     if three_d.is_file():
         cost.update(json.loads(three_d.read_text()))
     ablations = json.loads((out / "ablations.json").read_text()) if (out / "ablations.json").is_file() else {}
-    target.write_text(results_markdown(scores, cost, ablations))
+    target.write_text(results_markdown(scores, cost, ablations, str(out)))
     return target
 
 
