@@ -26,6 +26,7 @@ from model_core.benchmark.slabs import (
 )
 from model_core.families import STATE_DICT_PREFIXES, map_2d_state_dict_name, map_ctmllm_state_dict_name
 from model_core.model import CTMLLM
+from model_core.tiny import train_bpe_tokenizer
 
 TOY = dp.BUDGETS["toy"]
 
@@ -154,7 +155,7 @@ def test_reverse_state_dict_names_invert_the_2d_mapping() -> None:
 
 def test_exported_2d_checkpoint_converts_back_to_the_same_model(tmp_path: Path) -> None:
     texts = ["There is a 12 mm cyst in the liver.", "No focal lesion in this section.", "A. liver"]
-    tokenizer = dp.train_tokenizer(texts * 3, 300)
+    tokenizer = train_bpe_tokenizer(texts * 3, 300)
     model = dp.as_2d_ctmllm(dp.build_2d_mllm(tokenizer, TOY, seed=3), tokenizer, TOY).eval()
     folder = dp.export_2d_checkpoint(model, tmp_path / "2d")
     assert json.loads((folder / "preprocessor_config.json").read_text())["image_mean"] == list(
@@ -171,7 +172,7 @@ def test_exported_2d_checkpoint_converts_back_to_the_same_model(tmp_path: Path) 
 
 
 def test_export_refuses_a_3d_model() -> None:
-    tokenizer = dp.train_tokenizer(["a b c"] * 3, 280)
+    tokenizer = train_bpe_tokenizer(["a b c"] * 3, 280)
     model = dp.as_2d_ctmllm(dp.build_2d_mllm(tokenizer, TOY, seed=0), tokenizer, TOY)
     model.config.volume.num_3d_blocks = 1
     with pytest.raises(ValueError, match="num_3d_blocks 0"):

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 import yaml
 
+from model_core.tiny import train_bpe_tokenizer
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_3D = REPO_ROOT / "configs" / "demo_3d.yaml"
 MAX_SHIPPED_BYTES = 30 * 1024 * 1024
 COST_FILE = "cost.json"
-DEMO_MODEL_DIR = REPO_ROOT / "model_core" / "demo_model"
-"""Where the shipped model goes: ``model_core.hub.DEMO_MODEL_DIR``, which ``load_model("demo")`` reads."""
 
 
 @dataclass(frozen=True)
@@ -154,32 +154,6 @@ def tokenizer_corpus(bench_dir: Path) -> list[str]:
         )
         texts.append(f"{record.answer_choice}. {record.answer}")
     return [*texts, DEFAULT_REPORT_PROMPT, SLAB_PROMPT, NORMAL_SLAB_TEXT]
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int):
-    """A byte-level BPE (any text still encodes) with ChatML special tokens and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from model_core.model import CHATML_TEMPLATE
-    from model_core.tiny import SPECIAL_TOKENS
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(list(texts), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHATML_TEMPLATE,
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +293,7 @@ def make_2d_checkpoints(
     from model_core.benchmark.slabs import SlabDataset, slab_items
 
     if not (out / "tokenizer" / "tokenizer.json").is_file():
-        train_tokenizer(tokenizer_corpus(bench), budget.vocab_size).save_pretrained(out / "tokenizer")
+        train_bpe_tokenizer(tokenizer_corpus(bench), budget.vocab_size).save_pretrained(out / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     if not (out / "2d_random" / "config.json").is_file():
         export_2d_checkpoint(
