@@ -128,3 +128,13 @@ def test_a_repo_in_the_local_cache_loads_without_asking(
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     assert resolve_model_dir("owner/cached-model", cache_dir=tmp_path) == tiny_model_dir
     assert calls == [("owner/cached-model", True)]
+
+
+def test_demo_spec_falls_back_to_the_tiny_model_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    import model_core.hub as hub
+
+    monkeypatch.setattr(hub, "DEMO_MODEL_DIR", tmp_path / "no-demo-model")
+    notices: list[str] = []
+    folder = resolve_model_dir("demo", cache_dir=tmp_path / "cache", notice=notices.append)
+    assert (folder / "ctmllm_config.json").is_file()
+    assert notices and "tiny random test model" in notices[0]
