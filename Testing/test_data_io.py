@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import SHARED_CT, needs_shared_ct
 
 from model_core.data import (
     CTImage,
@@ -25,11 +26,6 @@ from model_core.data import (
 from model_core.data import io as data_io
 from model_core.data.io import shrink_factors
 
-SHARED_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct"
-needs_shared = pytest.mark.skipif(
-    not SHARED_CT.is_dir(),
-    reason=f"shared CT volumes not found at {SHARED_CT} (see ../shared/data/README.md)",
-)
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 # x axis toward the patient's right, z toward the feet: a non-LPS DICOM acquisition.
@@ -57,7 +53,7 @@ def dicom_ct(tmp_path: Path) -> tuple[Path, np.ndarray]:
 # --- real NIfTI files ---------------------------------------------------------------------------
 
 
-@needs_shared
+@needs_shared_ct
 def test_nifti_stored_ras_is_read_lps_with_slice_0_inferior():
     path = SHARED_CT / "abdomen_ct_3mm.nii.gz"
     raw = sitk.ReadImage(str(path))  # stored RAS: x toward the left... of the viewer, i.e. patient's right
@@ -73,7 +69,7 @@ def test_nifti_stored_ras_is_read_lps_with_slice_0_inferior():
     assert ct.series_uid is None and ct.warnings == []
 
 
-@needs_shared
+@needs_shared_ct
 def test_every_voxel_keeps_its_physical_position():
     path = SHARED_CT / "torso_ct_3mm.nii.gz"
     raw = sitk.ReadImage(str(path))
@@ -86,7 +82,7 @@ def test_every_voxel_keeps_its_physical_position():
     assert oriented.TransformIndexToPhysicalPoint((0, 0, 111))[2] > ct.origin[2]
 
 
-@needs_shared
+@needs_shared_ct
 def test_nifti_already_lps_is_unchanged():
     path = SHARED_CT / "cardiac_cta_1p5mm.nii.gz"
     raw = sitk.ReadImage(str(path))
@@ -96,7 +92,7 @@ def test_nifti_already_lps_is_unchanged():
     np.testing.assert_allclose(ct.origin, raw.GetOrigin())
 
 
-@needs_shared
+@needs_shared_ct
 def test_mr_volume_is_refused_as_not_ct_and_accepted_with_override():
     path = SHARED_CT / "not_ct_mr_3mm.nii.gz"
     with pytest.raises(NotCTError) as refused:
@@ -109,7 +105,7 @@ def test_mr_volume_is_refused_as_not_ct_and_accepted_with_override():
     assert len(ct.warnings) == 1 and "allow_non_ct=True" in ct.warnings[0]
 
 
-@needs_shared
+@needs_shared_ct
 def test_huge_volume_is_block_averaged_while_read(tmp_path, monkeypatch):
     monkeypatch.setattr(data_io, "_MIN_SLAB_VOXELS", 0)  # slabs of 2 slices: many reads, as for a huge file
     path = tmp_path / "torso.nii"  # uncompressed: each slab read seeks instead of decompressing again
@@ -135,7 +131,7 @@ def test_shrink_factors_coarsen_the_finest_axis_first():
 # --- Slicer's in-memory volumes -------------------------------------------------------------------
 
 
-@needs_shared
+@needs_shared_ct
 @pytest.mark.parametrize("name", ["abdomen_ct_3mm.nii.gz", "cardiac_cta_1p5mm.nii.gz"])
 def test_from_ijk_to_ras_equals_reading_the_file(name):
     raw = sitk.ReadImage(str(SHARED_CT / name))
@@ -154,7 +150,7 @@ def test_from_ijk_to_ras_equals_reading_the_file(name):
     )
 
 
-@needs_shared
+@needs_shared_ct
 def test_volume_loaded_by_slicer_core_matches_read_ct():
     slicer = pytest.importorskip("slicer", reason="slicer-core not installed")
     slicer_util = pytest.importorskip("slicer.util")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_CT, needs_shared_ct
 
 from model_core.config import ConfigError
 from model_core.data import (
@@ -27,12 +27,6 @@ from model_core.data.preprocess import (
     resize_to_grid,
     window,
     window_from_width_level,
-)
-
-SHARED_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct"
-needs_shared = pytest.mark.skipif(
-    not SHARED_CT.is_dir(),
-    reason=f"shared CT volumes not found at {SHARED_CT} (see ../shared/data/README.md)",
 )
 
 
@@ -137,7 +131,7 @@ def test_preprocess_checks_in_memory_volumes_too():
         preprocess(dataclasses.replace(ct, array=(ct.array + 1000).astype(np.float32) / 2000))
 
 
-@needs_shared
+@needs_shared_ct
 @pytest.mark.parametrize("name", ["abdomen_ct_3mm.nii.gz", "cardiac_cta_1p5mm.nii.gz"])
 def test_real_ct_becomes_the_m3d_grid(name):
     volume, ct = load_volume(SHARED_CT / name)
@@ -148,7 +142,7 @@ def test_real_ct_becomes_the_m3d_grid(name):
     assert lung.shape == (32, 256, 256) and 0.0 <= lung.min() and lung.max() == 1.0
 
 
-@needs_shared
+@needs_shared_ct
 def test_mr_needs_the_override_in_preprocessing_as_well():
     path = SHARED_CT / "not_ct_mr_3mm.nii.gz"
     with pytest.raises(NotCTError, match="allow_non_ct=True"):
