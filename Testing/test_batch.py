@@ -85,7 +85,9 @@ def script_command(*args: str | Path) -> list[str]:
 
 
 def run_script(*args: str | Path, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(script_command(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        script_command(*args), cwd=cwd, capture_output=True, text=True, encoding="utf-8", timeout=timeout
+    )
 
 
 def long_run_args(inputs: Path, output: Path, model: Path) -> list[str | Path]:
@@ -150,7 +152,9 @@ def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_mo
     series_uid = write_dicom_from(ABDOMEN_CT, inputs / "patient7" / "ct_series")
     (inputs / "broken.nii.gz").write_bytes(ABDOMEN_CT.read_bytes()[: ABDOMEN_CT.stat().st_size // 2])
     questions = tmp_path / "questions.txt"
-    questions.write_text("# asked about every case\nIs there ascites?\nIs the liver enlarged?\n")
+    questions.write_text(
+        "# asked about every case\nIs there ascites?\nIs the liver enlarged?\n", encoding="utf-8"
+    )
     output = tmp_path / "out"
 
     result = run_script(
@@ -169,7 +173,7 @@ def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_mo
     model_sha = sha256(tiny_model_dir / "model.safetensors")
     for case_id, source in good.items():
         assert rows[case_id]["status"] == OK
-        record = json.loads((output / "cases" / f"{case_id}.json").read_text())
+        record = json.loads((output / "cases" / f"{case_id}.json").read_text(encoding="utf-8"))
         assert record["status"] == OK and record["model"]["sha256"] == model_sha
         assert record["report"] is not None and [a["question"] for a in record["answers"]] == [
             "Is there ascites?",
@@ -179,9 +183,12 @@ def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_mo
         assert record["environment"].startswith("slicer-core")
         if source is not None:
             assert record["input_sha256"] == sha256(source)
-        markdown = (output / "cases" / f"{case_id}.md").read_text()
+        markdown = (output / "cases" / f"{case_id}.md").read_text(encoding="utf-8")
         assert "Is the liver enlarged?" in markdown and model_sha in markdown
-    assert json.loads((output / "cases" / "patient7__ct_series.json").read_text())["series_uid"] == series_uid
+    assert (
+        json.loads((output / "cases" / "patient7__ct_series.json").read_text(encoding="utf-8"))["series_uid"]
+        == series_uid
+    )
     assert sorted(p.name for p in (output / "cases").glob("*.json")) == [
         "abdomen.json",
         "patient7__ct_series.json",
@@ -195,7 +202,7 @@ def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_mo
         "mr_head.nii.gz" in rows["mr_head"]["error"] and "does not look like a CT" in rows["mr_head"]["error"]
     )
     assert "pass --allow-non-ct" in rows["mr_head"]["error"]  # the refusal names the flag that accepts it
-    summary_md = (output / "summary.md").read_text()
+    summary_md = (output / "summary.md").read_text(encoding="utf-8")
     assert "## Failures" in summary_md and "truncated" in summary_md and "3 ok" in summary_md
     assert "2 failed" in result.stdout
     assert not leftovers(output)
@@ -219,16 +226,18 @@ def test_sigkill_mid_run_then_resume_completes_each_case_once(tmp_path, tiny_mod
     process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
     before = {
-        p.name: (p.stat().st_mtime_ns, json.loads(p.read_text())["run_id"])
+        p.name: (p.stat().st_mtime_ns, json.loads(p.read_text(encoding="utf-8"))["run_id"])
         for p in (output / "cases").glob("*.json")
     }
     assert 1 <= len(before) < 5, "the kill must land mid-run for this test to mean anything"
-    (output / "cases" / ".study4.json.99999.partial").write_text('{"half": ')  # as a kill mid-write leaves
+    (output / "cases" / ".study4.json.99999.partial").write_text(
+        '{"half": ', encoding="utf-8"
+    )  # as a kill mid-write leaves
 
     resumed = run_script(*args, "--resume", cwd=tmp_path)
 
     assert resumed.returncode == 0, resumed.stderr
-    records = {p.name: json.loads(p.read_text()) for p in (output / "cases").glob("*.json")}
+    records = {p.name: json.loads(p.read_text(encoding="utf-8")) for p in (output / "cases").glob("*.json")}
     assert sorted(records) == [f"study{i}.json" for i in range(5)]
     assert sorted(p.name for p in (output / "cases").glob("*.md")) == [f"study{i}.md" for i in range(5)]
     for name, (mtime, run_id) in before.items():
@@ -239,7 +248,7 @@ def test_sigkill_mid_run_then_resume_completes_each_case_once(tmp_path, tiny_mod
     assert {cid for cid, row in rows.items() if row["reused"] == "yes"} == {Path(n).stem for n in before}
     resumed_run_ids = {r["run_id"] for n, r in records.items() if n not in before}
     assert len(resumed_run_ids) == 1 and resumed_run_ids.isdisjoint({run_id for _, run_id in before.values()})
-    manifest = json.loads((output / "manifest.json").read_text())
+    manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     assert [run["status"] for run in manifest["runs"]] == ["running", "finished"]  # the first never ended
     assert {cid: entry["run_id"] for cid, entry in manifest["cases"].items()} == {
         Path(name).stem: record["run_id"] for name, record in records.items()
@@ -253,19 +262,21 @@ def test_ctrl_c_keeps_finished_cases_and_exits_130(tmp_path, tiny_model_dir):
         link(ABDOMEN_CT, inputs / f"s{index}.nii.gz")
     output = tmp_path / "out"
     args = long_run_args(inputs, output, tiny_model_dir)
-    process = subprocess.Popen(script_command(*args), cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        script_command(*args), cwd=tmp_path, stdout=subprocess.PIPE, text=True, encoding="utf-8"
+    )
     wait_for_first_record(process, output)
     process.send_signal(signal.SIGINT)
     stdout, _ = process.communicate(timeout=60)
     assert process.returncode == 130, stdout
     assert "interrupted" in stdout
-    manifest = json.loads((output / "manifest.json").read_text())
+    manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["runs"][-1]["status"] == "interrupted"
     rows = read_summary(output)
     done = {p.stem for p in (output / "cases").glob("*.json")}
     assert done and {cid for cid, row in rows.items() if row["status"] == OK} == done
     assert {row["status"] for cid, row in rows.items() if cid not in done} == {"not run"}
-    assert "interrupted" in (output / "summary.md").read_text() and not leftovers(output)
+    assert "interrupted" in (output / "summary.md").read_text(encoding="utf-8") and not leftovers(output)
 
 
 # --- resume decisions, options, scene (in-process through run_batch) -----------------------------
@@ -286,10 +297,10 @@ def test_resume_recomputes_changed_inputs_and_changed_settings(tmp_path, tiny_mo
     shutil.copyfile(TORSO_CT, inputs / "a.nii.gz")  # a changed input
     second = run_batch(options, progress_stream=io.StringIO())
     assert {o.case_id: o.reused for o in second.outcomes} == {"a": False, "b": True}
-    record = json.loads((output / "cases" / "a.json").read_text())
+    record = json.loads((output / "cases" / "a.json").read_text(encoding="utf-8"))
     assert record["input_sha256"] == sha256(TORSO_CT) and record["run_id"] == second.run_id
 
-    (output / "cases" / "b.md").write_text("edited by hand\n")  # a damaged output
+    (output / "cases" / "b.md").write_text("edited by hand\n", encoding="utf-8")  # a damaged output
     third = run_batch(options, progress_stream=io.StringIO())
     assert {o.case_id: o.reused for o in third.outcomes} == {"a": True, "b": False}
 
@@ -302,7 +313,10 @@ def test_resume_recomputes_changed_inputs_and_changed_settings(tmp_path, tiny_mo
 
     fifth = run_batch(replace(longer, allow_non_ct=True), progress_stream=io.StringIO())
     assert not any(o.reused for o in fifth.outcomes)  # the non-CT switch is part of the fingerprint
-    assert json.loads((output / "cases" / "a.json").read_text())["fingerprint"]["allow_non_ct"] is True
+    assert (
+        json.loads((output / "cases" / "a.json").read_text(encoding="utf-8"))["fingerprint"]["allow_non_ct"]
+        is True
+    )
 
 
 def test_allow_non_ct_flag_runs_an_mr_scaled_by_its_own_percentiles(tmp_path, tiny_model_dir):
@@ -323,7 +337,7 @@ def test_allow_non_ct_flag_runs_an_mr_scaled_by_its_own_percentiles(tmp_path, ti
     ]
     assert script.main([*common, "--output", str(tmp_path / "refused")]) == 1
     assert script.main([*common, "--output", str(output), "--allow-non-ct"]) == 0
-    record = json.loads((output / "cases" / "not_ct_mr_3mm.json").read_text())
+    record = json.loads((output / "cases" / "not_ct_mr_3mm.json").read_text(encoding="utf-8"))
     assert record["status"] == OK and record["report"] is not None
     assert record["generation"]["allow_non_ct"] is True and record["fingerprint"]["allow_non_ct"] is True
     assert record["preprocessing"]["window"] == "percentile" and record["preprocessing"]["allow_non_ct"]
@@ -351,7 +365,7 @@ def test_out_of_memory_and_unexpected_errors_fail_their_case_only(tmp_path, tiny
     outcomes = {o.case_id: o for o in summary.outcomes}
     assert outcomes["a"].error_type == "ModelOutOfMemoryError" and "out of memory" in outcomes["a"].error
     assert outcomes["b"].error_type == "KeyError" and "traceback in errors.log" in outcomes["b"].error
-    assert "boom" in (output / "errors.log").read_text()
+    assert "boom" in (output / "errors.log").read_text(encoding="utf-8")
     assert outcomes["c"].status == OK and summary.exit_code == 1
     assert sorted(p.name for p in (output / "cases").iterdir()) == ["c.json", "c.md"]
 
@@ -366,7 +380,7 @@ def test_stand_in_model_notice_is_a_warning_of_every_case(tmp_path, monkeypatch)
     summary = run_batch(BatchOptions(ABDOMEN_CT, tmp_path / "out", device="cpu", max_new_tokens=2))
     (outcome,) = summary.outcomes
     assert outcome.status == OK and any("tiny random test model" in w for w in outcome.warnings)
-    record = json.loads((tmp_path / "out" / "cases" / "abdomen_ct_3mm.json").read_text())
+    record = json.loads((tmp_path / "out" / "cases" / "abdomen_ct_3mm.json").read_text(encoding="utf-8"))
     assert (
         record["warnings"] == outcome.warnings
         and "tiny random" in read_summary(tmp_path / "out")["abdomen_ct_3mm"]["warnings"]
@@ -380,7 +394,7 @@ def test_case_list_vqa_run_answers_per_case_questions_and_records_an_empty_serie
         {"path": "a.nii.gz", "id": "p1", "questions": ["Is there ascites?"]},
         {"path": "empty_series", "id": "p2", "question": "Any fracture?"},
     ]
-    (tmp_path / "cases.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "cases.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     output = tmp_path / "out"
     options = BatchOptions(
         tmp_path / "cases.jsonl",
@@ -392,7 +406,7 @@ def test_case_list_vqa_run_answers_per_case_questions_and_records_an_empty_serie
     )
     summary = run_batch(options, progress_stream=io.StringIO())
     outcomes = {o.case_id: o for o in summary.outcomes}
-    record = json.loads((output / "cases" / "p1.json").read_text())
+    record = json.loads((output / "cases" / "p1.json").read_text(encoding="utf-8"))
     assert outcomes["p1"].status == OK and record["report"] is None
     assert [a["question"] for a in record["answers"]] == ["Is there ascites?"]
     assert outcomes["p2"].status == FAILED and outcomes["p2"].error_type == "DicomSeriesError"
@@ -403,7 +417,9 @@ def test_check_reusable_says_why_not(tmp_path):
     output = tmp_path / "out"
     assert check_reusable(output, "x", "abc", {}).reason == "no earlier result"
     (output / "cases").mkdir(parents=True)
-    (output / "cases" / "x.json").write_text('{"format": "ctmllm-batch-case/1", "status": "ok", "inp')
+    (output / "cases" / "x.json").write_text(
+        '{"format": "ctmllm-batch-case/1", "status": "ok", "inp', encoding="utf-8"
+    )
     assert not check_reusable(output, "x", "abc", {}).reusable
 
 
@@ -444,7 +460,7 @@ def test_save_scene_keeps_the_report_in_a_text_node_of_the_volume(tmp_path, tiny
     summary = run_batch(options, progress_stream=io.StringIO())
     assert summary.exit_code == 0
     scene_file = output / "cases" / "abdomen_ct_3mm.mrml"
-    record = json.loads((output / "cases" / "abdomen_ct_3mm.json").read_text())
+    record = json.loads((output / "cases" / "abdomen_ct_3mm.json").read_text(encoding="utf-8"))
     assert record["outputs"]["scene"]["sha256"] == sha256(scene_file)
 
     scene = slicer.vtkMRMLScene()
@@ -478,13 +494,13 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(target, "new\n")
-    assert target.read_text() == "old\n" and not leftovers(tmp_path)
+    assert target.read_text(encoding="utf-8") == "old\n" and not leftovers(tmp_path)
 
 
 def test_remove_partial_files_removes_only_leftovers(tmp_path):
-    (tmp_path / ".a.json.123.partial").write_text("x")
-    (tmp_path / "a.json").write_text("{}")
-    (tmp_path / "notes.partial").write_text("not ours: not hidden")
+    (tmp_path / ".a.json.123.partial").write_text("x", encoding="utf-8")
+    (tmp_path / "a.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "notes.partial").write_text("not ours: not hidden", encoding="utf-8")
     removed = remove_partial_files([tmp_path, tmp_path / "missing"])
     assert [p.name for p in removed] == [".a.json.123.partial"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "notes.partial"]
@@ -494,7 +510,7 @@ def test_folder_discovery_finds_files_and_each_dicom_series(tmp_path):
     link(ABDOMEN_CT, tmp_path / "in" / "x" / "scan.nii.gz")
     link(NOT_CT_MR, tmp_path / "in" / "y" / "scan.nii.gz")
     write_dicom_from(ABDOMEN_CT, tmp_path / "in" / "dcm")
-    (tmp_path / "in" / "README.txt").write_text("not a case")
+    (tmp_path / "in" / "README.txt").write_text("not a case", encoding="utf-8")
     (tmp_path / "in" / "out" / "cases").mkdir(parents=True)
     link(ABDOMEN_CT, tmp_path / "in" / "out" / "old.nii.gz")  # inside the output folder: ignored
     cases = discover_cases(tmp_path / "in", exclude=[tmp_path / "in" / "out"], questions=["Q?"])
@@ -536,7 +552,8 @@ def test_case_lists_group_questions_and_resolve_relative_paths(tmp_path):
     link(ABDOMEN_CT, tmp_path / "vols" / "a.nii.gz")
     write_dicom_from(ABDOMEN_CT, tmp_path / "vols" / "dcm")
     (tmp_path / "cases.csv").write_text(
-        "path,id,question\nvols/a.nii.gz,p1,Is there ascites?\nvols/a.nii.gz,p1,Any fracture?\nvols/dcm,,\n"
+        "path,id,question\nvols/a.nii.gz,p1,Is there ascites?\nvols/a.nii.gz,p1,Any fracture?\nvols/dcm,,\n",
+        encoding="utf-8",
     )
     cases = discover_cases(tmp_path / "cases.csv", questions=["default?"])
     assert [(c.case_id, c.kind, c.questions) for c in cases] == [
@@ -550,23 +567,24 @@ def test_case_lists_group_questions_and_resolve_relative_paths(tmp_path):
         json.dumps({"volume": "vols/a.nii.gz", "questions": ["Q1?", "Q2?"]})
         + "\n\n"
         + json.dumps({"path": "vols/a.nii.gz", "id": "again"})
-        + "\n"
+        + "\n",
+        encoding="utf-8",
     )
     jsonl = discover_cases(tmp_path / "cases.jsonl")
     assert [(c.case_id, c.questions) for c in jsonl] == [("a", ("Q1?", "Q2?")), ("again", ())]
 
 
 def test_case_list_errors_name_the_line_and_the_fix(tmp_path):
-    (tmp_path / "bad.csv").write_text("file,question\na.nii.gz,Q\n")
+    (tmp_path / "bad.csv").write_text("file,question\na.nii.gz,Q\n", encoding="utf-8")
     with pytest.raises(CaseListError, match="no 'path' column"):
         discover_cases(tmp_path / "bad.csv")
-    (tmp_path / "bad.jsonl").write_text('{"path": "a.nii.gz"}\n{"path": \n')
+    (tmp_path / "bad.jsonl").write_text('{"path": "a.nii.gz"}\n{"path": \n', encoding="utf-8")
     with pytest.raises(CaseListError, match=r"bad.jsonl, line 2: not valid JSON"):
         discover_cases(tmp_path / "bad.jsonl")
-    (tmp_path / "clash.csv").write_text("path,id\na.nii.gz,p\nb.nii.gz,p\n")
+    (tmp_path / "clash.csv").write_text("path,id\na.nii.gz,p\nb.nii.gz,p\n", encoding="utf-8")
     with pytest.raises(CaseListError, match="give each volume its own id"):
         discover_cases(tmp_path / "clash.csv")
-    (tmp_path / "empty_q.txt").write_text("# only a comment\n\n")
+    (tmp_path / "empty_q.txt").write_text("# only a comment\n\n", encoding="utf-8")
     with pytest.raises(CaseListError, match="holds no questions"):
         read_questions_file(tmp_path / "empty_q.txt")
 

@@ -235,7 +235,7 @@ def test_build_cli_writes_m3d_files_whose_reports_parse_to_their_findings(tmp_pa
         records = read_m3d_vqa(out / csv_name)
         assert records and all(r.has_choices and r.choices[r.answer_choice] == r.answer for r in records)
         assert all((out / r.image_path).is_file() and r.text for r in records)
-    settings = json.loads((out / "benchmark.json").read_text())
+    settings = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     assert settings["config"]["grid"] == list(GRID) and settings["window_hu"] == [-160.0, 240.0]
 
     # Scoring a model that repeats the reference reports gives F1 1; a model that says nothing, 0.
@@ -252,7 +252,7 @@ def test_build_cli_writes_m3d_files_whose_reports_parse_to_their_findings(tmp_pa
         main(["score", "--benchmark", str(out), "--samples", str(samples), "--out", str(tmp_path / "s.json")])
         == 0
     )
-    assert json.loads((tmp_path / "s.json").read_text())["f1"] == 1.0
+    assert json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))["f1"] == 1.0
 
 
 def test_bad_input_is_refused_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

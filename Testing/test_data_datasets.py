@@ -55,7 +55,7 @@ def m3d_cap(tmp_path: Path) -> Path:
     for index, name in enumerate(["train/000001/axial", "train/000002/axial", "test/000003/coronal"]):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         np.save(tmp_path / f"{name}.npy", m3d_volume(index))
-        (tmp_path / f"{name}.txt").write_text(f"  Report {index}: no acute findings.\n")
+        (tmp_path / f"{name}.txt").write_text(f"  Report {index}: no acute findings.\n", encoding="utf-8")
     listing = {
         "train": [
             {"image": "train/000001/axial.npy", "text": "train/000001/axial.txt"},
@@ -64,7 +64,7 @@ def m3d_cap(tmp_path: Path) -> Path:
         "validation": [],
         "test": [{"image": "test/000003/coronal.npy", "text": "test/000003/coronal.txt"}],
     }
-    (tmp_path / "M3D_Cap.json").write_text(json.dumps(listing))
+    (tmp_path / "M3D_Cap.json").write_text(json.dumps(listing), encoding="utf-8")
     return tmp_path / "M3D_Cap.json"
 
 
@@ -89,7 +89,7 @@ def test_m3d_cap_split_gives_report_samples(m3d_cap):
 def test_m3d_cap_image_root_and_custom_prompt(m3d_cap, tmp_path):
     moved = tmp_path / "elsewhere" / "cap.json"
     moved.parent.mkdir()
-    moved.write_text(m3d_cap.read_text())
+    moved.write_text(m3d_cap.read_text(encoding="utf-8"))
     sample = M3DCapDataset(moved, "test", image_root=m3d_cap.parent, prompt="Describe.")[0]
     assert sample.prompt == "Describe." and sample.load_volume().shape == (4, 8, 8)
     with pytest.raises(DatasetFormatError, match="report text not found"):
@@ -102,7 +102,7 @@ def test_m3d_cap_writer_round_trips(tmp_path):
         Sample("report", "p", "Normal.", volume=m3d_volume(6)[0], meta={"sample_id": "case_02/axial"}),
     ]
     json_path = write_m3d_cap(tmp_path, {"train": samples[:1], "test": samples[1:]})
-    assert json.loads(json_path.read_text()) == {
+    assert json.loads(json_path.read_text(encoding="utf-8")) == {
         "train": [{"image": "case_01/axial.npy", "text": "case_01/axial.txt"}],
         "test": [{"image": "case_02/axial.npy", "text": "case_02/axial.txt"}],
     }
@@ -153,7 +153,7 @@ def m3d_vqa(tmp_path: Path) -> Path:
         + ["left kidney", ""],
     ]
     path = tmp_path / "M3D_VQA_train.csv"
-    with open(path, "w", newline="") as stream:
+    with open(path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(VQA_HEADER)
         writer.writerows(rows)
@@ -199,7 +199,7 @@ def test_m3d_vqa_open_and_both_modes(m3d_vqa):
 
 def test_m3d_vqa_missing_column_is_named(tmp_path):
     path = tmp_path / "bad.csv"
-    path.write_text("Image Path,Question,Answer\nx.npy,Why?,Because\n")
+    path.write_text("Image Path,Question,Answer\nx.npy,Why?,Because\n", encoding="utf-8")
     with pytest.raises(DatasetFormatError, match=r"lacks column\(s\) \['Text', 'Question Type'"):
         M3DVQADataset(path)
 
@@ -217,14 +217,14 @@ def test_m3d_vqa_writer_round_trips(m3d_vqa, tmp_path):
     )
     copy = write_m3d_vqa(tmp_path / "copy" / "vqa.csv", records)
     assert read_m3d_vqa(copy) == records
-    with open(copy, newline="") as stream:
+    with open(copy, newline="", encoding="utf-8") as stream:
         assert next(csv.reader(stream)) == VQA_HEADER
 
 
 def test_ct_rate_reads_nifti_with_findings(tmp_path):
     write_ct_nifti(tmp_path / "vol" / "train_1" / "train_1_a" / "train_1_a_1.nii.gz", 1)
     write_ct_nifti(tmp_path / "vol" / "train_2" / "train_2_a" / "train_2_a_1.nii.gz", 2)
-    with open(tmp_path / "reports.csv", "w", newline="") as stream:
+    with open(tmp_path / "reports.csv", "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(
             ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
@@ -253,7 +253,7 @@ def test_ct_rate_reads_nifti_with_findings(tmp_path):
 
 
 def test_ct_rate_without_findings_column_is_refused(tmp_path):
-    (tmp_path / "r.csv").write_text("VolumeName,Report\na.nii.gz,text\n")
+    (tmp_path / "r.csv").write_text("VolumeName,Report\na.nii.gz,text\n", encoding="utf-8")
     with pytest.raises(DatasetFormatError, match=r"no findings column.*\['VolumeName', 'Report'\]"):
         CTRateDataset(tmp_path / "r.csv", tmp_path)
 
@@ -266,7 +266,7 @@ def test_jsonl_mixes_ct_files_and_npy(tmp_path):
         {"volume": "b.npy", "task": "vqa", "prompt": "Is there a mass?", "answer": "No", "question_type": 4},
     ]
     path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n", encoding="utf-8")
     data = JsonlDataset(path, PreprocessConfig(target_shape=(4, 8, 8)))
     assert len(data) == 2
     report, question = data[0], data[1]
@@ -279,16 +279,16 @@ def test_jsonl_mixes_ct_files_and_npy(tmp_path):
 
 def test_jsonl_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"volume": "x.npy", "task": "report", "answer": "a"}\n{not json}\n')
+    path.write_text('{"volume": "x.npy", "task": "report", "answer": "a"}\n{not json}\n', encoding="utf-8")
     with pytest.raises(DatasetFormatError, match="line 2 is not valid JSON"):
         JsonlDataset(path)
-    path.write_text('{"volume": "x.npy", "task": "caption", "answer": "a"}\n')
+    path.write_text('{"volume": "x.npy", "task": "caption", "answer": "a"}\n', encoding="utf-8")
     with pytest.raises(DatasetFormatError, match=r"task 'caption'; use one of \['report', 'vqa'\]"):
         JsonlDataset(path)
-    path.write_text('{"volume": "x.npy", "task": "vqa", "answer": "a"}\n')
+    path.write_text('{"volume": "x.npy", "task": "vqa", "answer": "a"}\n', encoding="utf-8")
     with pytest.raises(DatasetFormatError, match=r"line 1 lacks string field\(s\) \['prompt'\]"):
         JsonlDataset(path)
-    path.write_text('{"volume": "x.npy", "task": "report", "answer": "a"}\n')
+    path.write_text('{"volume": "x.npy", "task": "report", "answer": "a"}\n', encoding="utf-8")
     with pytest.raises(DatasetFormatError, match=r"do not exist.*\['x.npy'\]"):
         JsonlDataset(path)
 

@@ -274,7 +274,7 @@ def test_multi_frame_dicom_file_is_one_series(tmp_path):
 
 
 def test_empty_folder_says_what_to_pass(tmp_path):
-    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "notes.txt").write_text("not an image", encoding="utf-8")
     with pytest.raises(DicomSeriesError, match="no DICOM image files"):
         read_ct(tmp_path)
 
@@ -311,7 +311,7 @@ def test_missing_and_non_image_files_are_unreadable(tmp_path):
     with pytest.raises(UnreadableVolumeError, match="does not exist"):
         read_ct(tmp_path / "absent.nii.gz")
     text = tmp_path / "report.txt"
-    text.write_text("findings: none")
+    text.write_text("findings: none", encoding="utf-8")
     with pytest.raises(UnreadableVolumeError, match="cannot be read as an image"):
         read_ct(text)
 

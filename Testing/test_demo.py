@@ -25,7 +25,7 @@ def test_demo_runs_and_prints_ground_truth(tmp_path: Path) -> None:
         env=env,
     )
     assert done.returncode == 0, done.stderr
-    truth = json.loads((tmp_path / "out" / "ground_truth.json").read_text())
+    truth = json.loads((tmp_path / "out" / "ground_truth.json").read_text(encoding="utf-8"))
     assert truth["findings"], "the demo study has findings to show"
     assert (tmp_path / "out" / "phantom_ct.nii.gz").stat().st_size > 10_000
     for heading in ("== Report", "== Question (closed)", "== Question (open)", "-- ground truth report:"):

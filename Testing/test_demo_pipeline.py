@@ -62,7 +62,10 @@ def test_pipeline_writes_every_artifact(toy_run: tuple[Path, dict]) -> None:
     ]
     assert [name for name in expected if not (out / name).is_file()] == []
     assert scores["model_dir"] == str(out / "3d" / "stage2" / "final")
-    assert set(json.loads((out / "cost.json").read_text())) == {"benchmark_build", "2d_pretraining"}
+    assert set(json.loads((out / "cost.json").read_text(encoding="utf-8"))) == {
+        "benchmark_build",
+        "2d_pretraining",
+    }
     assert 0.0 <= scores["findings"]["f1"] <= 1.0
     assert scores["closed_accuracy"]["n"] > 0
 
@@ -91,7 +94,7 @@ def test_ship_model_stores_float16_that_loads_back(toy_run: tuple[Path, dict], t
 
 def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) -> None:
     out, scores = toy_run
-    page = dp.write_results(out, tmp_path / "RESULTS.md").read_text()
+    page = dp.write_results(out, tmp_path / "RESULTS.md").read_text(encoding="utf-8")
     assert f"| finding-level F1 (organ+side, kind, size bucket) | {scores['findings']['f1']:.3f} |" in page
     assert f"{scores['closed_accuracy']['accuracy']:.3f} (n={scores['closed_accuracy']['n']})" in page
     assert "| 3d_training |" in page and "| 2d_pretraining |" in page
@@ -158,9 +161,9 @@ def test_exported_2d_checkpoint_converts_back_to_the_same_model(tmp_path: Path) 
     tokenizer = train_bpe_tokenizer(texts * 3, 300)
     model = dp.as_2d_ctmllm(dp.build_2d_mllm(tokenizer, TOY, seed=3), tokenizer, TOY).eval()
     folder = dp.export_2d_checkpoint(model, tmp_path / "2d")
-    assert json.loads((folder / "preprocessor_config.json").read_text())["image_mean"] == list(
-        model.config.image_mean
-    )
+    assert json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))[
+        "image_mean"
+    ] == list(model.config.image_mean)
     converted = CTMLLM.from_2d_pretrained(folder, volume=model.config.volume).eval()
     slab = torch.rand(1, 3, TOY.grid[1], TOY.grid[2])
     with torch.no_grad():

@@ -46,10 +46,12 @@ def fake_data(tmp_path_factory) -> Path:
     }
     for seed, (case, report) in enumerate(reports.items()):
         _save_volume(root / f"{case}.npy", seed)
-        (root / f"{case}.txt").write_text(report)
+        (root / f"{case}.txt").write_text(report, encoding="utf-8")
     entries = [{"image": f"{case}.npy", "text": f"{case}.txt"} for case in reports]
-    (root / "M3D_Cap.json").write_text(json.dumps({"train": entries[:1], "validation": [], "test": entries}))
-    with open(root / "M3D_VQA_test.csv", "w", newline="") as stream:
+    (root / "M3D_Cap.json").write_text(
+        json.dumps({"train": entries[:1], "validation": [], "test": entries}), encoding="utf-8"
+    )
+    with open(root / "M3D_VQA_test.csv", "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(VQA_COLUMNS)
         writer.writerow(["ct_case/000001/Axial.npy", "The liver is normal.", 1, "In which plane is this image?",
@@ -68,7 +70,7 @@ def _run(model_dir: Path, data: str, task: str, out: Path, *extra: str) -> int:
 
 
 def _read_rows(out: Path) -> list[dict[str, str]]:
-    with open(out / "samples.csv", newline="") as stream:
+    with open(out / "samples.csv", newline="", encoding="utf-8") as stream:
         return list(csv.DictReader(stream))
 
 
@@ -90,7 +92,7 @@ def test_report_run_writes_three_outputs(tiny_model_dir, fake_data, tmp_path) ->
         assert float(row["rouge1"]) == pytest.approx(metrics.rouge1(row["reference"], row["prediction"]))
         assert 0.0 <= float(row["bertscore_f1"]) <= 1.0 and row["correct"] == ""
 
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["task"] == "report" and summary["model"]["id"] == "tiny-internvl"
     assert summary["counts"] == {"samples": 2, "text_scored": 2, "closed": 0}
     assert summary["decoding"] == {"strategy": "greedy", "do_sample": False, "max_new_tokens": 4, "seed": 42}
@@ -99,7 +101,7 @@ def test_report_run_writes_three_outputs(tiny_model_dir, fake_data, tmp_path) ->
     assert set(metrics.TEXT_METRICS) < set(summary["metrics"]) and summary["closed_accuracy"] is None
     assert summary["bertscore_model"].startswith(metrics.MINILM_NAME)
     assert set(summary["metric_definitions"]) >= set(metrics.TEXT_METRICS)
-    table = (out / "summary.md").read_text()
+    table = (out / "summary.md").read_text(encoding="utf-8")
     assert "| BLEU-1 (M3D's BLEU) |" in table and f"BERTScore F1 ({summary['bertscore_model']})" in table
 
 
@@ -116,7 +118,7 @@ def test_vqa_run_scores_closed_by_letter_and_reruns_identically(tiny_model_dir, 
     for row in closed:  # correct is M3D's rule applied to the written output
         assert row["correct"] == str(f"{row['answer_choice']}." in row["prediction"])
         assert row["bleu1"] == ""  # closed answers get accuracy only, as in M3D
-    summary = json.loads((first / "summary.json").read_text())
+    summary = json.loads((first / "summary.json").read_text(encoding="utf-8"))
     expected = sum(row["correct"] == "True" for row in closed) / len(closed)
     assert summary["closed_accuracy"]["accuracy"] == expected and summary["closed_accuracy"]["n"] == 2
     assert set(summary["closed_accuracy"]["per_type"]) == {"Plane", "Organ"}
@@ -124,8 +126,10 @@ def test_vqa_run_scores_closed_by_letter_and_reruns_identically(tiny_model_dir, 
     assert summary["skipped_metrics"] == {"bertscore_f1": "skipped (--no-bertscore)"}
 
     assert _run(tiny_model_dir, data, "vqa", second, "--no-bertscore") == 0
-    assert (second / "samples.csv").read_text() == (first / "samples.csv").read_text()
-    rerun = json.loads((second / "summary.json").read_text())
+    assert (second / "samples.csv").read_text(encoding="utf-8") == (first / "samples.csv").read_text(
+        encoding="utf-8"
+    )
+    rerun = json.loads((second / "summary.json").read_text(encoding="utf-8"))
     for key in ("metrics", "closed_accuracy", "by_question_type", "counts"):
         assert rerun[key] == summary[key]
 
@@ -160,7 +164,7 @@ def test_closed_accuracy_per_question_type_from_known_outputs(tmp_path) -> None:
         "Organ": {"accuracy": 1.0, "n": 1},
         "Plane": {"accuracy": 0.5, "n": 2},
     }
-    assert "| Plane | 50.00 | 2 |" in (tmp_path / "summary.md").read_text()
+    assert "| Plane | 50.00 | 2 |" in (tmp_path / "summary.md").read_text(encoding="utf-8")
     with pytest.raises(ValueError, match="pass only 'report' samples"):
         evaluate.evaluate(model, samples, evaluate.EvalSettings(task="report", bertscore=False), tmp_path)
 
@@ -187,7 +191,7 @@ def test_jsonl_report_with_limit(tiny_model_dir, fake_data, tmp_path) -> None:
         },
     ]
     jsonl = tmp_path / "set.jsonl"
-    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     out = tmp_path / "out"
     assert _run(tiny_model_dir, str(jsonl), "report", out, "--no-bertscore", "--limit", "1") == 0
     assert [row["sample_id"] for row in _read_rows(out)] == ["a"]
@@ -216,7 +220,7 @@ def test_bad_inputs_fail_early_with_the_fix(tiny_model_dir, fake_data, tmp_path,
 
 
 def test_parse_data_spec(tmp_path) -> None:
-    (tmp_path / "cap.json").write_text("{}")
+    (tmp_path / "cap.json").write_text("{}", encoding="utf-8")
     assert evaluate.parse_data_spec(f"{tmp_path / 'cap.json'}:validation").split == "validation"
     assert evaluate.parse_data_spec(str(tmp_path / "cap.json")).split == "test"
     with pytest.raises(FileNotFoundError, match="does not exist"):

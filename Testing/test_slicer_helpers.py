@@ -117,7 +117,7 @@ def test_dependencies_missing_packages_are_installed_pinned_after_consent(tmp_pa
     assert "torch" not in questions[0]  # same major version: left as another extension installed it
     (args,) = calls
     assert args[: len(installed)] == installed and args[-2] == "--constraint"
-    constraints = Path(args[-1]).read_text().split()
+    constraints = Path(args[-1]).read_text(encoding="utf-8").split()
     assert "numpy==1.26.4" in constraints and "simpleitk==2.4.0" in constraints
     assert not any(req.split("==")[0] in dependencies.SLICER_OWNED for req in installed)
 

@@ -270,14 +270,16 @@ def test_exports_carry_model_id_and_settings(mrml, request_, tmp_path):
     report = core.generateReport(volume, request_, windowPreset="soft_tissue", maxNewTokens=3)
     core.askQuestion(volume, "Is the spleen normal?", request_, windowPreset="soft_tissue", maxNewTokens=3)
 
-    data = json.loads(core.exportConversation(volume.GetID(), tmp_path / "out.json").read_text())
+    data = json.loads(
+        core.exportConversation(volume.GetID(), tmp_path / "out.json").read_text(encoding="utf-8")
+    )
     assert data["modelId"] == report.modelId and data["volumeName"] == "abdomen"
     assert data["settings"]["window"] == "soft_tissue" and data["settings"]["device"] == "cpu"
     preprocessing = core.loadModel(request_).preprocess_config(window="soft_tissue").to_dict()
     assert data["settings"]["preprocessing"] == preprocessing
     assert [turn["task"] for turn in data["turns"]] == [REPORT, QUESTION]
     assert data["turns"][1]["prompt"] == "Is the spleen normal?"
-    markdown = core.exportConversation(volume.GetID(), tmp_path / "out.md").read_text()
+    markdown = core.exportConversation(volume.GetID(), tmp_path / "out.md").read_text(encoding="utf-8")
     assert markdown.startswith("# CT-MLLM results: abdomen") and "**Q:** Is the spleen normal?" in markdown
     with pytest.raises(CTMLLMSlicerError, match=r"\.md .*\.json"):
         core.exportConversation(volume.GetID(), tmp_path / "out.docx")
@@ -316,7 +318,9 @@ def test_logic_imports_without_torch():
         "import sys; sys.path.insert(0, 'CTMLLMSlicer'); import CTMLLMSlicerLib.logic as logic; "
         "assert 'torch' not in sys.modules, 'logic imported torch'; print(list(logic.WINDOW_PRESETS))"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, encoding="utf-8", timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "soft_tissue" in done.stdout
 

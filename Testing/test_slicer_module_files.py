@@ -27,7 +27,7 @@ from slicer_compat.scripted_module import ModuleParent  # noqa: E402
 import CTMLLMSlicer as module  # noqa: E402
 from CTMLLMSlicerLib.logic import CTMLLMLogicCore  # noqa: E402
 
-CMAKE = (REPO / "CMakeLists.txt").read_text()
+CMAKE = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
 S4EXT_FIELDS = (
     "scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
     "category", "iconurl", "status", "description", "screenshoturls", "enabled",
@@ -63,7 +63,7 @@ def cmake_globs() -> dict[str, tuple[str, list[str]]]:
 def lib_modules_imported_by(path: Path) -> set[str]:
     """Files of CTMLLMSlicerLib that ``path`` imports (``from CTMLLMSlicerLib[.x] import ...``)."""
     files = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module == "CTMLLMSlicerLib":
             files |= {f"CTMLLMSlicerLib/{alias.name}.py" for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("CTMLLMSlicerLib."):
@@ -103,13 +103,13 @@ def test_every_file_cmake_lists_exists():
     )
     assert (REPO / selfTest).is_file() and "class CTMLLMSlicerTest(ScriptedLoadableModuleTest)" in (
         REPO / selfTest
-    ).read_text()
+    ).read_text(encoding="utf-8")
     assert "SlicerMacroConfigureGenericPythonModuleTests" in CMAKE
 
 
 def test_the_s4ext_has_every_index_field_and_agrees_with_cmake():
     fields = {}
-    for line in (REPO / "CTMLLMSlicer.s4ext").read_text().splitlines():
+    for line in (REPO / "CTMLLMSlicer.s4ext").read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition(" ")
             fields[key] = value.strip()
@@ -143,7 +143,7 @@ def test_ui_widgets_and_parameter_node_agree():
         if w.find("property[@name='SlicerParameterName']") is not None
     }
     assert set(bound.values()) == set(module.CTMLLMSlicerParameterNode.allParameters)
-    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "CTMLLMSlicer.py").read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "CTMLLMSlicer.py").read_text(encoding="utf-8")))
     assert used <= names, f"the widget uses {used - names}, which the .ui lacks"
     classes = {w.get("class") for w in tree.iter("widget")}
     assert {"qMRMLWidget", "qMRMLNodeComboBox", "ctkCollapsibleButton"} <= classes
@@ -184,7 +184,7 @@ def test_one_logic_and_one_widget_instantiate():
 
 def test_the_module_ships_no_test_stand_ins_and_no_pyside_only_code():
     for path in MODULE_DIR.rglob("*.py"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         imports = set()
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.Import):

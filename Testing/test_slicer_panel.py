@@ -218,7 +218,7 @@ def test_results_are_saved_copied_and_exported(panel, abdomen, tiny_model_dir, t
     panel.ui.copyButton.click()
     assert QtWidgets.QApplication.clipboard().text() == textNode.GetText()
     panel.widget.exportResults(str(tmp_path / "results.json"))
-    exported = json.loads((tmp_path / "results.json").read_text())
+    exported = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert exported["settings"]["model"] == str(tiny_model_dir) and exported["turns"][0]["task"] == REPORT
     panel.widget.exportResults(str(tmp_path / "results.txt"))
     assert ".md" in panel.ui.statusLabel.text() and "color" in panel.ui.statusLabel.styleSheet()

@@ -64,11 +64,13 @@ def batch_loss(model: CTMLLM, batch: dict) -> float:
 # -- config and data ---------------------------------------------------------------------------
 def test_config_names_unknown_keys_and_applies_stage_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("train: {lr: 0.001, max_steps: 9}\nstage2: {max_steps: 3}\nmoe: {mode: tgh_soft}\n")
+    path.write_text(
+        "train: {lr: 0.001, max_steps: 9}\nstage2: {max_steps: 3}\nmoe: {mode: tgh_soft}\n", encoding="utf-8"
+    )
     config = TrainingConfig.load(path)
     assert config.stage_settings(1).max_steps == 9 and config.stage_settings(2).max_steps == 3
     assert config.stage_settings(2).lr == 0.001 and config.moe.mode == "tgh_soft"
-    path.write_text("train: {learning_rate: 0.001}\n")
+    path.write_text("train: {learning_rate: 0.001}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"train: unknown key\(s\) \['learning_rate'\]"):
         TrainingConfig.load(path)
     with pytest.raises(ConfigError, match="stage2.*warmup"):
@@ -189,8 +191,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path) -
     assert expected.keys() == got.keys() and len(expected) > 0
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
-    lines = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
-    reference = [json.loads(line) for line in (straight.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for line in (resumed.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    reference = [
+        json.loads(line)
+        for line in (straight.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert [r["step"] for r in lines] == list(range(1, 21))
     assert [r["loss"] for r in lines] == [r["loss"] for r in reference]
     assert (resumed.run_dir / "loss.png").stat().st_size > 0
@@ -215,7 +223,7 @@ def test_mixed_precision_checkpointing_and_accumulation_run(tmp_path: Path) -> N
         grad_accum_steps=2,
     )
     config_path = tmp_path / "bf16.yaml"
-    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    config_path.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     command = [
         sys.executable,
         "-m",
@@ -235,7 +243,10 @@ def test_mixed_precision_checkpointing_and_accumulation_run(tmp_path: Path) -> N
         cwd=Path(__file__).resolve().parents[1],
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    records = [json.loads(line) for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "stage1" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
     assert records[0]["samples_per_second"] > 0
     assert CTMLLM.from_pretrained(tmp_path / "stage1" / "final").config.moe.mode == "token"
@@ -248,7 +259,7 @@ def test_two_stage_run_lowers_the_loss_and_its_model_loads_and_generates(tmp_pat
     config.data.eval = [{"kind": "synthetic", "num_samples": 4, "shape": SHAPE, "seed": 7}]
     config.stage2 = {"max_steps": 8, "lr": 5e-3}
     config.preprocessing = {"window": "soft_tissue", "target_shape": SHAPE}
-    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    config_path.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     batch = fixed_batch()
     torch.manual_seed(0)
     initial = batch_loss(build_stage_model(config, 1, None), batch)
@@ -262,7 +273,9 @@ def test_two_stage_run_lowers_the_loss_and_its_model_loads_and_generates(tmp_pat
 
     # the merged export computes what the training model (LoRA unmerged) computed
     rebuilt = build_stage_model(config, 1, None)
-    load_adapters(rebuilt, stage1_dir, json.loads((stage1_dir / "adapters.json").read_text())["tensors"])
+    load_adapters(
+        rebuilt, stage1_dir, json.loads((stage1_dir / "adapters.json").read_text(encoding="utf-8"))["tensors"]
+    )
     assert batch_loss(rebuilt, batch) == pytest.approx(after_stage1, abs=1e-4)
 
     assert main(["--config", str(config_path), "--stage", "2", "--no-progress"]) == 0
@@ -294,7 +307,7 @@ def test_two_process_ddp_on_cpu_trains_resumes_and_runs_stage2(tmp_path: Path) -
     """DDP over gloo with two CPU processes (torchrun; accelerate reads its environment)."""
     config = tiny_config(tmp_path, max_steps=4, save_every=2)
     config_path = tmp_path / "ddp.yaml"
-    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    config_path.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     launch = [
         sys.executable,
         "-m",
@@ -313,6 +326,9 @@ def test_two_process_ddp_on_cpu_trains_resumes_and_runs_stage2(tmp_path: Path) -
         assert done.returncode == 0, done.stderr[-2000:]
     checkpoint = list_checkpoints(tmp_path / "stage1")[-1][1]
     assert (checkpoint / "random_states_1.pkl").is_file()  # really two processes
-    records = [json.loads(line) for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "stage1" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert CTMLLM.from_pretrained(tmp_path / "stage2" / "final").config.moe.mode == "tgh_hard"

@@ -67,7 +67,7 @@ def run_demo(out_dir: Path, model_spec: str = "demo", say: Callable[[str], None]
         "report": study.report,
         "questions": study.questions,
     }
-    (out_dir / "ground_truth.json").write_text(json.dumps(truth, indent=2))
+    (out_dir / "ground_truth.json").write_text(json.dumps(truth, indent=2), encoding="utf-8")
     say(
         f"phantom CT: {nifti} ({'x'.join(map(str, study.hu.shape))} voxels, {len(study.findings)} finding(s))"
     )

@@ -146,8 +146,8 @@ def tokenizer_corpus(bench_dir: Path) -> list[str]:
     from model_core.data.formats import read_m3d_vqa
     from model_core.prompts import DEFAULT_REPORT_PROMPT
 
-    cap = json.loads((bench_dir / "M3D_Cap.json").read_text())
-    texts = [(bench_dir / entry["text"]).read_text() for entry in cap["train"]]
+    cap = json.loads((bench_dir / "M3D_Cap.json").read_text(encoding="utf-8"))
+    texts = [(bench_dir / entry["text"]).read_text(encoding="utf-8") for entry in cap["train"]]
     for record in read_m3d_vqa(bench_dir / "M3D_VQA_train.csv"):
         texts.append(
             f"{record.question} Choices: " + " ".join(f"{k}. {v}" for k, v in record.choices.items())
@@ -278,7 +278,7 @@ def export_2d_checkpoint(model, folder: Path) -> Path:
     mllm.save_pretrained(staging, safe_serialization=True)
     model.tokenizer.save_pretrained(staging)
     normalisation = {"image_mean": list(model.config.image_mean), "image_std": list(model.config.image_std)}
-    (staging / "preprocessor_config.json").write_text(json.dumps(normalisation))
+    (staging / "preprocessor_config.json").write_text(json.dumps(normalisation), encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
@@ -311,7 +311,9 @@ def make_2d_checkpoints(
     history = pretrain_2d(model, dataset, budget.slab_steps, budget.slab_batch, budget.slab_lr, seed, log)
     export_2d_checkpoint(model.eval(), out / "2d_checkpoint")
     record_cost(out, "2d_pretraining", started, {"steps": budget.slab_steps, "samples": len(dataset)})
-    (out / "2d_checkpoint" / "pretraining_log.json").write_text(json.dumps(history, indent=1))
+    (out / "2d_checkpoint" / "pretraining_log.json").write_text(
+        json.dumps(history, indent=1), encoding="utf-8"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +334,7 @@ def write_3d_config(
 
     Modes without task experts have no stage 2, so stage 1 gets both stages' steps (equal budget).
     """
-    config = yaml.safe_load(TEMPLATE_3D.read_text())
+    config = yaml.safe_load(TEMPLATE_3D.read_text(encoding="utf-8"))
     task_level = moe_mode in ("tgh_hard", "tgh_soft")
     config.update(
         out_dir=str(run_dir),
@@ -359,7 +361,7 @@ def write_3d_config(
     config["stage1"]["max_steps"] = stage1
     config["stage2"]["max_steps"] = budget.stage2_steps
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -446,9 +448,9 @@ def evaluate_model(
 
 def collect_scores(eval_dir: Path) -> dict[str, Any]:
     """The headline numbers of one evaluation folder (report, vqa, findings.json)."""
-    report = json.loads((eval_dir / "report" / "summary.json").read_text())
-    vqa = json.loads((eval_dir / "vqa" / "summary.json").read_text())
-    findings = json.loads((eval_dir / "findings.json").read_text())
+    report = json.loads((eval_dir / "report" / "summary.json").read_text(encoding="utf-8"))
+    vqa = json.loads((eval_dir / "vqa" / "summary.json").read_text(encoding="utf-8"))
+    findings = json.loads((eval_dir / "findings.json").read_text(encoding="utf-8"))
     closed = vqa.get("closed_accuracy") or {}
     return {
         "report_metrics": report["metrics"],
@@ -494,13 +496,13 @@ def slab_lesion_check(checkpoint: Path, bench: Path, per_group: int = 30) -> dic
 def record_cost(folder: Path, step: str, started: float, extra: dict[str, Any] | None = None) -> None:
     """Add one step's wall-clock minutes and device to ``folder/cost.json``."""
     path = folder / COST_FILE
-    cost = json.loads(path.read_text()) if path.is_file() else {}
+    cost = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     cost[step] = {
         "minutes": round((time.perf_counter() - started) / 60, 2),
         "device": f"CPU ({torch.get_num_threads()} threads)",
         **(extra or {}),
     }
-    path.write_text(json.dumps(cost, indent=1))
+    path.write_text(json.dumps(cost, indent=1), encoding="utf-8")
 
 
 def ship_model(model_dir: Path, target: Path) -> Path:
@@ -544,7 +546,7 @@ def run_pipeline(
     scores["slab_check_2d"] = slab_lesion_check(
         out / "2d_checkpoint", bench, per_group=4 if budget_name == "toy" else 30
     )
-    (out / "scores.json").write_text(json.dumps(scores, indent=1))
+    (out / "scores.json").write_text(json.dumps(scores, indent=1), encoding="utf-8")
     return scores
 
 
@@ -560,7 +562,7 @@ def run_ablations(
     results: dict[str, list[dict[str, Any]]] = {}
     path = out / "ablations.json"
     if path.is_file():
-        results = json.loads(path.read_text())
+        results = json.loads(path.read_text(encoding="utf-8"))
     for name in names or list(ABLATIONS):
         variant = ABLATIONS[name]
         for seed in seeds:
@@ -586,7 +588,7 @@ def run_ablations(
                 router_accuracy(final, test_bench) if variant["moe"].startswith("tgh") else None
             )
             results.setdefault(name, []).append({"seed": seed, "train_minutes": round(minutes, 2), **scores})
-            path.write_text(json.dumps(results, indent=1))
+            path.write_text(json.dumps(results, indent=1), encoding="utf-8")
     return results
 
 
@@ -735,15 +737,19 @@ def results_markdown(
 
 def write_results(out: Path, target: Path) -> Path:
     """Render ``out/scores.json``, ``out/cost.json`` (+ the 3D run's) and ``out/ablations.json``."""
-    scores = json.loads((out / "scores.json").read_text())
+    scores = json.loads((out / "scores.json").read_text(encoding="utf-8"))
     with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
         scores["distinct_reports"] = len({row["prediction"] for row in csv.DictReader(stream)})
-    cost = json.loads((out / COST_FILE).read_text())
+    cost = json.loads((out / COST_FILE).read_text(encoding="utf-8"))
     three_d = out / "3d" / COST_FILE
     if three_d.is_file():
-        cost.update(json.loads(three_d.read_text()))
-    ablations = json.loads((out / "ablations.json").read_text()) if (out / "ablations.json").is_file() else {}
-    target.write_text(results_markdown(scores, cost, ablations, str(out)))
+        cost.update(json.loads(three_d.read_text(encoding="utf-8")))
+    ablations = (
+        json.loads((out / "ablations.json").read_text(encoding="utf-8"))
+        if (out / "ablations.json").is_file()
+        else {}
+    )
+    target.write_text(results_markdown(scores, cost, ablations, str(out)), encoding="utf-8")
     return target
 
 

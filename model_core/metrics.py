@@ -291,7 +291,7 @@ def _minilm_dir() -> Path | None:
 def _num_hidden_layers(folder: Path) -> int:
     import json
 
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in config:
             return int(config[key])

@@ -88,7 +88,7 @@ def read_image_normalisation(folder: Path, family_defaults: tuple) -> tuple[tupl
     for name in ("preprocessor_config.json", "processor_config.json"):
         path = folder / name
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             data = data.get("image_processor", data)
             if "image_mean" in data and "image_std" in data:
                 return tuple(data["image_mean"]), tuple(data["image_std"])

@@ -138,7 +138,8 @@ def save_tiny_2d_checkpoint(directory: str | Path, family: str = "internvl", see
     tokenizer.save_pretrained(folder)
     family_class = FAMILY_CLASSES[family]
     (folder / "preprocessor_config.json").write_text(
-        json.dumps({"image_mean": list(family_class.image_mean), "image_std": list(family_class.image_std)})
+        json.dumps({"image_mean": list(family_class.image_mean), "image_std": list(family_class.image_std)}),
+        encoding="utf-8",
     )
     return folder
 

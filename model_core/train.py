@@ -88,7 +88,7 @@ def prepare_run_dir(
     if resume:
         if not config_path.is_file():
             raise FileNotFoundError(f"--resume: {run_dir} has no {RESOLVED_CONFIG}; it is not a run folder")
-        saved = yaml.safe_load(config_path.read_text())
+        saved = yaml.safe_load(config_path.read_text(encoding="utf-8"))
         changed = sorted(key for key in set(saved) | set(resolved) if saved.get(key) != resolved.get(key))
         if changed:
             raise ValueError(
@@ -102,7 +102,7 @@ def prepare_run_dir(
         )
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        config_path.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
     return None
 
 

@@ -63,7 +63,7 @@ def peak_rss_mib() -> float:
 
 def current_rss_mib() -> float:
     """This process's resident memory now (Linux /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
@@ -123,7 +123,7 @@ def write_report(
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "machine": machine_description(), "settings": settings, "results": rows}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     tmp.replace(path)
     print()
     print("| " + " | ".join(columns) + " |")

@@ -178,7 +178,10 @@ def _load_cached(name: str, folder: str) -> LabelledVolume:
     spacing = tuple(float(s) for s in ct.spacing)
     if spec.label_file is not None:
         organ_map = read_ct(Path(folder) / spec.label_file, allow_non_ct=True).array.astype(np.int64)
-        names = {int(k): v for k, v in json.loads((Path(folder) / "organ_labels.json").read_text()).items()}
+        names = {
+            int(k): v
+            for k, v in json.loads((Path(folder) / "organ_labels.json").read_text(encoding="utf-8")).items()
+        }
         labels = _labels_from_map(organ_map, names, hu)
     else:
         labels = _labels_by_threshold(hu, spacing)

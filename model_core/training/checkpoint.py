@@ -101,7 +101,7 @@ def save_adapters(
         raise KeyError(f"trained tensors missing from the state dict: {missing[:5]}")
     tensors = {name: state[name].detach().to("cpu").contiguous() for name in names}
     save_file(tensors, str(folder / ADAPTERS_FILE), metadata={"format": "pt", "ctmllm_adapters": "1"})
-    (folder / ADAPTERS_INDEX).write_text(json.dumps({**info, "tensors": names}, indent=2))
+    (folder / ADAPTERS_INDEX).write_text(json.dumps({**info, "tensors": names}, indent=2), encoding="utf-8")
 
 
 def load_adapters(model: nn.Module, folder: Path, names: list[str]) -> None:

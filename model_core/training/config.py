@@ -227,7 +227,7 @@ class TrainingConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"training config {path} does not exist")
-        return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+        return cls.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
 
 
 def _plain(value: Any) -> Any:

@@ -17,10 +17,10 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
         self.path = run_dir / METRICS_FILE
         if resume_step is None:
-            self.path.write_text("")
+            self.path.write_text("", encoding="utf-8")
         elif self.path.is_file():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
@@ -28,7 +28,7 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
