@@ -7,6 +7,7 @@ constants with ``from conftest import ...``; the fixtures need no import.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,3 +54,17 @@ def save_scene_with_volume(scene, volume, folder: Path) -> Path:
     scene.SetURL(str(folder / "scene.mrml"))
     assert scene.Commit(), f"could not write the scene into {folder}"
     return folder / "scene.mrml"
+
+
+def run_model_core_cli(*args: str, cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m model_core ARGS`` as a user runs it: offline, a fresh model cache, UTF-8 output."""
+    env = {"PATH": "/usr/bin:/bin", "CTMLLM_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "model_core", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=timeout,
+        env=env,
+    )

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ABDOMEN_CT, NOT_CT_MR, REPO, needs_shared_ct
+from conftest import ABDOMEN_CT, NOT_CT_MR, needs_shared_ct, run_model_core_cli
 
 from model_core.hub import ModelNotFoundError, resolve_model_dir
 from model_core.tiny import save_tiny_2d_checkpoint
 
 
-def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "CTMLLM_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "model_core", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=300,
-        env=env,
-    )
-
-
 def test_generate_streams_an_answer_for_an_m3d_volume(tiny_model_dir: Path, tmp_path: Path) -> None:
     volume = tmp_path / "case.npy"
     np.save(volume, np.random.default_rng(0).random((1, 9, 32, 32), dtype=np.float32))
-    done = run_cli(
+    done = run_model_core_cli(
         "generate",
         "--model",
         str(tiny_model_dir),
@@ -49,7 +34,7 @@ def test_generate_streams_an_answer_for_an_m3d_volume(tiny_model_dir: Path, tmp_
 
 
 def test_info_describes_the_model(tiny_model_dir: Path, tmp_path: Path) -> None:
-    done = run_cli("info", str(tiny_model_dir), cache=tmp_path)
+    done = run_model_core_cli("info", str(tiny_model_dir), cache=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "family:           internvl" in done.stdout
     assert "3D blocks (K):    2 of 4" in done.stdout
@@ -58,20 +43,24 @@ def test_info_describes_the_model(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 def test_convert_turns_a_2d_folder_into_a_ctmllm_folder(tmp_path: Path) -> None:
     source = save_tiny_2d_checkpoint(tmp_path / "2d", "llava")
-    done = run_cli(
+    done = run_model_core_cli(
         "convert", str(source), "--out", str(tmp_path / "3d"), "--num-3d-blocks", "3", cache=tmp_path
     )
     assert done.returncode == 0, done.stderr
-    info = run_cli("info", str(tmp_path / "3d"), cache=tmp_path)
+    info = run_model_core_cli("info", str(tmp_path / "3d"), cache=tmp_path)
     assert "family:           llava" in info.stdout and "3D blocks (K):    3 of 4" in info.stdout
 
 
 def test_bad_model_and_volume_get_clear_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
-    missing = run_cli("generate", "--model", str(tmp_path / "nope"), "--volume", "x.npy", cache=tmp_path)
+    missing = run_model_core_cli(
+        "generate", "--model", str(tmp_path / "nope"), "--volume", "x.npy", cache=tmp_path
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     flat = tmp_path / "flat.npy"
     np.save(flat, np.zeros((32, 32), dtype=np.float32))
-    done = run_cli("generate", "--model", str(tiny_model_dir), "--volume", str(flat), cache=tmp_path)
+    done = run_model_core_cli(
+        "generate", "--model", str(tiny_model_dir), "--volume", str(flat), cache=tmp_path
+    )
     assert done.returncode == 2 and "holds shape (32, 32)" in done.stderr
 
 
@@ -87,7 +76,7 @@ def test_hub_spec_resolution(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 @needs_shared_ct
 def test_generate_reads_a_real_nifti_and_refuses_mr(tiny_model_dir: Path, tmp_path: Path) -> None:
-    done = run_cli(
+    done = run_model_core_cli(
         "generate",
         "--model",
         str(tiny_model_dir),
@@ -101,7 +90,7 @@ def test_generate_reads_a_real_nifti_and_refuses_mr(tiny_model_dir: Path, tmp_pa
     )
     assert done.returncode == 0, done.stderr
     assert "[4 tokens" in done.stderr
-    mr = run_cli(
+    mr = run_model_core_cli(
         "generate",
         "--model",
         str(tiny_model_dir),

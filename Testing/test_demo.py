@@ -4,26 +4,15 @@ beside the ground truth, and an honest notice while no trained demo model is ins
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import REPO
+from conftest import run_model_core_cli
 
 from model_core.hub import DEMO_MODEL_DIR
 
 
 def test_demo_runs_and_prints_ground_truth(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "CTMLLM_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "model_core", "demo", "--out", str(tmp_path / "out")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=600,
-        env=env,
-    )
+    done = run_model_core_cli("demo", "--out", str(tmp_path / "out"), cache=tmp_path / "cache", timeout=600)
     assert done.returncode == 0, done.stderr
     truth = json.loads((tmp_path / "out" / "ground_truth.json").read_text(encoding="utf-8"))
     assert truth["findings"], "the demo study has findings to show"
