@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import yaml
 
-from model_core.tiny import train_bpe_tokenizer
+from model_core.tiny import assemble_internvl, train_bpe_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_3D = REPO_ROOT / "configs" / "demo_3d.yaml"
@@ -162,12 +162,7 @@ def tokenizer_corpus(bench_dir: Path) -> list[str]:
 
 def build_2d_mllm(tokenizer, budget: DemoBudget, seed: int):
     """A random InternVL 2D MLLM sized by ``budget`` (tower on ``H x W`` slabs, Qwen2 LM)."""
-    from transformers import (
-        InternVLConfig,
-        InternVLForConditionalGeneration,
-        InternVLVisionConfig,
-        Qwen2Config,
-    )
+    from transformers import InternVLVisionConfig, Qwen2Config
 
     torch.manual_seed(seed)
     vision = InternVLVisionConfig(
@@ -190,14 +185,7 @@ def build_2d_mllm(tokenizer, budget: DemoBudget, seed: int):
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     )
-    config = InternVLConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
-    )
-    model = InternVLForConditionalGeneration(config)
-    with torch.no_grad():  # InternViT starts these at zero; a trained tower never has them there
-        model.model.vision_tower.embeddings.cls_token.normal_(0, 0.02)
-        model.model.vision_tower.embeddings.position_embeddings.normal_(0, 0.02)
-    return model
+    return assemble_internvl(vision, text, tokenizer)
 
 
 def as_2d_ctmllm(mllm, tokenizer, budget: DemoBudget):

@@ -82,6 +82,24 @@ def _tiny_text_config(vocab_size: int, hidden: int) -> Qwen2Config:
     )
 
 
+def assemble_internvl(
+    vision: InternVLVisionConfig, text: Qwen2Config, tokenizer: PreTrainedTokenizerFast
+) -> InternVLForConditionalGeneration:
+    """A random InternVL 2D MLLM from its two sub-configs, its image token taken from ``tokenizer``.
+
+    InternViT zero-initialises its CLS token and position embeddings; a pretrained tower has neither
+    at zero, so they are drawn small and random (tests can then tell them apart).
+    """
+    config = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
+    )
+    model = InternVLForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.vision_tower.embeddings.cls_token.normal_(0, 0.02)
+        model.model.vision_tower.embeddings.position_embeddings.normal_(0, 0.02)
+    return model
+
+
 def build_tiny_2d_mllm(
     family: str = "internvl",
     seed: int = 0,
@@ -109,13 +127,7 @@ def build_tiny_2d_mllm(
     )
     if family == "internvl":
         vision = InternVLVisionConfig(**vision_kwargs, use_qk_norm=True, layer_scale_init_value=0.1)
-        config = InternVLConfig(vision_config=vision, text_config=text_config, image_token_id=image_token_id)
-        model = InternVLForConditionalGeneration(config)
-        # InternViT zero-initialises its CLS token and position embeddings; a pretrained one has
-        # neither at zero, so give them values that tests can tell apart.
-        with torch.no_grad():
-            model.model.vision_tower.embeddings.cls_token.normal_(0, 0.02)
-            model.model.vision_tower.embeddings.position_embeddings.normal_(0, 0.02)
+        model = assemble_internvl(vision, text_config, tokenizer)
     else:
         vision = SiglipVisionConfig(**vision_kwargs, vision_use_head=False)
         config = LlavaConfig(

@@ -19,14 +19,9 @@ import torch
 
 def bench_2d_mllm(image_size: int = 256):
     """A random InternVL-shaped 2D MLLM: ViT-B/16 tower (~86M) and a small Qwen2 text model."""
-    from transformers import (
-        InternVLConfig,
-        InternVLForConditionalGeneration,
-        InternVLVisionConfig,
-        Qwen2Config,
-    )
+    from transformers import InternVLVisionConfig, Qwen2Config
 
-    from model_core.tiny import build_tiny_tokenizer
+    from model_core.tiny import assemble_internvl, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     vision = InternVLVisionConfig(
@@ -49,11 +44,8 @@ def bench_2d_mllm(image_size: int = 256):
         max_position_embeddings=4096,
         tie_word_embeddings=True,
     )
-    config = InternVLConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
-    )
     torch.manual_seed(0)
-    return InternVLForConditionalGeneration(config).eval(), tokenizer
+    return assemble_internvl(vision, text, tokenizer).eval(), tokenizer
 
 
 def peak_rss_mib() -> float:
