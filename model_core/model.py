@@ -218,7 +218,9 @@ class CTMLLM(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         parts = get_family(mllm.config).split(mllm)
         model = cls(config, parts.vision_tower, parts.multi_modal_projector, parts.language_model, tokenizer)
-        missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))
+        load_model(  # strict: a missing or unexpected tensor raises
+            model, str(folder / WEIGHTS_FILE), strict=True, device=str(device)
+        )
         model.to(device=device, dtype=dtype)
         model.model_dir = folder
         return model.eval()
