@@ -43,6 +43,7 @@ def test_window_presets_are_the_radiological_windows():
     assert WINDOW_PRESETS["lung"] == (-1350.0, 150.0)  # W1500 / L-600
     assert WINDOW_PRESETS["bone"] == (-500.0, 1300.0)  # W1800 / L400
     assert WINDOW_PRESETS["wide"] == (-1000.0, 1000.0)
+    assert WINDOW_PRESETS["body"] == (-400.0, 300.0)  # W700 / L-50
     assert window_from_width_level(80, 40) == (0.0, 80.0)
     assert (
         next(iter(WINDOW_PRESETS)) == PreprocessConfig().window == "wide"
@@ -50,7 +51,7 @@ def test_window_presets_are_the_radiological_windows():
 
 
 def test_config_validates_and_round_trips():
-    with pytest.raises(ConfigError, match="wide, soft_tissue, lung, bone, percentile"):
+    with pytest.raises(ConfigError, match="wide, soft_tissue, lung, bone, body, percentile"):
         PreprocessConfig(window="brain")
     with pytest.raises(ConfigError, match="low < high"):
         PreprocessConfig(window=(100, -100))

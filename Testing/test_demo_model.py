@@ -16,6 +16,7 @@ import torch
 
 from model_core import metrics
 from model_core.benchmark import BenchmarkConfig, make_study, parse_report, score_findings
+from model_core.demo_pipeline import BUDGETS
 from model_core.model import CONFIG_FILE, CTMLLM
 from model_core.prompts import format_closed_question
 
@@ -80,7 +81,8 @@ def measured(model: CTMLLM) -> dict[str, float]:
 
 def test_demo_model_records_how_it_was_trained(model: CTMLLM) -> None:
     settings = model.preprocess_config()
-    assert settings.window == "soft_tissue" and len(settings.target_shape) == 3
+    recipe = BUDGETS["small"]
+    assert settings.window == recipe.window and tuple(settings.target_shape) == recipe.grid
     assert model.config.volume.num_3d_blocks == 2 and model.config.moe.mode == "tgh_hard"
     assert sum(f.stat().st_size for f in DEMO_DIR.iterdir() if f.is_file()) <= 30 * 1024 * 1024
 

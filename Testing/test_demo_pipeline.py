@@ -9,21 +9,31 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer
 
 from model_core import demo_pipeline as dp
 from model_core.benchmark.findings import Finding
 from model_core.benchmark.slabs import (
+    FINDINGS_LIST_PROMPT,
+    NO_FINDINGS_LIST,
     NORMAL_SLAB_TEXT,
     SLAB_PROMPT,
+    TOKEN_LESION_LABELS,
     SlabDataset,
+    caption_names_lesion,
     findings_in_slab,
+    findings_list,
     slab_items,
+    token_lesion_targets,
 )
+from model_core.benchmark.text import write_report
 from model_core.families import STATE_DICT_PREFIXES, map_2d_state_dict_name, map_ctmllm_state_dict_name
 from model_core.model import CTMLLM
 from model_core.tiny import train_bpe_tokenizer
@@ -50,6 +60,7 @@ def test_pipeline_writes_every_artifact(toy_run: tuple[Path, dict]) -> None:
         "2d_checkpoint/model.safetensors",
         "2d_checkpoint/preprocessor_config.json",
         "2d_checkpoint/pretraining_log.json",
+        "2d_checkpoint/tower_pretraining.json",
         "3d/config.yaml",
         "3d/stage1/final/ctmllm_config.json",
         "3d/stage2/final/ctmllm_config.json",
@@ -64,8 +75,12 @@ def test_pipeline_writes_every_artifact(toy_run: tuple[Path, dict]) -> None:
     assert scores["model_dir"] == str(out / "3d" / "stage2" / "final")
     assert set(json.loads((out / "cost.json").read_text(encoding="utf-8"))) == {
         "benchmark_build",
+        "tower_pretraining",
         "2d_pretraining",
     }
+    tower = json.loads((out / "2d_checkpoint" / "tower_pretraining.json").read_text(encoding="utf-8"))
+    assert tower["history"][-1]["step"] == TOY.tower_steps
+    assert set(tower["auc"]) == {*TOKEN_LESION_LABELS, "any"} and scores["tower_auc"] == tower["auc"]
     assert 0.0 <= scores["findings"]["f1"] <= 1.0
     assert scores["closed_accuracy"]["n"] > 0
 
@@ -97,7 +112,8 @@ def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) 
     page = dp.write_results(out, tmp_path / "RESULTS.md").read_text(encoding="utf-8")
     assert f"| finding-level F1 (organ+side, kind, size bucket) | {scores['findings']['f1']:.3f} |" in page
     assert f"{scores['closed_accuracy']['accuracy']:.3f} (n={scores['closed_accuracy']['n']})" in page
-    assert "| 3d_training |" in page and "| 2d_pretraining |" in page
+    assert "| 3d_training |" in page and "| 2d_pretraining |" in page and "| tower_pretraining |" in page
+    assert "| " + " | ".join([*TOKEN_LESION_LABELS, "any"]) + " |" in page
     assert "Not run." in page  # no ablations in this run
     with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
         distinct = len({row["prediction"] for row in csv.DictReader(stream)})
@@ -121,6 +137,52 @@ def test_slab_dataset_reads_aligned_slabs_with_their_findings(toy_run: tuple[Pat
     assert sample.load_volume().shape == (3, TOY.grid[1], TOY.grid[2])
 
 
+def test_findings_list_captions_name_each_slab_finding_by_label(toy_run: tuple[Path, dict]) -> None:
+    out, _ = toy_run
+    listed = [
+        i for i in slab_items(out / "bench", "train", caption_style="findings_list") if i.task == "report"
+    ]
+    written = [i for i in slab_items(out / "bench", "train") if i.task == "report"]
+    assert [(i.meta["study"], i.start) for i in listed] == [(i.meta["study"], i.start) for i in written]
+    for item in listed:
+        findings = [Finding.from_dict(f) for f in item.meta["findings"]]
+        assert item.prompt == FINDINGS_LIST_PROMPT and item.answer == findings_list(findings)
+        assert caption_names_lesion(item.answer, "findings_list") == bool(findings)
+    with pytest.raises(ValueError, match="caption_style"):
+        slab_items(out / "bench", "train", caption_style="free text")
+
+
+def test_findings_list_text_and_its_lesion_test() -> None:
+    cyst = Finding("kidney", "cyst", 6.0, side="left")
+    mass = Finding("liver", "solid mass", 25.0, level="upper")
+    assert findings_list([cyst, mass]) == "left kidney cyst, small; liver solid mass, large"
+    assert findings_list([]) == NO_FINDINGS_LIST
+    assert not caption_names_lesion(" None ", "findings_list")
+    assert caption_names_lesion(write_report([mass], np.random.default_rng(0), [("liver", None)]), "report")
+    assert not caption_names_lesion(NORMAL_SLAB_TEXT, "report")
+
+
+def test_budget_window_reaches_the_benchmark_and_the_3d_config(tmp_path: Path) -> None:
+    budget = replace(TOY, train=1, val=0, test=0, window="body")
+    bench = dp.build_data(tmp_path / "bench", budget)
+    assert json.loads((bench / "benchmark.json").read_text(encoding="utf-8"))["window_hu"] == [-400.0, 300.0]
+    config = dp.write_3d_config(tmp_path / "3d.yaml", bench, tmp_path / "2d", tmp_path / "run", budget, 0)
+    assert yaml.safe_load(config.read_text(encoding="utf-8"))["preprocessing"]["window"] == "body"
+
+
+def test_captioning_after_tower_pretraining_keeps_the_tower(toy_run: tuple[Path, dict]) -> None:
+    out, _ = toy_run
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    model = dp.as_2d_ctmllm(dp.build_2d_mllm(tokenizer, TOY, seed=0), tokenizer, TOY)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    dataset = SlabDataset(slab_items(out / "bench", "train", caption_style="findings_list"))
+    dp.pretrain_2d(model, dataset, 2, 2, 1e-2, 0, lambda _line: None, train_tower=False)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and not any(name.startswith("vision_tower.") for name in changed)
+    assert any(name.startswith("projector.") for name in changed)
+    assert any(name.startswith("language_model.") for name in changed)
+
+
 def test_lesion_share_keeps_every_lesion_slab_and_drops_normal_ones(toy_run: tuple[Path, dict]) -> None:
     out, _ = toy_run
 
@@ -135,6 +197,26 @@ def test_lesion_share_keeps_every_lesion_slab_and_drops_normal_ones(toy_run: tup
     assert slabs(slab_items(out / "bench", "train", min_lesion_share=1.0))[1] == set()
     with pytest.raises(ValueError, match="min_lesion_share"):
         slab_items(out / "bench", "train", min_lesion_share=0.0)
+
+
+def test_token_lesion_targets_mark_the_cell_holding_each_lesion_centre() -> None:
+    cyst = Finding("liver", "cyst", 6.0, center_voxel=(4, 10, 70))  # row cell 0, column cell 2
+    nodule = Finding("lung", "lung nodule", 25.0, side="left", center_voxel=(4, 95, 0))  # cell (2, 0)
+    targets = token_lesion_targets([cyst, nodule], (96, 96), cells=3)
+    assert targets.shape == (9, len(TOKEN_LESION_LABELS))
+    on = {(int(t), TOKEN_LESION_LABELS[int(k)]) for t, k in zip(*targets.nonzero(), strict=True)}
+    assert on == {(2, "cyst"), (2, "small"), (6, "lung nodule"), (6, "large")}
+    assert not token_lesion_targets([], (96, 96), cells=3).any()
+    with pytest.raises(ValueError, match="equal token cells"):
+        token_lesion_targets([cyst], (96, 96), cells=5)
+
+
+def test_roc_auc_ranks_positives_above_negatives_with_ties_as_half() -> None:
+    positive = torch.tensor([True, True, False, False])
+    assert dp.roc_auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), positive) == 1.0
+    assert dp.roc_auc(torch.tensor([0.1, 0.2, 0.9, 0.8]), positive) == 0.0
+    assert dp.roc_auc(torch.tensor([0.5, 0.5, 0.5, 0.5]), positive) == 0.5
+    assert dp.roc_auc(torch.tensor([0.9, 0.1]), torch.tensor([True, True])) is None
 
 
 def test_findings_in_slab_uses_the_sphere_and_the_slice_spacing() -> None:

@@ -10,7 +10,13 @@ so an interrupted run continues):
 3. ``2d_checkpoint/``: a small InternVL-style 2D MLLM (tower, pixel-shuffle projector, Qwen2 LM),
    every part trained on 3-slice slabs (``model_core.benchmark.slabs``) as a CTMLLM with K=0 and
    no MoE, then exported as a Hugging Face 2D checkpoint (``map_ctmllm_state_dict_name``).
-   ``2d_random/`` is the same architecture untrained: the "from scratch" ablation's source.
+   When the budget has ``tower_steps``, the tower and projector are first pretrained on their
+   own: a linear head on each visual token learns which lesion kinds and size buckets have their
+   centre in its cell (``pretrain_tower``; the head is dropped). This is the demo's stand-in for
+   the pretraining real towers get before their MLLM is trained (CLIP, InternViT): trained only
+   through the caption loss, a random tower did not learn to see lesions in this budget
+   (docs/MODEL_CARD.md). ``2d_random/`` is the same architecture untrained: the "from scratch"
+   ablation's source.
 4. ``3d/stage1``, ``3d/stage2``: the 3D transfer and both stages through ``python -m
    model_core.train`` with ``configs/demo_3d.yaml`` (``model.source`` = the 2D checkpoint).
 5. ``eval/``: ``python -m model_core.evaluate`` (report; closed and open VQA) on the held-out test
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -30,7 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +52,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_3D = REPO_ROOT / "configs" / "demo_3d.yaml"
 MAX_SHIPPED_BYTES = 30 * 1024 * 1024
 COST_FILE = "cost.json"
+TOWER_FILE = "tower_pretraining.json"
+TOWER_AUC_SLABS = 240
+POSITIVE_WEIGHT = 10.0  # tower pretraining: weight of a lesion token label against the many empty ones
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,11 @@ class DemoBudget:
     slab_batch: int = 16
     slab_lr: float = 1e-3
     lesion_slab_share: float | None = None  # None: every slab (most hold no lesion)
+    slab_caption_style: str = "report"  # or "findings_list" (model_core.benchmark.slabs)
+    tower_steps: int = 0  # lesion-label pretraining of the tower before the captions (0: none)
+    tower_batch: int = 32
+    tower_lr: float = 1e-3
+    window: str = "soft_tissue"  # the benchmark's HU window, a WINDOW_PRESETS name
     stage1_steps: int = 1200
     stage2_steps: int = 200
     batch_size: int = 8
@@ -88,13 +103,26 @@ class DemoBudget:
         return groups * side * side
 
 
+# The shipped demo model: about an hour on a 2-core CPU. 36 slices (about 8 mm) rather than 24
+# (12 mm), the body window and the tower's lesion pretraining: see docs/MODEL_CARD.md for what each
+# changed.
+SMALL = DemoBudget(
+    grid=(36, 96, 96),
+    train=2000,
+    val=4,
+    window="body",
+    tower_steps=3000,
+    slab_steps=1500,
+    slab_caption_style="findings_list",
+    lesion_slab_share=0.5,
+)
 BUDGETS: dict[str, DemoBudget] = {
-    # The shipped demo model: about an hour on one thread of a busy shared 2-core CPU.
-    "small": DemoBudget(),
+    "small": SMALL,
     # Ablations: the demo's benchmark and 2D checkpoints, a fifth of the 3D steps, per seed.
-    "ablation": DemoBudget(stage1_steps=150, stage2_steps=30, test=16),
+    "ablation": replace(SMALL, stage1_steps=150, stage2_steps=30, test=16),
     # Tests: every step runs in seconds; the numbers mean nothing.
-    "toy": DemoBudget(
+    "toy": replace(
+        SMALL,
         grid=(12, 48, 48),
         train=4,
         val=1,
@@ -105,6 +133,8 @@ BUDGETS: dict[str, DemoBudget] = {
         patch=8,
         text_hidden=64,
         text_layers=2,
+        tower_steps=3,
+        tower_batch=4,
         slab_steps=3,
         slab_batch=4,
         stage1_steps=3,
@@ -131,18 +161,24 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 def build_data(bench_dir: Path, budget: DemoBudget, seed: int = 0) -> Path:
-    """The lesion benchmark at the budget's grid (soft-tissue window, phantoms only)."""
+    """The lesion benchmark at the budget's grid and window (phantoms only)."""
     from model_core.benchmark import BenchmarkConfig, build_benchmark
 
     if not (bench_dir / "benchmark.json").is_file():
         counts = {"train": budget.train, "validation": budget.val, "test": budget.test}
-        build_benchmark(bench_dir, BenchmarkConfig(counts=counts, seed=seed, grid=budget.grid))
+        config = BenchmarkConfig(counts=counts, seed=seed, grid=budget.grid, window=budget.window)
+        build_benchmark(bench_dir, config)
     return bench_dir
 
 
 def tokenizer_corpus(bench_dir: Path) -> list[str]:
     """Training-split texts only: reports, questions, choices, answers and the prompts."""
-    from model_core.benchmark.slabs import NORMAL_SLAB_TEXT, SLAB_PROMPT
+    from model_core.benchmark.slabs import (
+        FINDINGS_LIST_PROMPT,
+        NO_FINDINGS_LIST,
+        NORMAL_SLAB_TEXT,
+        SLAB_PROMPT,
+    )
     from model_core.data.formats import read_m3d_vqa
     from model_core.prompts import DEFAULT_REPORT_PROMPT
 
@@ -153,7 +189,14 @@ def tokenizer_corpus(bench_dir: Path) -> list[str]:
             f"{record.question} Choices: " + " ".join(f"{k}. {v}" for k, v in record.choices.items())
         )
         texts.append(f"{record.answer_choice}. {record.answer}")
-    return [*texts, DEFAULT_REPORT_PROMPT, SLAB_PROMPT, NORMAL_SLAB_TEXT]
+    return [
+        *texts,
+        DEFAULT_REPORT_PROMPT,
+        SLAB_PROMPT,
+        NORMAL_SLAB_TEXT,
+        FINDINGS_LIST_PROMPT,
+        NO_FINDINGS_LIST,
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,46 +249,153 @@ def as_2d_ctmllm(mllm, tokenizer, budget: DemoBudget):
     )
 
 
-def pretrain_2d(
-    model, dataset, steps: int, batch_size: int, lr: float, seed: int, log: Callable[[str], None]
+def _optimise(
+    parameters: list[torch.nn.Parameter],
+    batches: Iterator[Any],
+    loss_of: Callable[[Any], torch.Tensor],
+    steps: int,
+    lr: float,
+    name: str,
+    log: Callable[[str], None],
 ) -> list[dict[str, float]]:
-    """Train every part of the K=0 CTMLLM (tower included, unlike the 3D stages) on slab samples.
-
-    AdamW with linear warm-up and cosine decay; returns the logged losses.
-    """
+    """AdamW with linear warm-up and cosine decay over ``steps`` batches; returns the logged losses."""
     from transformers import get_scheduler
 
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+    scheduler = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=max(1, steps // 20), num_training_steps=steps
+    )
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        loss = loss_of(next(batches))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps:
+            value = float(loss.detach())
+            history.append({"step": step, "loss": value, "seconds": time.perf_counter() - started})
+            log(f"{name} step {step}/{steps}: loss {value:.4f}")
+    return history
+
+
+def pretrain_2d(
+    model,
+    dataset,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log: Callable[[str], None],
+    train_tower: bool = True,
+) -> list[dict[str, float]]:
+    """Train the K=0 CTMLLM on slab samples: every part, or (``train_tower`` False, for a tower
+    that was pretrained) the projector and language model only, which keeps what the tower learned."""
     from model_core.training.data import make_loader
 
     torch.manual_seed(seed)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    scheduler = get_scheduler(
-        "cosine", optimizer, num_warmup_steps=max(1, steps // 20), num_training_steps=steps
-    )
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(train_tower or not name.startswith("vision_tower."))
     loader = make_loader(dataset, batch_size, seed)
-    history: list[dict[str, float]] = []
-    step, epoch, started = 0, 0, time.perf_counter()
-    while step < steps:
-        loader.sampler.set_epoch(epoch)
-        for batch in loader:
-            loss = model.compute_loss(
-                batch["volumes"], batch["prompts"], batch["answers"], batch["tasks"]
-            ).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % 50 == 0 or step == steps:
-                value = float(loss.detach())
-                history.append({"step": step, "loss": value, "seconds": time.perf_counter() - started})
-                log(f"2D step {step}/{steps}: loss {value:.4f}")
-            if step >= steps:
-                break
-        epoch += 1
-    return history
+
+    def batches() -> Iterator[dict[str, Any]]:
+        for epoch in itertools.count():
+            loader.sampler.set_epoch(epoch)
+            yield from loader
+
+    def loss_of(batch: dict[str, Any]) -> torch.Tensor:
+        return model.compute_loss(batch["volumes"], batch["prompts"], batch["answers"], batch["tasks"]).loss
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return _optimise(trained, batches(), loss_of, steps, lr, "2D", log)
+
+
+def _token_grid(model, dataset) -> tuple[int, int]:
+    """The side of the square grid of visual tokens one slab gives, and their width."""
+    with torch.no_grad():
+        tokens = model.encode_volumes(torch.from_numpy(np.asarray(dataset[0].volume))[None])
+    return math.isqrt(tokens.shape[1]), tokens.shape[2]
+
+
+def _slab_batch(dataset, indices: Sequence[int], cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Volumes ``(B, 3, H, W)`` and token lesion targets ``(B, cells², labels)`` of slab samples."""
+    from model_core.benchmark.findings import Finding
+    from model_core.benchmark.slabs import token_lesion_targets
+
+    samples = [dataset[int(i)] for i in indices]
+    volumes = torch.stack([torch.from_numpy(np.asarray(s.volume, dtype=np.float32)) for s in samples])
+    targets = [
+        token_lesion_targets([Finding.from_dict(f) for f in s.meta["findings"]], volumes.shape[-2:], cells)
+        for s in samples
+    ]
+    return volumes, torch.from_numpy(np.stack(targets))
+
+
+def pretrain_tower(
+    model, dataset, steps: int, batch_size: int, lr: float, seed: int, log: Callable[[str], None]
+) -> tuple[list[dict[str, float]], torch.nn.Linear]:
+    """Teach the tower and projector where lesions are, before any caption (module docstring,
+    step 3): a linear head on each visual token predicts ``TOKEN_LESION_LABELS`` of its cell.
+
+    Positives are rare (a few tokens of a few slabs), so they weigh ``POSITIVE_WEIGHT`` in the loss.
+    Returns the logged losses and the head (for ``tower_lesion_auc``; the checkpoint drops it).
+    """
+    from model_core.benchmark.slabs import TOKEN_LESION_LABELS
+
+    torch.manual_seed(seed)
+    cells, hidden = _token_grid(model, dataset)
+    model.train()
+    head = torch.nn.Linear(hidden, len(TOKEN_LESION_LABELS))
+    visual = [p for name, p in model.named_parameters() if not name.startswith("language_model.")]
+    rng = np.random.default_rng(seed)
+    weight = torch.tensor(POSITIVE_WEIGHT)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield _slab_batch(dataset, rng.integers(0, len(dataset), batch_size), cells)
+
+    def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        volumes, targets = batch
+        logits = head(model.encode_volumes(volumes))
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
+
+    history = _optimise([*visual, *head.parameters()], batches(), loss_of, steps, lr, "tower", log)
+    return history, head
+
+
+def tower_lesion_auc(model, head: torch.nn.Linear, dataset, batch_size: int = 32) -> dict[str, float | None]:
+    """Slab-level ROC AUC of each ``TOKEN_LESION_LABELS`` (highest token score against presence)
+    and of ``any`` lesion, on held-out slabs: does the pretrained tower see lesions?"""
+    from model_core.benchmark.findings import KINDS
+    from model_core.benchmark.slabs import TOKEN_LESION_LABELS
+
+    model.eval()
+    cells, _ = _token_grid(model, dataset)
+    scores, truth = [], []
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            indices = range(start, min(start + batch_size, len(dataset)))
+            volumes, targets = _slab_batch(dataset, indices, cells)
+            scores.append(torch.sigmoid(head(model.encode_volumes(volumes))).amax(1))
+            truth.append(targets.amax(1))
+    score, present = torch.cat(scores), torch.cat(truth).bool()
+    result = {label: roc_auc(score[:, i], present[:, i]) for i, label in enumerate(TOKEN_LESION_LABELS)}
+    kinds = [TOKEN_LESION_LABELS.index(kind) for kind in KINDS]
+    result["any"] = roc_auc(score[:, kinds].amax(1), present.any(1))
+    return result
+
+
+def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """Area under the ROC curve (ties count half); None when one class is missing."""
+    pos, neg = score[positive], score[~positive]
+    if not len(pos) or not len(neg):
+        return None
+    greater = (pos[:, None] > neg[None, :]).float().mean()
+    ties = (pos[:, None] == neg[None, :]).float().mean()
+    return round(float(greater + 0.5 * ties), 4)
 
 
 def export_2d_checkpoint(model, folder: Path) -> Path:
@@ -291,17 +441,63 @@ def make_2d_checkpoints(
         return
     model = as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget)
     items = slab_items(
-        bench, "train", questions_per_slab=1, seed=seed, min_lesion_share=budget.lesion_slab_share
+        bench,
+        "train",
+        questions_per_slab=1,
+        seed=seed,
+        min_lesion_share=budget.lesion_slab_share,
+        caption_style=budget.slab_caption_style,
     )
     dataset = SlabDataset(items)
+    tower_record = None
+    if budget.tower_steps:
+        tower_record = _tower_step(model, dataset, bench, budget, seed, log)
+        record_cost(out, "tower_pretraining", tower_record.pop("started"), {"steps": budget.tower_steps})
     log(f"2D pretraining on {len(dataset)} slab samples, {budget.slab_steps} steps")
     started = time.perf_counter()
-    history = pretrain_2d(model, dataset, budget.slab_steps, budget.slab_batch, budget.slab_lr, seed, log)
+    history = pretrain_2d(
+        model,
+        dataset,
+        budget.slab_steps,
+        budget.slab_batch,
+        budget.slab_lr,
+        seed,
+        log,
+        train_tower=not budget.tower_steps,
+    )
     export_2d_checkpoint(model.eval(), out / "2d_checkpoint")
     record_cost(out, "2d_pretraining", started, {"steps": budget.slab_steps, "samples": len(dataset)})
     (out / "2d_checkpoint" / "pretraining_log.json").write_text(
         json.dumps(history, indent=1), encoding="utf-8"
     )
+    if tower_record is not None:
+        (out / "2d_checkpoint" / TOWER_FILE).write_text(json.dumps(tower_record, indent=1), encoding="utf-8")
+
+
+def _tower_step(
+    model, dataset, bench: Path, budget: DemoBudget, seed: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Tower pretraining on the training slabs' captions (one sample per slab), then its lesion
+    AUC on held-out test slabs (half with a lesion)."""
+    from model_core.benchmark.slabs import SlabDataset, slab_items
+
+    started = time.perf_counter()
+    slabs = SlabDataset([item for item in dataset.items if item.task == "report"])
+    log(f"tower pretraining on {len(slabs)} slabs, {budget.tower_steps} steps")
+    history, head = pretrain_tower(
+        model, slabs, budget.tower_steps, budget.tower_batch, budget.tower_lr, seed, log
+    )
+    held_out = [
+        item for item in slab_items(bench, "test", seed=seed, min_lesion_share=0.5) if item.task == "report"
+    ]
+    auc = tower_lesion_auc(model, head, SlabDataset(held_out[:TOWER_AUC_SLABS]))
+    log(f"tower lesion AUC on held-out slabs: {auc}")
+    return {
+        "started": started,
+        "history": history,
+        "held_out_slabs": min(len(held_out), TOWER_AUC_SLABS),
+        "auc": auc,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +523,7 @@ def write_3d_config(
     config.update(
         out_dir=str(run_dir),
         seed=seed,
-        preprocessing={"window": "soft_tissue", "target_shape": list(budget.grid)},
+        preprocessing={"window": budget.window, "target_shape": list(budget.grid)},
         data={
             # a study has one report but about 12 question samples: repeat the reports so both tasks
             # get a comparable share of the steps
@@ -451,23 +647,27 @@ def collect_scores(eval_dir: Path) -> dict[str, Any]:
     }
 
 
-def slab_lesion_check(checkpoint: Path, bench: Path, per_group: int = 30) -> dict[str, int]:
-    """Does the 2D checkpoint see lesions? Captions it writes for held-out test slabs with and
-    without a lesion, parsed into findings: where a 3D failure to report lesions starts."""
-    from model_core.benchmark import parse_report
-    from model_core.benchmark.slabs import SlabDataset, slab_items
+def slab_lesion_check(
+    checkpoint: Path, bench: Path, per_group: int = 30, caption_style: str = "report"
+) -> dict[str, int]:
+    """Does the 2D checkpoint see lesions? Captions it writes (in the ``caption_style`` it was
+    trained on) for held-out test slabs with and without a lesion: where a 3D failure to report
+    lesions starts."""
+    from model_core.benchmark.slabs import SlabDataset, caption_names_lesion, slab_items
     from model_core.config import VolumeAdapterConfig
     from model_core.model import CTMLLM
 
     model = CTMLLM.from_2d_pretrained(checkpoint, volume=VolumeAdapterConfig(num_3d_blocks=0)).eval()
-    captions = [item for item in slab_items(bench, "test") if item.task == "report"]
+    captions = [
+        item for item in slab_items(bench, "test", caption_style=caption_style) if item.task == "report"
+    ]
     with_lesion = [item for item in captions if item.meta["findings"]][:per_group]
     without = [item for item in captions if not item.meta["findings"]][:per_group]
     texts = [
         model.generate(sample.load_volume(), sample.prompt, task="report", max_new_tokens=48).text
         for sample in SlabDataset(with_lesion + without)
     ]
-    reported = [bool(parse_report(text)) for text in texts]
+    reported = [caption_names_lesion(text, caption_style) for text in texts]
     return {
         "slabs_with_lesion": len(with_lesion),
         "reported_on_lesion_slabs": sum(reported[: len(with_lesion)]),
@@ -532,8 +732,14 @@ def run_pipeline(
     scores = evaluate_model(final, bench, out / "eval", budget, log)
     scores.update(budget=budget_name, budget_settings=asdict(budget), model_dir=str(final))
     scores["slab_check_2d"] = slab_lesion_check(
-        out / "2d_checkpoint", bench, per_group=4 if budget_name == "toy" else 30
+        out / "2d_checkpoint",
+        bench,
+        per_group=4 if budget_name == "toy" else 30,
+        caption_style=budget.slab_caption_style,
     )
+    tower = out / "2d_checkpoint" / TOWER_FILE
+    if tower.is_file():
+        scores["tower_auc"] = json.loads(tower.read_text(encoding="utf-8"))["auc"]
     (out / "scores.json").write_text(json.dumps(scores, indent=1), encoding="utf-8")
     return scores
 
@@ -679,6 +885,17 @@ def results_markdown(
             f"The 2D checkpoint on held-out test slabs: a finding reported on {check['reported_on_lesion_slabs']} of "
             f"{check['slabs_with_lesion']} slabs with a lesion and on {check['reported_on_normal_slabs']} of "
             f"{check['slabs_without']} without; {check['distinct_captions']} distinct caption(s).",
+        ]
+    tower_auc = scores.get("tower_auc")
+    if tower_auc:
+        lines += [
+            "",
+            "The tower after its lesion pretraining (step 3), on held-out test slabs: ROC AUC of its "
+            "highest token score for each label against the label's presence in the slab.",
+            "",
+            "| " + " | ".join(tower_auc) + " |",
+            "| " + " | ".join("---" for _ in tower_auc) + " |",
+            "| " + " | ".join(_fmt(value) for value in tower_auc.values()) + " |",
         ]
     lines += ["", "## Training cost", "", "| step | minutes | device |", "| --- | --- | --- |"]
     for step, entry in cost.items():

@@ -6,9 +6,11 @@ training studies: a slab ``(3, H, W)`` is exactly one slice group of the 3D enco
 model's 3-channel image. Slabs start at multiples of 3, as ``model_core.volume_encoder`` cuts
 volumes, so the 2D model sees the images the 3D model's groups will hold.
 
-Each slab gets a caption stating the findings whose lesion sphere crosses it (written by the
-benchmark's own report writer, so the wording is the 3D reports') and questions from the
-benchmark's question maker about those findings (count, phase, organ, location, size).
+Each slab gets a caption stating the findings whose lesion sphere crosses it and questions from
+the benchmark's question maker about those findings (count, phase, organ, location, size). The
+caption is either written by the benchmark's own report writer (``"report"``: the 3D reports'
+varied wording) or is a plain list of labels (``"findings_list"``: every token says what the image
+shows, so the tower learns from every caption token rather than mostly from wording).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from model_core.benchmark.build import FINDINGS_FILE, SPLITS
-from model_core.benchmark.findings import Finding
-from model_core.benchmark.text import make_questions, write_report
+from model_core.benchmark.findings import KINDS, SIZE_BUCKETS, Finding, size_bucket
+from model_core.benchmark.text import make_questions, parse_report, write_report
 from model_core.data.formats import load_m3d_npy
 from model_core.data.sample import Sample
 from model_core.prompts import closed_target, format_closed_question
@@ -32,6 +34,45 @@ from model_core.volume_encoder import SLICES_PER_GROUP
 
 SLAB_PROMPT = "Describe the focal lesions in this CT section."
 NORMAL_SLAB_TEXT = "No focal lesion in this section."
+FINDINGS_LIST_PROMPT = "List the focal lesions in this CT section."
+NO_FINDINGS_LIST = "none"
+CAPTION_STYLES: tuple[str, ...] = ("report", "findings_list")
+
+
+def findings_list(findings: Sequence[Finding]) -> str:
+    """``"left kidney cyst, small; liver solid mass, large"`` (site, kind, size bucket), or ``"none"``."""
+    if not findings:
+        return NO_FINDINGS_LIST
+    return "; ".join(f"{f.site} {f.kind}, {size_bucket(f.size_mm)}" for f in findings)
+
+
+TOKEN_LESION_LABELS: tuple[str, ...] = (*KINDS, *SIZE_BUCKETS)
+"""What each visual token of a slab is taught in the demo's tower pretraining: the kinds and size
+buckets of the lesions whose centre lies in the token's cell."""
+
+
+def token_lesion_targets(findings: Sequence[Finding], image_hw: Sequence[int], cells: int) -> np.ndarray:
+    """``(cells * cells, len(TOKEN_LESION_LABELS))`` multi-hot targets, tokens in row-major order of
+    a ``cells x cells`` grid over the ``image_hw`` slab (the 2D model's visual tokens)."""
+    height, width = (int(v) for v in image_hw)
+    if height % cells or width % cells:
+        raise ValueError(f"a {height}x{width} slab does not split into {cells}x{cells} equal token cells")
+    targets = np.zeros((cells * cells, len(TOKEN_LESION_LABELS)), dtype=np.float32)
+    for finding in findings:
+        if finding.center_voxel is None or finding.size_mm is None:
+            raise ValueError(f"finding {finding} has no centre or size: pass ground-truth findings")
+        _, y, x = finding.center_voxel
+        token = (y * cells // height) * cells + x * cells // width
+        targets[token, TOKEN_LESION_LABELS.index(finding.kind)] = 1.0
+        targets[token, TOKEN_LESION_LABELS.index(size_bucket(finding.size_mm))] = 1.0
+    return targets
+
+
+def caption_names_lesion(caption: str, caption_style: str) -> bool:
+    """Whether a slab caption written in ``caption_style`` states any finding."""
+    if caption_style == "findings_list":
+        return caption.strip().lower() != NO_FINDINGS_LIST
+    return bool(parse_report(caption))
 
 
 def findings_in_slab(
@@ -77,9 +118,11 @@ def slab_items(
     seed: int = 0,
     limit_studies: int | None = None,
     min_lesion_share: float | None = None,
+    caption_style: str = "report",
 ) -> list[SlabItem]:
-    """Every aligned slab of every study of ``split``: one caption and ``questions_per_slab``
-    questions each (closed and open alternate), drawn from ``(seed, study, slab)``.
+    """Every aligned slab of every study of ``split``: one caption (``caption_style``, see the
+    module docstring) and ``questions_per_slab`` questions each (closed and open alternate), drawn
+    from ``(seed, study, slab)``.
 
     ``min_lesion_share`` keeps every slab with a lesion and only as many lesion-free slabs (drawn
     from ``seed``) as leave slabs with a lesion at least that share; most slabs hold none.
@@ -90,6 +133,8 @@ def slab_items(
         )
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use one of {SPLITS}")
+    if caption_style not in CAPTION_STYLES:
+        raise ValueError(f"caption_style={caption_style!r}: use one of {CAPTION_STYLES}")
     root = Path(benchmark_dir)
     manifest = root / FINDINGS_FILE
     if not manifest.is_file():
@@ -108,10 +153,14 @@ def slab_items(
         for start in range(0, depth - SLICES_PER_GROUP + 1, SLICES_PER_GROUP):
             rng = np.random.default_rng([seed, number, start])
             inside = findings_in_slab(findings, study["spacing_mm"], start)
-            caption = write_report(inside, rng, _sites_of(inside)) if inside else NORMAL_SLAB_TEXT
+            if caption_style == "findings_list":
+                prompt, caption = FINDINGS_LIST_PROMPT, findings_list(inside)
+            else:
+                prompt = SLAB_PROMPT
+                caption = write_report(inside, rng, _sites_of(inside)) if inside else NORMAL_SLAB_TEXT
             base = {"study": study["id"], "slab_start": start, "findings": [f.to_dict() for f in inside]}
             slab_id = f"{study['id']}@{start}"
-            items.append(SlabItem(image, start, "report", SLAB_PROMPT, caption, slab_id, base))
+            items.append(SlabItem(image, start, "report", prompt, caption, slab_id, base))
             rows = make_questions(inside, rng, _sites_of(inside), study.get("phase"), questions_per_slab)
             for index, row in enumerate(rows):
                 closed = (number + start // SLICES_PER_GROUP + index) % 2 == 0

@@ -40,6 +40,9 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "soft_tissue": window_from_width_level(400, 40),
     "lung": window_from_width_level(1500, -600),
     "bone": window_from_width_level(1800, 400),
+    # lung nodules (against -800 HU lung) and soft-tissue lesions (20-45 HU off their organ) in one
+    # window: what the lesion benchmark's demo model reads
+    "body": window_from_width_level(700, -50),
 }
 """HU ranges (low, high) of the window presets; the first, ``wide``, is the default."""
 
