@@ -27,14 +27,14 @@ QUESTIONS_PER_STUDY = 2
 REPORT_TOKENS = 120
 
 MEASURED = {
-    "closed_accuracy": 0.575,
+    "closed_accuracy": 0.375,
     "finding_f1": 0.0,
     "organ_f1": 0.0,
-    "report_rouge1": 0.443,
+    "report_rouge1": 0.488,
     "false_findings_on_normals": 0.0,
 }
 """What the shipped model scored on this sample when it was committed (CPU, float32, greedy)."""
-FLOORS = {"closed_accuracy": 0.52, "report_rouge1": 0.40}
+FLOORS = {"closed_accuracy": 0.30, "report_rouge1": 0.44}
 """Floors just below ``MEASURED``; a metric measured at 0 gets no floor (it could not fail)."""
 CEILINGS = {"false_findings_on_normals": 0.2}
 """Share of the sample's 5 normal studies with any reported finding: at most 1 of 5."""

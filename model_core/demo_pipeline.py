@@ -841,7 +841,8 @@ def results_markdown(
         "--ablations --results docs/RESULTS.md` from the JSON that `python -m model_core.evaluate` and "
         "`python -m model_core.benchmark score` wrote; no number here is typed by hand. Greedy decoding.",
         "",
-        f"Benchmark: grid {b['grid'][0]}x{b['grid'][1]}x{b['grid'][2]}, {b['train']} training studies, "
+        f"Benchmark: grid {b['grid'][0]}x{b['grid'][1]}x{b['grid'][2]}, window `{b.get('window', 'soft_tissue')}`, "
+        f"{b['train']} training studies, "
         f"{b['test']} held-out test studies (held-out body/organ-size bands; every 4th study normal).",
         "",
         "## Demo model (K=2, TGH-MoE hard, transferred from the slab-pretrained 2D model)",
