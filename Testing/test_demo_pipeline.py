@@ -170,6 +170,13 @@ def test_budget_window_reaches_the_benchmark_and_the_3d_config(tmp_path: Path) -
     assert yaml.safe_load(config.read_text(encoding="utf-8"))["preprocessing"]["window"] == "body"
 
 
+def test_a_continued_run_keeps_the_recorded_training_costs(toy_run: tuple[Path, dict]) -> None:
+    out, _ = toy_run
+    costs = {name: (out / name).read_text(encoding="utf-8") for name in ("cost.json", "3d/cost.json")}
+    dp.run_pipeline(out, "toy", seed=0, log=lambda _line: None)  # every step's output exists
+    assert {name: (out / name).read_text(encoding="utf-8") for name in costs} == costs
+
+
 def test_captioning_after_tower_pretraining_keeps_the_tower(toy_run: tuple[Path, dict]) -> None:
     out, _ = toy_run
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")

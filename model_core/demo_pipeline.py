@@ -562,17 +562,20 @@ def run_module(args: Sequence[str], log: Callable[[str], None]) -> None:
 
 def train_3d(config_path: Path, run_dir: Path, moe_mode: str, log: Callable[[str], None]) -> Path:
     """Stage 1 (and stage 2 for task-level MoE); returns the final merged model folder."""
-    started = time.perf_counter()
+    started, trained = time.perf_counter(), False
     if not (run_dir / "stage1" / "final" / "ctmllm_config.json").is_file():
         shutil.rmtree(run_dir / "stage1", ignore_errors=True)
         run_module(["model_core.train", "--config", config_path, "--stage", 1, "--no-progress"], log)
+        trained = True
     final = run_dir / "stage1" / "final"
     if moe_mode in ("tgh_hard", "tgh_soft"):
         if not (run_dir / "stage2" / "final" / "ctmllm_config.json").is_file():
             shutil.rmtree(run_dir / "stage2", ignore_errors=True)
             run_module(["model_core.train", "--config", config_path, "--stage", 2, "--no-progress"], log)
+            trained = True
         final = run_dir / "stage2" / "final"
-    record_cost(run_dir, "3d_training", started)
+    if trained:  # a continued run that trained nothing keeps the recorded cost
+        record_cost(run_dir, "3d_training", started)
     return final
 
 
