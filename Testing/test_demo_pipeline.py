@@ -162,12 +162,17 @@ def test_findings_list_text_and_its_lesion_test() -> None:
     assert not caption_names_lesion(NORMAL_SLAB_TEXT, "report")
 
 
-def test_budget_window_reaches_the_benchmark_and_the_3d_config(tmp_path: Path) -> None:
+def test_budget_window_and_device_reach_the_benchmark_and_the_3d_config(tmp_path: Path) -> None:
     budget = replace(TOY, train=1, val=0, test=0, window="body")
     bench = dp.build_data(tmp_path / "bench", budget)
     assert json.loads((bench / "benchmark.json").read_text(encoding="utf-8"))["window_hu"] == [-400.0, 300.0]
     config = dp.write_3d_config(tmp_path / "3d.yaml", bench, tmp_path / "2d", tmp_path / "run", budget, 0)
-    assert yaml.safe_load(config.read_text(encoding="utf-8"))["preprocessing"]["window"] == "body"
+    written = yaml.safe_load(config.read_text(encoding="utf-8"))
+    assert written["preprocessing"]["window"] == "body" and written["device"] == "cpu"
+    on_gpu = dp.write_3d_config(
+        tmp_path / "gpu.yaml", bench, tmp_path / "2d", tmp_path / "run", budget, 0, device="cuda"
+    )
+    assert yaml.safe_load(on_gpu.read_text(encoding="utf-8"))["device"] == "cuda"
 
 
 def test_a_continued_run_keeps_the_recorded_training_costs(toy_run: tuple[Path, dict]) -> None:

@@ -307,7 +307,8 @@ def pretrain_2d(
             yield from loader
 
     def loss_of(batch: dict[str, Any]) -> torch.Tensor:
-        return model.compute_loss(batch["volumes"], batch["prompts"], batch["answers"], batch["tasks"]).loss
+        volumes = batch["volumes"].to(model.device)
+        return model.compute_loss(volumes, batch["prompts"], batch["answers"], batch["tasks"]).loss
 
     trained = [p for p in model.parameters() if p.requires_grad]
     return _optimise(trained, batches(), loss_of, steps, lr, "2D", log)
@@ -316,7 +317,7 @@ def pretrain_2d(
 def _token_grid(model, dataset) -> tuple[int, int]:
     """The side of the square grid of visual tokens one slab gives, and their width."""
     with torch.no_grad():
-        tokens = model.encode_volumes(torch.from_numpy(np.asarray(dataset[0].volume))[None])
+        tokens = model.encode_volumes(torch.from_numpy(np.asarray(dataset[0].volume))[None].to(model.device))
     return math.isqrt(tokens.shape[1]), tokens.shape[2]
 
 
@@ -348,17 +349,17 @@ def pretrain_tower(
     torch.manual_seed(seed)
     cells, hidden = _token_grid(model, dataset)
     model.train()
-    head = torch.nn.Linear(hidden, len(TOKEN_LESION_LABELS))
+    head = torch.nn.Linear(hidden, len(TOKEN_LESION_LABELS)).to(model.device)
     visual = [p for name, p in model.named_parameters() if not name.startswith("language_model.")]
     rng = np.random.default_rng(seed)
-    weight = torch.tensor(POSITIVE_WEIGHT)
+    weight = torch.tensor(POSITIVE_WEIGHT, device=model.device)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield _slab_batch(dataset, rng.integers(0, len(dataset), batch_size), cells)
 
     def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        volumes, targets = batch
+        volumes, targets = (tensor.to(model.device) for tensor in batch)
         logits = head(model.encode_volumes(volumes))
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
 
@@ -379,7 +380,7 @@ def tower_lesion_auc(model, head: torch.nn.Linear, dataset, batch_size: int = 32
         for start in range(0, len(dataset), batch_size):
             indices = range(start, min(start + batch_size, len(dataset)))
             volumes, targets = _slab_batch(dataset, indices, cells)
-            scores.append(torch.sigmoid(head(model.encode_volumes(volumes))).amax(1))
+            scores.append(torch.sigmoid(head(model.encode_volumes(volumes.to(model.device)))).amax(1).cpu())
             truth.append(targets.amax(1))
     score, present = torch.cat(scores), torch.cat(truth).bool()
     result = {label: roc_auc(score[:, i], present[:, i]) for i, label in enumerate(TOKEN_LESION_LABELS)}
@@ -423,9 +424,10 @@ def export_2d_checkpoint(model, folder: Path) -> Path:
 
 
 def make_2d_checkpoints(
-    out: Path, bench: Path, budget: DemoBudget, seed: int, log: Callable[[str], None]
+    out: Path, bench: Path, budget: DemoBudget, seed: int, log: Callable[[str], None], device: str = "cpu"
 ) -> None:
-    """``tokenizer/``, ``2d_random/`` (untrained) and ``2d_checkpoint/`` (slab-pretrained)."""
+    """``tokenizer/``, ``2d_random/`` (untrained) and ``2d_checkpoint/`` (slab-pretrained, trained on
+    ``device``)."""
     from transformers import AutoTokenizer
 
     from model_core.benchmark.slabs import SlabDataset, slab_items
@@ -439,7 +441,7 @@ def make_2d_checkpoints(
         )
     if (out / "2d_checkpoint" / "config.json").is_file():
         return
-    model = as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget)
+    model = as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget).to(device)
     items = slab_items(
         bench,
         "train",
@@ -452,7 +454,8 @@ def make_2d_checkpoints(
     tower_record = None
     if budget.tower_steps:
         tower_record = _tower_step(model, dataset, bench, budget, seed, log)
-        record_cost(out, "tower_pretraining", tower_record.pop("started"), {"steps": budget.tower_steps})
+        started = tower_record.pop("started")
+        record_cost(out, "tower_pretraining", started, {"steps": budget.tower_steps}, device)
     log(f"2D pretraining on {len(dataset)} slab samples, {budget.slab_steps} steps")
     started = time.perf_counter()
     history = pretrain_2d(
@@ -465,8 +468,8 @@ def make_2d_checkpoints(
         log,
         train_tower=not budget.tower_steps,
     )
-    export_2d_checkpoint(model.eval(), out / "2d_checkpoint")
-    record_cost(out, "2d_pretraining", started, {"steps": budget.slab_steps, "samples": len(dataset)})
+    export_2d_checkpoint(model.to("cpu").eval(), out / "2d_checkpoint")
+    record_cost(out, "2d_pretraining", started, {"steps": budget.slab_steps, "samples": len(dataset)}, device)
     (out / "2d_checkpoint" / "pretraining_log.json").write_text(
         json.dumps(history, indent=1), encoding="utf-8"
     )
@@ -513,8 +516,9 @@ def write_3d_config(
     seed: int,
     num_3d_blocks: int = 2,
     moe_mode: str = "tgh_hard",
+    device: str = "cpu",
 ) -> Path:
-    """``configs/demo_3d.yaml`` with this run's data, source, seed, K, MoE and step counts.
+    """``configs/demo_3d.yaml`` with this run's data, source, seed, K, MoE, step counts and device.
 
     Modes without task experts have no stage 2, so stage 1 gets both stages' steps (equal budget).
     """
@@ -523,6 +527,7 @@ def write_3d_config(
     config.update(
         out_dir=str(run_dir),
         seed=seed,
+        device=device,
         preprocessing={"window": budget.window, "target_shape": list(budget.grid)},
         data={
             # a study has one report but about 12 question samples: repeat the reports so both tasks
@@ -560,7 +565,9 @@ def run_module(args: Sequence[str], log: Callable[[str], None]) -> None:
         raise RuntimeError(f"`{' '.join(command[2:])}` failed with exit {done.returncode}:\n{tail}")
 
 
-def train_3d(config_path: Path, run_dir: Path, moe_mode: str, log: Callable[[str], None]) -> Path:
+def train_3d(
+    config_path: Path, run_dir: Path, moe_mode: str, log: Callable[[str], None], device: str = "cpu"
+) -> Path:
     """Stage 1 (and stage 2 for task-level MoE); returns the final merged model folder."""
     started, trained = time.perf_counter(), False
     if not (run_dir / "stage1" / "final" / "ctmllm_config.json").is_file():
@@ -575,7 +582,7 @@ def train_3d(config_path: Path, run_dir: Path, moe_mode: str, log: Callable[[str
             trained = True
         final = run_dir / "stage2" / "final"
     if trained:  # a continued run that trained nothing keeps the recorded cost
-        record_cost(run_dir, "3d_training", started)
+        record_cost(run_dir, "3d_training", started, device=device)
     return final
 
 
@@ -590,13 +597,14 @@ def evaluate_model(
     budget: DemoBudget,
     log: Callable[[str], None],
     full: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Report and VQA evaluation plus finding-level scores; returns the collected numbers.
 
     ``full`` False (ablations) runs closed VQA and the report without METEOR/BERTScore.
     """
     text_metrics = [] if full else ["--no-bertscore", "--no-meteor"]
-    common = ["--model", model_dir, "--device", "cpu", "--no-progress", *text_metrics]
+    common = ["--model", model_dir, "--device", device, "--no-progress", *text_metrics]
     runs = {
         "report": ["--data", f"{bench / 'M3D_Cap.json'}:test", "--task", "report"],
         "vqa": [
@@ -684,13 +692,18 @@ def slab_lesion_check(
 # Step 6: cost, shipping
 
 
-def record_cost(folder: Path, step: str, started: float, extra: dict[str, Any] | None = None) -> None:
+def record_cost(
+    folder: Path, step: str, started: float, extra: dict[str, Any] | None = None, device: str = "cpu"
+) -> None:
     """Add one step's wall-clock minutes and device to ``folder/cost.json``."""
     path = folder / COST_FILE
     cost = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    on_gpu = torch.device(device).type == "cuda"
     cost[step] = {
         "minutes": round((time.perf_counter() - started) / 60, 2),
-        "device": f"CPU ({torch.get_num_threads()} threads)",
+        "device": f"GPU ({torch.cuda.get_device_name(device)})"
+        if on_gpu
+        else f"CPU ({torch.get_num_threads()} threads)",
         **(extra or {}),
     }
     path.write_text(json.dumps(cost, indent=1), encoding="utf-8")
@@ -717,9 +730,14 @@ def ship_model(model_dir: Path, target: Path) -> Path:
 
 
 def run_pipeline(
-    out: Path, budget_name: str = "small", seed: int = 0, log: Callable[[str], None] = print
+    out: Path,
+    budget_name: str = "small",
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Steps 1-5 for the demo recipe; returns the scores (also in ``out/scores.json``)."""
+    """Steps 1-5 for the demo recipe, training and evaluating on ``device``; returns the scores
+    (also in ``out/scores.json``)."""
     budget = BUDGETS[budget_name]
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -727,12 +745,12 @@ def run_pipeline(
         build_data(out / "bench", budget)
         record_cost(out, "benchmark_build", started)
     bench = out / "bench"
-    make_2d_checkpoints(out, bench, budget, seed, log)
+    make_2d_checkpoints(out, bench, budget, seed, log, device)
     config = write_3d_config(
-        out / "3d" / "config.yaml", bench, out / "2d_checkpoint", out / "3d", budget, seed
+        out / "3d" / "config.yaml", bench, out / "2d_checkpoint", out / "3d", budget, seed, device=device
     )
-    final = train_3d(config, out / "3d", "tgh_hard", log)
-    scores = evaluate_model(final, bench, out / "eval", budget, log)
+    final = train_3d(config, out / "3d", "tgh_hard", log, device)
+    scores = evaluate_model(final, bench, out / "eval", budget, log, device=device)
     scores.update(budget=budget_name, budget_settings=asdict(budget), model_dir=str(final))
     scores["slab_check_2d"] = slab_lesion_check(
         out / "2d_checkpoint",
@@ -748,7 +766,11 @@ def run_pipeline(
 
 
 def run_ablations(
-    out: Path, seeds: Sequence[int], names: Sequence[str] | None = None, log: Callable[[str], None] = print
+    out: Path,
+    seeds: Sequence[int],
+    names: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> dict[str, list[dict[str, Any]]]:
     """Each ablation variant at the ``ablation`` budget for each seed, sharing the demo run's
     benchmark and 2D checkpoints (``out`` is the demo run folder); results in ``out/ablations.json``."""
@@ -776,11 +798,14 @@ def run_ablations(
                 seed,
                 variant["k"],
                 variant["moe"],
+                device,
             )
             started = time.perf_counter()
-            final = train_3d(config, run_dir, variant["moe"], log)
+            final = train_3d(config, run_dir, variant["moe"], log, device)
             minutes = (time.perf_counter() - started) / 60
-            scores = evaluate_model(final, test_bench, run_dir / "eval", budget, log, full=False)
+            scores = evaluate_model(
+                final, test_bench, run_dir / "eval", budget, log, full=False, device=device
+            )
             scores["router_accuracy"] = (
                 router_accuracy(final, test_bench) if variant["moe"].startswith("tgh") else None
             )
@@ -973,6 +998,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy shared CPU)"
     )
     parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda", "auto"),
+        help="where every step trains and evaluates",
+    )
+    parser.add_argument(
         "--ship", action="store_true", help="copy the model to model_core/demo_model (float16)"
     )
     parser.add_argument(
@@ -990,7 +1021,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        scores = run_pipeline(out, args.budget, args.seed)
+        from model_core.hub import pick_device
+
+        device = str(pick_device(args.device))
+        scores = run_pipeline(out, args.budget, args.seed, device=device)
         if args.ship or args.ship_to:
             from model_core.hub import DEMO_MODEL_DIR
 
@@ -999,7 +1033,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"shipped {target}")
         if args.ablations:
-            run_ablations(out, args.ablation_seeds)
+            run_ablations(out, args.ablation_seeds, device=device)
         if args.results:
             print(f"wrote {write_results(out, Path(args.results))}")
     except (ValueError, FileNotFoundError, RuntimeError) as error:
