@@ -453,8 +453,8 @@ def make_2d_checkpoints(
     dataset = SlabDataset(items)
     tower_record = None
     if budget.tower_steps:
+        started = time.perf_counter()
         tower_record = _tower_step(model, dataset, bench, budget, seed, log)
-        started = tower_record.pop("started")
         record_cost(out, "tower_pretraining", started, {"steps": budget.tower_steps}, device)
     log(f"2D pretraining on {len(dataset)} slab samples, {budget.slab_steps} steps")
     started = time.perf_counter()
@@ -484,19 +484,15 @@ def _tower_step(
     AUC on held-out test slabs (half with a lesion)."""
     from model_core.benchmark.slabs import SlabDataset, slab_items
 
-    started = time.perf_counter()
     slabs = SlabDataset([item for item in dataset.items if item.task == "report"])
     log(f"tower pretraining on {len(slabs)} slabs, {budget.tower_steps} steps")
     history, head = pretrain_tower(
         model, slabs, budget.tower_steps, budget.tower_batch, budget.tower_lr, seed, log
     )
-    held_out = [
-        item for item in slab_items(bench, "test", seed=seed, min_lesion_share=0.5) if item.task == "report"
-    ]
+    held_out = slab_items(bench, "test", questions_per_slab=0, seed=seed, min_lesion_share=0.5)
     auc = tower_lesion_auc(model, head, SlabDataset(held_out[:TOWER_AUC_SLABS]))
     log(f"tower lesion AUC on held-out slabs: {auc}")
     return {
-        "started": started,
         "history": history,
         "held_out_slabs": min(len(held_out), TOWER_AUC_SLABS),
         "auc": auc,
@@ -669,9 +665,7 @@ def slab_lesion_check(
     from model_core.model import CTMLLM
 
     model = CTMLLM.from_2d_pretrained(checkpoint, volume=VolumeAdapterConfig(num_3d_blocks=0)).eval()
-    captions = [
-        item for item in slab_items(bench, "test", caption_style=caption_style) if item.task == "report"
-    ]
+    captions = slab_items(bench, "test", questions_per_slab=0, caption_style=caption_style)
     with_lesion = [item for item in captions if item.meta["findings"]][:per_group]
     without = [item for item in captions if not item.meta["findings"]][:per_group]
     texts = [
