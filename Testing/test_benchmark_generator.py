@@ -303,3 +303,26 @@ def test_real_anatomy_studies_use_the_held_out_patient_for_test() -> None:
     assert train.source == "real:abdomen_ct_3mm" and test.source == "real:cardiac_cta_1p5mm"
     assert {organ for organ, _ in test.sites} == {"lung"}
     assert _same_findings(parse_report(test.report), test.findings)
+
+
+def test_shifted_fields_of_view_drop_organs_and_reports_name_only_organs_in_view() -> None:
+    """Framed towards the chest or the pelvis, a phantom loses kidneys or lungs; its report and its
+    questions (not their distractor choices) then speak only of the organs actually imaged."""
+    config = BenchmarkConfig(grid=(24, 64, 64), fov_shift_share=1.0)
+    organ_words = {"kidney": ("kidney", "renal"), "lung": ("lung", "pulmonary")}
+    missing_seen = set()
+    for index in range(40):
+        study = make_study("train", index, config)
+        in_view = {organ for organ, _ in study.sites}
+        for organ, words in organ_words.items():
+            if organ in in_view:
+                continue
+            missing_seen.add(organ)
+            assert not any(word in study.report.lower() for word in words), study.report
+            assert all(organ not in f"{row['Question']} {row['Answer']}".lower() for row in study.questions)
+            sides = [f"{organ}_left", f"{organ}_right"]
+            slices = [np.flatnonzero((study.labels == LABELS[s]).any(axis=(1, 2))).size for s in sides]
+            assert max(slices) < 3
+    assert missing_seen == {"kidney", "lung"}
+    unshifted = make_study("train", 0, BenchmarkConfig(grid=(24, 64, 64)))
+    assert len(unshifted.sites) == 6

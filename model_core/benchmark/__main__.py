@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--window", default="soft_tissue", choices=sorted(WINDOW_PRESETS), help="HU window to [0, 1]"
     )
     build.add_argument("--max-questions", type=int, default=6, help="VQA rows per study at most")
+    build.add_argument(
+        "--fov-shift-share",
+        type=float,
+        default=0.0,
+        help="share of phantoms framed towards the chest or the pelvis (organs in view vary)",
+    )
     score = commands.add_parser("score", help="finding-level precision/recall/F1 of generated reports")
     score.add_argument("--benchmark", required=True, help="folder written by build (holds findings.jsonl)")
     score.add_argument("--samples", required=True, help="model_core.evaluate's samples.csv of a report run")
@@ -65,6 +71,7 @@ def _build(args: argparse.Namespace) -> int:
         max_questions=args.max_questions,
         window=args.window,
         ct_dir=args.ct_dir,
+        fov_shift_share=args.fov_shift_share,
     )
     counts = build_benchmark(args.out, config, on_progress=lambda line: print(line, file=sys.stderr))
     print(json.dumps({"out": str(args.out), "studies": counts}))
