@@ -142,6 +142,26 @@ def test_score_matches_one_to_one_on_organ_kind_and_size_bucket() -> None:
         score_findings([[]], [[], []])
 
 
+def test_scores_from_10_mm_and_recall_per_kind_and_size() -> None:
+    small = Finding("lung", "lung nodule", 6.0, "right")
+    medium = Finding("liver", "cyst", 12.0)
+    large = Finding("kidney", "solid mass", 30.0, "left")
+    # the small nodule is missed, a small false calcification and an unsized false cyst are reported
+    predicted = [[medium, Finding("spleen", "calcification", 5.0), Finding("spleen", "cyst", None)], [large]]
+    scores = score_findings(predicted, [[small, medium], [large]])
+    ten = scores["from_10mm"]
+    assert ten["n_true"] == 2 and ten["recall"] == 1.0 and ten["precision"] == pytest.approx(2 / 3)
+    assert scores["recall"] == pytest.approx(2 / 3) and scores["precision"] == pytest.approx(2 / 4)
+    assert scores["recall_by_kind"]["lung nodule"] == {"recall": 0.0, "n": 1.0}
+    assert scores["recall_by_kind"]["cyst"] == {"recall": 1.0, "n": 1.0}
+    assert scores["recall_by_kind"]["calcification"] == {"recall": None, "n": 0.0}
+    assert scores["recall_by_size"] == {
+        "small": {"recall": 0.0, "n": 1.0},
+        "medium": {"recall": 1.0, "n": 1.0},
+        "large": {"recall": 1.0, "n": 1.0},
+    }
+
+
 def test_lesions_lie_inside_their_organ_third_and_change_hu_there() -> None:
     for seed in range(4):
         rng = np.random.default_rng(seed)

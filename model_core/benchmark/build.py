@@ -273,7 +273,7 @@ def read_findings(path: str | os.PathLike) -> dict[str, list[Finding]]:
 
 def score_reports(
     predictions: dict[str, str], truth: dict[str, list[Finding]], with_level: bool = False
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Parse each predicted report and score it against the truth of its study id (see ``score_findings``)."""
     unknown = sorted(set(predictions) - set(truth))
     if unknown:
