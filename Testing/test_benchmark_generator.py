@@ -11,7 +11,7 @@ import pytest
 
 from model_core.benchmark.__main__ import main
 from model_core.benchmark.anatomy import LABELS, finding_site_label
-from model_core.benchmark.build import BenchmarkConfig, make_study, read_findings
+from model_core.benchmark.build import BenchmarkConfig, make_study, organs_out_of_view, read_findings
 from model_core.benchmark.findings import LEVELS, ORGAN_KINDS, Finding, score_findings, size_bucket
 from model_core.benchmark.lesions import (
     MIN_CONTRAST_HU,
@@ -29,7 +29,7 @@ from model_core.benchmark.real_anatomy import (
     split_lungs,
     threshold_lungs,
 )
-from model_core.benchmark.text import SITES, make_questions, parse_report, write_report
+from model_core.benchmark.text import SITES, make_questions, organs_named, parse_report, write_report
 from model_core.data.formats import load_m3d_npy, read_m3d_cap, read_m3d_vqa
 from model_core.prompts import CHOICE_LETTERS
 
@@ -272,7 +272,25 @@ def test_build_cli_writes_m3d_files_whose_reports_parse_to_their_findings(tmp_pa
         main(["score", "--benchmark", str(out), "--samples", str(samples), "--out", str(tmp_path / "s.json")])
         == 0
     )
-    assert json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))["f1"] == 1.0
+    written = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    assert written["f1"] == 1.0 and written["organs_out_of_view"] == {
+        "rate": 0.0,
+        "n": float(len(splits["test"]) + len(splits["train"])),
+    }
+
+
+def test_reports_naming_organs_outside_the_field_of_view_are_counted() -> None:
+    assert organs_named("Both kidneys are unremarkable. No pulmonary nodule. Hepatic cyst (9 mm).") == {
+        "kidney",
+        "lung",
+        "liver",
+    }
+    views = {"chest": {"lung"}, "abdomen": {"liver", "spleen", "kidney", "lung"}}
+    predictions = {
+        "chest": "The lungs are clear. The liver is unremarkable.",
+        "abdomen": "The liver is normal.",
+    }
+    assert organs_out_of_view(predictions, views) == {"rate": 0.5, "n": 2.0}
 
 
 def test_bad_input_is_refused_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,14 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from model_core.benchmark.build import (
-    FINDINGS_FILE,
-    BenchmarkConfig,
-    build_benchmark,
-    read_findings,
-    read_report_predictions,
-    score_reports,
-)
+from model_core.benchmark.build import BenchmarkConfig, build_benchmark, score_benchmark_reports
 from model_core.benchmark.real_anatomy import CT_DIR_ENV
 from model_core.data.preprocess import WINDOW_PRESETS
 
@@ -79,8 +72,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    truth = read_findings(Path(args.benchmark) / FINDINGS_FILE)
-    scores = score_reports(read_report_predictions(args.samples), truth, with_level=args.with_level)
+    scores = score_benchmark_reports(args.benchmark, args.samples, with_level=args.with_level)
     text = json.dumps(scores, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")

@@ -36,7 +36,7 @@ from model_core.benchmark.findings import Finding, score_findings
 from model_core.benchmark.lesions import insert_lesions, plan_findings
 from model_core.benchmark.phantom import HELD_OUT_BANDS, phantom_anatomy, simulate_acquisition
 from model_core.benchmark.real_anatomy import ct_data_dir, estimate_noise_hu, real_anatomy, real_volume_specs
-from model_core.benchmark.text import make_questions, parse_report, write_report
+from model_core.benchmark.text import make_questions, organs_named, parse_report, write_report
 from model_core.data.formats import QUESTION_TYPES, VQARecord, write_m3d_cap, write_m3d_vqa
 from model_core.data.preprocess import WINDOW_PRESETS, normalise, window
 from model_core.data.sample import Sample
@@ -257,6 +257,23 @@ def read_labels(benchmark_dir: str | os.PathLike, study_id: str) -> np.ndarray:
         return stored["labels"]
 
 
+def read_organs_in_view(path: str | os.PathLike) -> dict[str, set[str]]:
+    """Study id -> the organs in its field of view (``findings.jsonl``'s ``sites``, sides dropped)."""
+    views = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            views[item["id"]] = {site.split()[-1] for site in item["sites"]}
+    return views
+
+
+def organs_out_of_view(predictions: dict[str, str], views: dict[str, set[str]]) -> dict[str, float]:
+    """How often a report speaks of an organ that its study does not image: the share of reports
+    naming one (``rate``), over ``n`` reports."""
+    flagged = [bool(organs_named(text) - views[study]) for study, text in predictions.items()]
+    return {"rate": sum(flagged) / len(flagged) if flagged else 0.0, "n": float(len(flagged))}
+
+
 def read_findings(path: str | os.PathLike) -> dict[str, list[Finding]]:
     """Ground truth of a built benchmark: study id -> findings, from ``findings.jsonl``."""
     truth = {}
@@ -282,6 +299,18 @@ def score_reports(
         )
     ids = sorted(predictions)
     return score_findings([parse_report(predictions[i]) for i in ids], [truth[i] for i in ids], with_level)
+
+
+def score_benchmark_reports(
+    benchmark_dir: str | os.PathLike, samples_csv: str | os.PathLike, with_level: bool = False
+) -> dict[str, Any]:
+    """What ``python -m model_core.benchmark score`` writes: the finding-level scores of the reports
+    in ``samples_csv`` and ``organs_out_of_view`` (reports naming an organ their study does not image)."""
+    manifest = Path(benchmark_dir) / FINDINGS_FILE
+    predictions = read_report_predictions(samples_csv)
+    scores = score_reports(predictions, read_findings(manifest), with_level)
+    scores["organs_out_of_view"] = organs_out_of_view(predictions, read_organs_in_view(manifest))
+    return scores
 
 
 def read_report_predictions(samples_csv: str | os.PathLike) -> dict[str, str]:
