@@ -72,6 +72,17 @@ class VisualFeatures:
 
 
 @dataclass
+class EncodedBatch:
+    """What one encoding call gives: ``tokens`` ``(B, visual_tokens, llm_hidden)`` (depth-major),
+    the task expert each sample went through (``tasks``; None without task experts) and the MoE's
+    auxiliary losses of this call (empty without MoE)."""
+
+    tokens: torch.Tensor
+    tasks: list[str] | None
+    aux_losses: dict[str, torch.Tensor]
+
+
+@dataclass
 class LossOutput:
     loss: torch.Tensor
     lm_loss: torch.Tensor
@@ -294,6 +305,33 @@ class CTMLLM(nn.Module):
                 pooled.append(table(torch.tensor(ids, device=self.device)).float().mean(dim=0))
         return torch.stack(pooled)
 
+    def encode(
+        self,
+        volumes: torch.Tensor,
+        tasks: Sequence[str] | None = None,
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> EncodedBatch:
+        """``(B, D, H, W)`` in [0, 1] -> visual tokens, with this call's routing and MoE losses.
+
+        With a task-level MoE, ``tasks`` force each sample's task expert; otherwise the task router
+        picks from ``prompts``. ``labels`` (true tasks) add the router's loss to ``aux_losses``.
+        Without one, tasks and prompts do not matter. Each call routes alone: concurrent calls from
+        several threads are safe.
+        """
+        moe = self.volume_adapter.moe
+        prompt_embeddings = None
+        if moe is not None and moe.config.task_level and prompts is not None:
+            prompt_embeddings = self.pooled_prompt_embeddings(prompts)
+        features, routing = self.volume_adapter(
+            self.vision_tower, volumes, tasks=tasks, prompt_embeddings=prompt_embeddings, labels=labels
+        )  # (B, G, h, w, C)
+        return EncodedBatch(
+            tokens=self.projector(features),
+            tasks=routing.tasks if routing is not None else None,
+            aux_losses=routing.auxiliary_losses() if routing is not None else {},
+        )
+
     def encode_volumes(
         self,
         volumes: torch.Tensor,
@@ -301,20 +339,8 @@ class CTMLLM(nn.Module):
         prompts: Sequence[str] | None = None,
         labels: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """``(B, D, H, W)`` in [0, 1] -> visual tokens ``(B, tokens, llm_hidden)``.
-
-        With a task-level MoE, ``tasks`` force each sample's task expert; otherwise the task router
-        picks from ``prompts``. ``labels`` (true tasks) add the router's loss to
-        ``volume_adapter.auxiliary_losses()``. Without one, tasks and prompts do not matter.
-        """
-        moe = self.volume_adapter.moe
-        prompt_embeddings = None
-        if moe is not None and moe.config.task_level and prompts is not None:
-            prompt_embeddings = self.pooled_prompt_embeddings(prompts)
-        features = self.volume_adapter(
-            self.vision_tower, volumes, tasks=tasks, prompt_embeddings=prompt_embeddings, labels=labels
-        )  # (B, G, h, w, C)
-        return self.projector(features)
+        """``(B, D, H, W)`` in [0, 1] -> visual tokens ``(B, tokens, llm_hidden)`` (see ``encode``)."""
+        return self.encode(volumes, tasks, prompts, labels).tokens
 
     @torch.inference_mode()
     def encode_volume(
@@ -327,11 +353,10 @@ class CTMLLM(nn.Module):
         """
         if task is not None and task not in TASKS:
             raise ValueError(f"task {task!r}: choose one of {', '.join(TASKS)}")
-        tokens = self.encode_volumes(
+        encoded = self.encode(
             self.as_volume_batch(volume), [task] if task else None, [prompt] if prompt else None
         )
-        routed = self.volume_adapter.routed_tasks
-        return VisualFeatures(tokens=tokens[0], task=routed[0] if routed else task)
+        return VisualFeatures(tokens=encoded.tokens[0], task=encoded.tasks[0] if encoded.tasks else task)
 
     # -- language ----------------------------------------------------------------------------
     @property
@@ -386,7 +411,8 @@ class CTMLLM(nn.Module):
         In soft mode the router's mix is used, so the generation loss trains the router too.
         """
         forced = tasks if self.config.moe.mode == "tgh_hard" else None
-        visual = self.encode_volumes(volumes, forced, prompts, labels=tasks)  # (B, tokens, llm_hidden)
+        encoded = self.encode(volumes, forced, prompts, labels=tasks)
+        visual = encoded.tokens  # (B, tokens, llm_hidden)
         sequences, labels = [], []
         for index, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
             prefix = self.prompt_embeddings(visual[index], prompt)
@@ -403,7 +429,7 @@ class CTMLLM(nn.Module):
             mask[row, : seq.shape[0]] = 1
             label_tensor[row, : len(lab)] = torch.tensor(lab, device=self.device)
         lm_loss = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=label_tensor).loss
-        aux = self.volume_adapter.auxiliary_losses()
+        aux = encoded.aux_losses
         return LossOutput(
             loss=lm_loss + sum(aux.values(), torch.zeros((), device=self.device)),
             lm_loss=lm_loss,
