@@ -97,6 +97,19 @@ def test_top_k_gates_keep_k_experts_summing_to_one() -> None:
     assert torch.equal(gates.argmax(-1), probs.argmax(-1))
 
 
+def test_a_top1_router_learns_from_the_output_as_switch_does() -> None:
+    """With one expert per token the gate is the router's raw probability, not a constant 1."""
+    logits = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(0))
+    gates, probs = top_k_gates(logits, top_k=1)
+    assert torch.equal(gates.max(-1).values, probs.max(-1).values) and ((gates > 0).sum(-1) == 1).all()
+
+    model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="token", top_k=1)).train()
+    randomise_experts(model, seed=6)
+    model.encode_volumes(volumes(1)).square().mean().backward()  # no balance loss: the output alone
+    routers = [p for n, p in model.volume_adapter.moe.named_parameters() if ".routers." in n]
+    assert routers and all(p.grad is not None and p.grad.abs().max() > 0 for p in routers)
+
+
 def test_hard_router_learns_the_prompt_task_and_a_forced_task_overrides_it() -> None:
     torch.manual_seed(0)
     model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="tgh_hard", router_loss_weight=1.0))

@@ -4,7 +4,7 @@ Two levels, both attached to the tower by hooks so its state-dict names stay tho
 checkpoint (every new tensor lives under ``volume_adapter.moe.*``):
 
 - Token level (``TokenMoE``): in each chosen block, a router scores every visual token from the
-  block's input and mixes its top-k of E experts; expert e is a rank-r LoRA
+  block's input and mixes its top-k of E experts (``top_k_gates``); expert e is a rank-r LoRA
   (``delta_e(x) = alpha / r * B_e A_e x``) on the block's MLP (and optionally attention) linears.
   B starts at zero, so a new MoE adds exactly nothing. A Switch/GShard load-balancing loss keeps
   the experts in use.
@@ -85,12 +85,16 @@ def load_balancing_loss(probs: torch.Tensor, top_k: int) -> torch.Tensor:
 def top_k_gates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits ``(n, T, E)`` -> (gates, probs), both ``(n, T, E)`` float32.
 
-    ``probs`` is the softmax over all experts; ``gates`` keeps each token's top-k probabilities,
-    renormalised to sum to 1, and zero elsewhere.
+    ``probs`` is the softmax over all experts; ``gates`` keeps each token's top-k probabilities
+    and zero elsewhere: renormalised to sum to 1 for k > 1 (GShard), the raw probability for
+    k = 1 (Switch), since one renormalised gate is always exactly 1 and the router would get no
+    gradient from the output.
     """
     probs = logits.float().softmax(dim=-1)
     values, indices = probs.topk(top_k, dim=-1)
-    gates = torch.zeros_like(probs).scatter(-1, indices, values / values.sum(dim=-1, keepdim=True))
+    if top_k > 1:
+        values = values / values.sum(dim=-1, keepdim=True)
+    gates = torch.zeros_like(probs).scatter(-1, indices, values)
     return gates, probs
 
 
