@@ -58,6 +58,7 @@ def test_pipeline_writes_every_artifact(toy_run: tuple[Path, dict]) -> None:
         "2d_random/config.json",
         "2d_tower/config.json",
         "2d_tower/tower_pretraining.json",
+        "tower_lesion_head.safetensors",
         "2d_checkpoint/config.json",
         "2d_checkpoint/model.safetensors",
         "2d_checkpoint/preprocessor_config.json",

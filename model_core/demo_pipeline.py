@@ -51,6 +51,7 @@ TEMPLATE_3D = REPO_ROOT / "configs" / "demo_3d.yaml"
 MAX_SHIPPED_BYTES = 30 * 1024 * 1024
 COST_FILE = "cost.json"
 TOWER_FILE = "tower_pretraining.json"
+LESION_HEAD_FILE = "tower_lesion_head.safetensors"
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,7 @@ def make_2d_checkpoints(
         if not (start_from / TOWER_FILE).is_file():
             started = time.perf_counter()
             model = as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget).to(device)
-            record = _tower_step(model, bench, budget, seed, log)
+            record = _tower_step(model, bench, budget, seed, log, out)
             export_2d_checkpoint(model.to("cpu").eval(), start_from)
             (start_from / TOWER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
             record_cost(out, "tower_pretraining", started, {"steps": budget.tower_steps}, device)
@@ -377,10 +378,13 @@ def make_2d_checkpoints(
 
 
 def _tower_step(
-    model, bench: Path, budget: DemoBudget, seed: int, log: Callable[[str], None]
+    model, bench: Path, budget: DemoBudget, seed: int, log: Callable[[str], None], folder: Path
 ) -> dict[str, Any]:
     """Dense lesion pretraining of the tower (``model_core.demo_training``), then its
-    organ-matched AUC on every slab of the held-out test studies."""
+    organ-matched AUC on every slab of the held-out test studies. The lesion head is kept beside
+    the checkpoint (``LESION_HEAD_FILE``, for diagnostics; no model loads it)."""
+    from safetensors.torch import save_file
+
     from model_core.demo_training import held_out_detection, pretrain_tower
 
     history, head = pretrain_tower(
@@ -388,6 +392,10 @@ def _tower_step(
     )
     detection = held_out_detection(model, head, bench, "test")
     log(f"tower organ-matched AUC on held-out studies: {json.dumps(detection)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, folder / LESION_HEAD_FILE
+    )
     return {"history": history, "organ_matched_auc": detection}
 
 
