@@ -33,6 +33,7 @@ from model_core.benchmark.slabs import (
     slab_items,
 )
 from model_core.benchmark.text import write_report
+from model_core.demo_card import write_model_card
 from model_core.demo_training import TowerBatches, benchmark_studies, crop_features, pretrain_2d
 from model_core.families import STATE_DICT_PREFIXES, map_2d_state_dict_name, map_ctmllm_state_dict_name
 from model_core.model import CTMLLM
@@ -135,6 +136,18 @@ def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) 
     check = scores["slab_check_2d"]
     assert check["slabs_with_lesion"] + check["slabs_without"] > 0
     assert f"on {check['reported_on_normal_slabs']} of {check['slabs_without']} without" in page
+
+
+def test_model_card_describes_the_model_and_its_scores(toy_run: tuple[Path, dict], tmp_path: Path) -> None:
+    out, scores = toy_run
+    card = write_model_card(out, Path(scores["model_dir"]), tmp_path / "CARD.md").read_text(encoding="utf-8")
+    model = CTMLLM.from_pretrained(scores["model_dir"])
+    assert f"{model.family.patch_size}-pixel patches on {TOY.grid[1]}-pixel slices" in card
+    assert f"the top **K = {model.config.volume.num_3d_blocks}** blocks" in card
+    assert f"{TOY.tower_steps} steps of {TOY.tower_batch} crops" in card
+    ten = scores["findings"]["from_10mm"]["f1"]
+    assert f"| finding F1, lesions of 10 mm and up | {ten:.3f} | ≥ 0.80 |" in card
+    assert "| tower_pretraining |" in card and "## History" in card
 
 
 def test_slab_dataset_reads_aligned_slabs_with_their_findings(toy_run: tuple[Path, dict]) -> None:

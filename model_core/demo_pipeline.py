@@ -782,6 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablations", action="store_true", help="also run the ablations (ablation budget)")
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--results", default=None, help="write the results tables (Markdown) to this file")
+    parser.add_argument(
+        "--model-card", default=None, help="write the model card of the (shipped) model to this file"
+    )
     return parser
 
 
@@ -798,19 +801,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if scores is None:
             print(f"stopped after step {args.stop_after!r}; run again without --stop-after to continue")
             return 0
+        model_dir = Path(scores["model_dir"])
         if args.ship or args.ship_to:
             from model_core.hub import DEMO_MODEL_DIR
 
-            target = ship_model(
-                Path(scores["model_dir"]), Path(args.ship_to) if args.ship_to else DEMO_MODEL_DIR
-            )
-            print(f"shipped {target}")
+            model_dir = ship_model(model_dir, Path(args.ship_to) if args.ship_to else DEMO_MODEL_DIR)
+            print(f"shipped {model_dir}")
         if args.ablations:
             run_ablations(out, args.ablation_seeds, device=device)
         if args.results:
             from model_core.demo_results import write_results
 
             print(f"wrote {write_results(out, Path(args.results))}")
+        if args.model_card:
+            from model_core.demo_card import write_model_card
+
+            print(f"wrote {write_model_card(out, model_dir, Path(args.model_card))}")
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

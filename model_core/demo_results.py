@@ -287,15 +287,21 @@ def results_markdown(
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: Path, target: Path) -> Path:
-    """Render ``out/scores.json``, ``out/cost.json`` (+ the 3D run's) and ``out/ablations.json``."""
-    scores = json.loads((out / "scores.json").read_text(encoding="utf-8"))
-    with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
-        scores["distinct_reports"] = len({row["prediction"] for row in csv.DictReader(stream)})
+def read_run_costs(out: Path) -> dict[str, Any]:
+    """Every step's cost of a run: ``out/cost.json`` and the 3D training's ``out/3d/cost.json``."""
     cost = json.loads((out / "cost.json").read_text(encoding="utf-8"))
     three_d = out / "3d" / "cost.json"
     if three_d.is_file():
         cost.update(json.loads(three_d.read_text(encoding="utf-8")))
+    return cost
+
+
+def write_results(out: Path, target: Path) -> Path:
+    """Render ``out/scores.json``, the run's costs and ``out/ablations.json``."""
+    scores = json.loads((out / "scores.json").read_text(encoding="utf-8"))
+    with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
+        scores["distinct_reports"] = len({row["prediction"] for row in csv.DictReader(stream)})
+    cost = read_run_costs(out)
     ablations_file = out / "ablations.json"
     ablations = json.loads(ablations_file.read_text(encoding="utf-8")) if ablations_file.is_file() else {}
     target.write_text(results_markdown(scores, cost, ablations, str(out)), encoding="utf-8")
