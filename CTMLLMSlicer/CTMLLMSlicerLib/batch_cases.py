@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from CTMLLMSlicerLib.batch_files import sha256_file, sha256_files
+from model_core.dicom_sr import IDENTIFIER_KEYWORDS
 
 if TYPE_CHECKING:
     from model_core.data.dicom import DicomSeries
@@ -53,6 +54,7 @@ class Case:
     for a DICOM entry of a list (``resolve_series`` finds them when the case runs).
     ``origin``: where the case came from (file, series, list line), for messages. ``problem``:
     why a discovered series cannot be read as one volume (the case then fails with it).
+    ``identifiers``: a case list's ``patient_id``, ``study_instance_uid``... columns (see ``batch_sr``).
     """
 
     case_id: str
@@ -63,6 +65,8 @@ class Case:
     questions: tuple[str, ...] = ()
     origin: str = ""
     problem: str = ""
+    identifiers: tuple[tuple[str, str], ...] = ()
+    """Patient and study identifiers a case list gives for the ``--sr`` export (name, value)."""
 
     def input_files(self) -> list[Path]:
         """Every file whose content makes this case's input (for the resume checksum)."""
@@ -251,6 +255,7 @@ def read_case_list(path: Path) -> list[Case]:
                 "series": None,
                 "questions": [],
                 "where": where,
+                "identifiers": {},
             },
         )
         if entry["target"] != target:
@@ -259,6 +264,9 @@ def read_case_list(path: Path) -> list[Case]:
             )
         entry["series"] = str(row.get("series_uid") or "").strip() or entry["series"]
         entry["questions"] += _row_questions(row, where)
+        entry["identifiers"].update(
+            (name, str(row[name]).strip()) for name in IDENTIFIER_KEYWORDS if str(row.get(name) or "").strip()
+        )
     cases = []
     for entry in grouped.values():
         target = entry["target"]
@@ -272,6 +280,7 @@ def read_case_list(path: Path) -> list[Case]:
                 series_uid=entry["series"],
                 questions=tuple(entry["questions"]),
                 origin=entry["where"],
+                identifiers=tuple(entry["identifiers"].items()),
             )
         )
     if not cases:

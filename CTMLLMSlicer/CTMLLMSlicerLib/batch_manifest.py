@@ -33,12 +33,13 @@ INTERRUPTED = "interrupted"
 
 
 def case_paths(output: Path, case_id: str) -> dict[str, Path]:
-    """Where a case's outputs go: ``json`` (the completion record), ``markdown``, ``scene``."""
+    """Where a case's outputs go: ``json`` (the completion record), ``markdown``, ``scene``, ``sr``."""
     folder = output / CASES_FOLDER
     return {
         "json": folder / f"{case_id}.json",
         "markdown": folder / f"{case_id}.md",
         "scene": folder / f"{case_id}.mrml",
+        "sr": folder / f"{case_id}.sr.dcm",
     }
 
 

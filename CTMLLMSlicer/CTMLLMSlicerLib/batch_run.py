@@ -20,10 +20,10 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from CTMLLMSlicerLib.batch_cases import Case, CaseListError, discover_cases, read_questions_file
 from CTMLLMSlicerLib.batch_files import (
@@ -50,6 +50,7 @@ from CTMLLMSlicerLib.batch_scene import (
     save_scene,
     slicer_context,
 )
+from CTMLLMSlicerLib.batch_sr import case_subject, write_case_sr
 from CTMLLMSlicerLib.batch_summary import (
     FAILED,
     NOT_RUN,
@@ -78,9 +79,11 @@ class BatchOptions:
     """The command line's options. ``task``: ``report`` (a report, plus answers when questions are
     given) or ``vqa`` (answers only; every case needs questions). ``window``: a window preset name,
     empty for the Logic's default. ``max_new_tokens``: None for the model's default.
-    ``allow_non_ct``: run on volumes that do not look like CT (scaled by their own percentiles)."""
+    ``allow_non_ct``: run on volumes that do not look like CT (scaled by their own percentiles).
+    ``sr``: also write each case's DICOM Structured Report (``cases/<id>.sr.dcm``, see ``batch_sr``).
+    ``input``: None when a ``CaseSource`` (a DICOMweb server) gives the cases."""
 
-    input: Path
+    input: Path | None
     output: Path
     task: str = REPORT
     questions_file: Path | None = None
@@ -93,6 +96,7 @@ class BatchOptions:
     resume: bool = False
     allow_download: bool = False
     allow_non_ct: bool = False
+    sr: bool = False
 
     def validate(self) -> None:
         """Refuse option values before anything runs, naming the option and the accepted values."""
@@ -106,6 +110,24 @@ class BatchOptions:
             raise ValueError(f"--window {self.window!r}: use one of {', '.join(WINDOW_PRESETS)}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens {self.max_new_tokens}: use at least 1")
+
+
+class CaseSource(Protocol):
+    """Where cases come from and where results go, when not a folder (``dicomweb_batch``).
+
+    ``discover`` lists the cases (raising ``CaseListError`` when it cannot); ``prepare`` makes a
+    case's files local before it is computed (resumed cases skip it); ``deliver`` runs after a
+    case's record is committed, computed or reused (so a run killed between the two delivers on
+    resume), and returns notes for the progress line. An error in either fails that case only.
+    """
+
+    description: str
+
+    def discover(self) -> list[Case]: ...
+
+    def prepare(self, case: Case) -> Case: ...
+
+    def deliver(self, case: Case, record: dict[str, Any], paths: dict[str, Path], run_id: str) -> str: ...
 
 
 @dataclass
@@ -124,6 +146,8 @@ class _Run:
     """The Logic's preprocessing for this model and window (it lives in the model's config, not its weights)."""
     model_notices: list[str] = field(default_factory=list)
     """What loading the model said (e.g. a stand-in model is used): a warning in every record."""
+    source: CaseSource | None = None
+    stream: TextIO = sys.stderr
 
     def fingerprint(self, case: Case) -> dict[str, Any]:
         """Everything besides the input that changes a case's text: equal fingerprints allow reuse."""
@@ -144,12 +168,17 @@ def _now() -> str:
 
 
 def run_batch(
-    options: BatchOptions, *, progress_stream: TextIO | None = None, command_line: list[str] | None = None
+    options: BatchOptions,
+    *,
+    progress_stream: TextIO | None = None,
+    command_line: list[str] | None = None,
+    source: CaseSource | None = None,
 ) -> BatchSummary:
     """Run every case of ``options.input``; returns the summary (``exit_code`` says how it went).
 
     Setup problems (bad options, no cases, model not loadable, output folder busy) come back as
     ``summary.setup_error`` with exit code 2, not as exceptions, so scripts get one account.
+    ``source``: where the cases come from instead of ``options.input`` (a DICOMweb server).
     """
     output = Path(options.output).expanduser().resolve()
     run_id = f"{datetime.now():%Y%m%dT%H%M%S}-{os.getpid()}"
@@ -164,7 +193,7 @@ def run_batch(
     try:
         with RunLock(output):
             remove_partial_files([output, output / CASES_FOLDER])
-            _run_locked(options, output, summary, progress_stream or sys.stderr, command_line or [])
+            _run_locked(options, output, summary, progress_stream or sys.stderr, command_line or [], source)
     except OutputFolderBusyError as error:
         summary.setup_error = str(error)
     summary.ended = time.perf_counter()
@@ -172,7 +201,12 @@ def run_batch(
 
 
 def _run_locked(
-    options: BatchOptions, output: Path, summary: BatchSummary, stream: TextIO, command_line: list[str]
+    options: BatchOptions,
+    output: Path,
+    summary: BatchSummary,
+    stream: TextIO,
+    command_line: list[str],
+    source: CaseSource | None,
 ) -> None:
     context = slicer_context(output / SLICER_LOG)
     summary.environment = context.environment
@@ -181,7 +215,11 @@ def _run_locked(
         stream.write(f"warning: {warning}\n")
     try:
         questions = read_questions_file(options.questions_file) if options.questions_file else []
-        cases = discover_cases(options.input, exclude=[output], questions=questions)
+        if source is not None:
+            cases = source.discover()
+            cases = [c if c.questions else replace(c, questions=tuple(questions)) for c in cases]
+        else:
+            cases = discover_cases(options.input, exclude=[output], questions=questions)
     except (CaseListError, ValueError, OSError) as error:  # model_core.data's errors are ValueErrors
         summary.setup_error = str(error)
         write_summaries(summary, running=False)
@@ -194,7 +232,7 @@ def _run_locked(
         allowDownload=options.allow_download,
     )
     logic = CTMLLMLogicCore(context.scene, nonCTHint=NON_CT_HINT, volumesLogic=context.volumesLogic)
-    run = _Run(options, output, context, logic, request, manifest, summary)
+    run = _Run(options, output, context, logic, request, manifest, summary, source=source, stream=stream)
     try:
         run.model_info = _load_model(run, stream)
     except (CTMLLMSlicerError, OSError) as error:
@@ -206,7 +244,7 @@ def _run_locked(
             "run_id": summary.run_id,
             "started": _now(),
             "command_line": command_line,
-            "input": str(options.input),
+            "input": source.description if source is not None else str(options.input),
             "model": run.model_info,
             "environment": context.environment,
             "cases": len(cases),
@@ -279,19 +317,29 @@ def _run_case(run: _Run, case: Case) -> CaseOutcome:
     try:
         input_sha256 = case.input_checksum()
         fingerprint = run.fingerprint(case)
+        record = None
         if run.options.resume:
-            required = ("markdown", "scene") if run.options.save_scene else ("markdown",)
+            required = [
+                "markdown",
+                *(["scene"] if run.options.save_scene else []),
+                *(["sr"] if run.options.sr else []),
+            ]
             check = check_reusable(run.output, case.case_id, input_sha256, fingerprint, required)
-            if check.reusable:
-                return _ok_outcome(run, case, check.record, reused=True)
-        record = _compute_case(run, case, input_sha256, fingerprint, paths, start)
+            record = check.record
+        reused = record is not None
+        if record is None:
+            case = run.source.prepare(case) if run.source is not None else case
+            record = _compute_case(run, case, input_sha256, fingerprint, paths, start)
+        if run.source is not None:
+            note = run.source.deliver(case, record, paths, run.summary.run_id)
+            run.stream.write(f"{case.case_id}: {note}\n")
     except KeyboardInterrupt:
         raise
     except Exception as error:
         outcome = _failed(run, case, error, time.perf_counter() - start)
         _free_memory()
         return outcome
-    return _ok_outcome(run, case, record, reused=False, seconds=time.perf_counter() - start)
+    return _ok_outcome(run, case, record, reused=reused, seconds=time.perf_counter() - start)
 
 
 def _compute_case(
@@ -310,6 +358,9 @@ def _compute_case(
     started = _now()
     timings: dict[str, Any] = {}
     notices: list[str] = []
+    subject = case_subject(case) if run.options.sr else None  # before the model: fail fast
+    if subject is not None:
+        notices += subject.notices
     kwargs = {
         "windowPreset": run.options.window,
         "maxNewTokens": run.options.max_new_tokens,
@@ -339,6 +390,9 @@ def _compute_case(
             if run.options.save_scene:
                 save_scene(run.context.scene, paths["scene"])
                 outputs["scene"] = output_entry(paths["scene"])
+            if subject is not None:
+                write_case_sr(paths["sr"], subject, conversation, run.model_info, input_sha256, fingerprint)
+                outputs["sr"] = output_entry(paths["sr"])
         finally:
             run.logic.clearConversation(node.GetID())
     timings["total_s"] = round(time.perf_counter() - start, 3)

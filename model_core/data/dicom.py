@@ -251,6 +251,7 @@ def write_dicom_series(
     series_uid: str | None = None,
     study_uid: str | None = None,
     series_description: str = "",
+    patient_id: str | None = None,
 ) -> list[Path]:
     """Write an int16 volume ``(K, J, I)`` as one DICOM file per slice; returns the files.
 
@@ -268,6 +269,7 @@ def write_dicom_series(
     series_uid = series_uid or pydicom.uid.generate_uid()
     study_uid = study_uid or pydicom.uid.generate_uid()
     frame_uid = pydicom.uid.generate_uid()
+    patient_id = patient_id or uuid.uuid4().hex[:12]  # one patient for the whole series
     orientation = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -282,7 +284,7 @@ def write_dicom_series(
             "0008|0060": modality,
             "0008|103e": series_description,
             "0010|0010": "Synthetic^Volume",
-            "0010|0020": uuid.uuid4().hex[:12],
+            "0010|0020": patient_id,
             "0020|000d": study_uid,
             "0020|000e": series_uid,
             "0020|0052": frame_uid,
