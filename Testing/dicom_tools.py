@@ -45,6 +45,7 @@ def ct_series(
     size: int = 32,
     patient_id: str = "PAT-1",
     seed: int = 0,
+    study_description: str = "",
     edit: Callable[[pydicom.Dataset], None] | None = None,
 ) -> list[Path]:
     """A small CT series (air, a soft-tissue block, a bone rod) written one file per slice.
@@ -59,10 +60,12 @@ def ct_series(
     volume[:, size // 2 - 2 : size // 2 + 2, size // 2 - 2 : size // 2 + 2] = 700
     volume += rng.integers(-20, 20, volume.shape, dtype=np.int16)
     files = write_dicom_series(folder, volume, (0.8, 0.8, 2.5), patient_id=patient_id)
-    if edit is not None:
+    if edit is not None or study_description:
         for file in files:
             dataset = pydicom.dcmread(file)
-            edit(dataset)
+            dataset.StudyDescription = study_description
+            if edit is not None:
+                edit(dataset)
             dataset.save_as(file, enforce_file_format=True)
     return files
 
