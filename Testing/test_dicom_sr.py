@@ -10,6 +10,8 @@ from __future__ import annotations
 import highdicom as hd
 import pydicom
 import pytest
+import SimpleITK as sitk
+from conftest import run_model_core_cli
 from dicom_tools import DCIODVFY, assert_valid_dicom, blank_uids, ct_series, dciodvfy_errors, sop_uids
 
 from model_core.dicom_sr import (
@@ -149,3 +151,62 @@ def test_dciodvfy_check_catches_a_broken_sr(tmp_path):
     del sr.CompletionFlag
     sr.save_as(tmp_path / "broken.dcm", enforce_file_format=True)
     assert any("CompletionFlag" in line for line in dciodvfy_errors(tmp_path / "broken.dcm"))
+
+
+def test_cli_generate_writes_an_sr_and_asks_for_identifiers_of_non_dicom_input(tmp_path, tiny_model_dir):
+    files = ct_series(tmp_path / "ct", patient_id="CLI-1", slices=8)
+    result = run_model_core_cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--volume",
+        str(tmp_path / "ct"),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "4",
+        "--sr",
+        str(tmp_path / "report.dcm"),
+        cache=tmp_path / "cache",
+    )
+    assert result.returncode == 0, result.stderr
+    read = read_report_sr(tmp_path / "report.dcm")
+    assert read.identifiers["patient_id"] == "CLI-1" and len(read.references) == len(files)
+    assert read.turns[0].answer == (result.stdout.strip() or "(no text)")
+    assert_valid_dicom(tmp_path / "report.dcm")
+
+    volume = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(sitk.ReadImage([str(f) for f in files]), str(volume))
+    refused = run_model_core_cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--volume",
+        str(volume),
+        "--sr",
+        str(tmp_path / "x.dcm"),
+        cache=tmp_path / "cache",
+    )
+    assert refused.returncode == 2 and not (tmp_path / "x.dcm").exists()
+    assert "patient_id, study_instance_uid" in refused.stderr and "--patient-id" in refused.stderr
+    given = run_model_core_cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--volume",
+        str(volume),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "4",
+        "--sr",
+        str(tmp_path / "given.dcm"),
+        "--patient-id",
+        "P-5",
+        "--study-instance-uid",
+        "1.2.826.0.1.3680043.10.9",
+        cache=tmp_path / "cache",
+    )
+    assert given.returncode == 0, given.stderr
+    assert read_report_sr(tmp_path / "given.dcm").identifiers["patient_id"] == "P-5"
+    assert_valid_dicom(tmp_path / "given.dcm")

@@ -24,8 +24,26 @@ def load_input_volume(model, path: str, window: str | None, allow_non_ct: bool) 
     return volume
 
 
+SR_OPTIONS = {
+    "patient_id": "--patient-id",
+    "patient_name": "--patient-name",
+    "study_instance_uid": "--study-instance-uid",
+    "accession_number": "--accession-number",
+}
+"""The identifiers ``generate --sr`` takes for a volume that did not come from DICOM (or whose UIDs are blank)."""
+
+
 def command_generate(args: argparse.Namespace) -> int:
     from model_core.hub import load_model
+
+    subject = None
+    if args.sr:  # checked before the model loads: a missing identifier fails at once
+        from model_core.dicom_sr import subject_for_input
+
+        given = {name: getattr(args, name) for name in SR_OPTIONS}
+        subject = subject_for_input(args.volume, given, how="pass " + ", ".join(SR_OPTIONS.values()))
+        for notice in subject.notices:
+            print(f"note: {notice}", file=sys.stderr)
 
     model = load_model(
         args.model,
@@ -48,6 +66,12 @@ def command_generate(args: argparse.Namespace) -> int:
         f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s, model {model.model_id}]",
         file=sys.stderr,
     )
+    if subject is not None:
+        from model_core.dicom_sr import ObserverDevice, ReportTurn, build_report_sr, write_report_sr
+
+        turn = ReportTurn(task, args.prompt or "", result.text)
+        sr = build_report_sr(subject, [turn], ObserverDevice.from_model(model))
+        print(f"wrote DICOM SR {write_report_sr(sr, args.sr)}", file=sys.stderr)
     return 0
 
 
@@ -107,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="auto", help="auto, cpu or gpu")
     generate.add_argument("--precision", default="auto", help="auto, float32, bfloat16")
     generate.add_argument("--allow-download", action="store_true", help="allow a Hub download of --model")
+    generate.add_argument("--sr", metavar="FILE.dcm", help="also write the text as a DICOM Structured Report")
+    for name, option in SR_OPTIONS.items():
+        generate.add_argument(
+            option, dest=name, default="", help=f"SR {name.replace('_', ' ')} (non-DICOM input)"
+        )
     generate.set_defaults(run=command_generate)
 
     info = commands.add_parser("info", help="describe a model folder")

@@ -271,6 +271,25 @@ def subject_from_dicom(
     return SRSubject(header, tuple(instances), description, tuple(notices))
 
 
+def subject_for_input(
+    path: str | os.PathLike, given: Mapping[str, str] | None = None, *, how: str = "give them"
+) -> SRSubject:
+    """The subject of a model input path: its DICOM series (the one ``load_volume`` reads: the
+    given file's series, or the folder's CT series with the most slices), else only ``given``."""
+    from pydicom.misc import is_dicom
+
+    from model_core.data.dicom import scan_dicom_folder, select_series
+
+    path = Path(path)
+    if not (path.is_dir() or (path.is_file() and is_dicom(path))):
+        return subject_from_identifiers(given, description=str(path), how=how)
+    folder = path if path.is_dir() else path.parent
+    found = scan_dicom_folder(folder, recursive=path.is_dir())
+    uid = None if path.is_dir() else next((s.uid for s in found if path in s.files), None)
+    series, _ = select_series(found, source=str(path), series_uid=uid, allow_non_ct=True)
+    return subject_from_dicom(series.files, given, description=f"{path} (series {series.uid})", how=how)
+
+
 def _code(value: str, scheme: str, meaning: str) -> Any:
     from highdicom.sr import CodedConcept
 
