@@ -93,3 +93,26 @@ def test_resume_with_sr_recomputes_cases_that_have_no_sr_yet(tmp_path, tiny_mode
     assert again.outcomes[0].reused
     (sr,) = (tmp_path / "out" / "cases").glob("*.sr.dcm")
     assert_valid_dicom(sr)
+
+
+def test_logic_exports_the_sr_of_a_volume_loaded_from_dicom(tmp_path, tiny_model_dir):
+    """The panel's Logic finds a DICOM volume's files again through its storage node."""
+    from CTMLLMSlicerLib.batch_scene import slicer_core_scene
+    from CTMLLMSlicerLib.logic import CTMLLMLogicCore, ModelRequest
+
+    files = ct_series(tmp_path / "ct", patient_id="SLICER-4", slices=8)
+    scene, _, logics = slicer_core_scene()
+    logic = CTMLLMLogicCore(scene, volumesLogic=logics["Volumes"])
+    node = logic.loadVolumeFile(files[3])  # one file, as "Add data" is given: Slicer reads the series
+    request = ModelRequest(str(tiny_model_dir), device="cpu")
+    logic.generateReport(node, request, maxNewTokens=4)
+    logic.askQuestion(node, "Is the spleen enlarged?", request, maxNewTokens=4)
+
+    path, notices = logic.exportReportSR(node, tmp_path / "panel.dcm")
+
+    read = read_report_sr(path)
+    assert read.identifiers["patient_id"] == "SLICER-4" and notices == []
+    assert sorted(uid for _, _, uid in read.references) == sorted(sop_uids(files))
+    assert [t.prompt for t in read.turns] == ["", "Is the spleen enlarged?"]
+    assert read.device["Device Observer Serial Number"].startswith("sha256:")
+    assert_valid_dicom(path)

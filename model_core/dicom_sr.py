@@ -74,7 +74,12 @@ class IdentifierError(CTInputError):
 
 
 class MissingIdentifiersError(IdentifierError):
-    """An SR cannot be written: the source lacks identifiers the user did not give; the message lists them."""
+    """An SR cannot be written: the source lacks identifiers the user did not give; the message lists
+    them and ``missing`` holds their names (so a GUI can ask for them)."""
+
+    def __init__(self, message: str, missing: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.missing = tuple(missing)
 
 
 @dataclass(frozen=True)
@@ -204,7 +209,7 @@ def subject_from_identifiers(
     values = _validated(given)
     missing = [name for name in REQUIRED_IDENTIFIERS if name not in values]
     if missing:
-        raise MissingIdentifiersError(_missing_message(description, missing, how))
+        raise MissingIdentifiersError(_missing_message(description, missing, how), missing)
     header = Dataset()
     for name, keyword in IDENTIFIER_KEYWORDS.items():
         setattr(header, keyword, values.get(name, ""))
@@ -249,7 +254,7 @@ def subject_from_dicom(
         setattr(header, keyword, found or wanted or "")
     missing = [name for name in REQUIRED_IDENTIFIERS if not str(header.get(IDENTIFIER_KEYWORDS[name]))]
     if missing:
-        raise MissingIdentifiersError(_missing_message(description, missing, how))
+        raise MissingIdentifiersError(_missing_message(description, missing, how), missing)
     instances, blank = [], 0
     for ds in headers:
         uids = (

@@ -17,9 +17,9 @@ from typing import Any
 
 from CTMLLMSlicerLib.batch_cases import DICOM, Case, resolve_series
 from CTMLLMSlicerLib.conversation import Conversation
+from CTMLLMSlicerLib.sr_export import conversationTurns
 from model_core.dicom_sr import (
     ObserverDevice,
-    ReportTurn,
     SRSubject,
     build_report_sr,
     subject_from_dicom,
@@ -55,11 +55,6 @@ def sr_uids(input_sha256: str, fingerprint: dict[str, Any]) -> tuple[str, str]:
     )
 
 
-def conversation_turns(conversation: Conversation) -> list[ReportTurn]:
-    """The Logic's turns as the SR builder takes them."""
-    return [ReportTurn(t.task, t.prompt, t.answer, t.cancelled) for t in conversation.turns]
-
-
 def write_case_sr(
     path: Path,
     subject: SRSubject,
@@ -75,7 +70,7 @@ def write_case_sr(
     device = ObserverDevice(model_info["id"], model_info.get("sha256", ""), __version__)
     sr = build_report_sr(
         subject,
-        conversation_turns(conversation),
+        conversationTurns(conversation),
         device,
         series_instance_uid=series_uid,
         sop_instance_uid=sop_uid,

@@ -191,6 +191,8 @@ class CTMLLMLogicCore:
     """
 
     featureCacheSize = 4
+    dicomDatabase: Any = None
+    """Slicer's DICOM database (``slicer.dicomDatabase``), where volumes from the DICOM module find their files."""
 
     def __init__(
         self,
@@ -626,6 +628,21 @@ class CTMLLMLogicCore:
             )
         target.write_text(content, encoding="utf-8")
         return target
+
+    def exportReportSR(
+        self, volumeNode: Any, path: str | os.PathLike, identifiers: dict[str, str] | None = None
+    ) -> tuple[Path, list[str]]:
+        """Write the volume's conversation as a DICOM SR (``sr_export``); returns the file and notices.
+
+        Raises ``MissingIdentifiersError`` (its ``missing`` names them) for a volume that did not
+        come from DICOM, until ``identifiers`` gives a patient ID and a Study Instance UID.
+        """
+        from CTMLLMSlicerLib.sr_export import exportVolumeSR
+
+        if volumeNode is None:
+            raise NoVolumeError("no input volume: select the volume whose results should be exported")
+        conversation = self.conversations.get(volumeNode.GetID())
+        return exportVolumeSR(volumeNode, conversation, self._model, path, identifiers, self.dicomDatabase)
 
     # -- display -----------------------------------------------------------------------------
     def windowRange(self, windowPreset: str = "") -> tuple[float, float]:
