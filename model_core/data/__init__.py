@@ -12,7 +12,8 @@ from importlib import import_module
 from typing import Any
 
 from model_core.data.checks import check_ct, ct_intensity_verdict
-from model_core.data.dicom import DicomSeries, scan_dicom_folder, write_dicom_series
+from model_core.data.dicom import DicomSeries, scan_dicom_folder
+from model_core.data.dicom_write import ct_phantom, write_dicom_series
 from model_core.data.errors import (
     CTInputError,
     DatasetFormatError,
@@ -86,6 +87,7 @@ __all__ = [
     "UnreadableVolumeError",
     "VQARecord",
     "check_ct",
+    "ct_phantom",
     "ct_intensity_verdict",
     "load_m3d_npy",
     "load_volume",

@@ -77,10 +77,13 @@ def check_finite(array: np.ndarray, source: str = "volume") -> None:
         return
     if np.isfinite(array.sum(dtype=np.float64)):
         return
-    n_nan = int(np.isnan(array).sum())
-    n_inf = int(np.isinf(array).sum())
-    raise InvalidValuesError(
-        f"{source}: holds {n_nan} NaN and {n_inf} infinite voxel(s) out of {array.size}; a CT holds finite "
+    raise invalid_values_error(source, int(np.isnan(array).sum()), int(np.isinf(array).sum()), array.size)
+
+
+def invalid_values_error(source: str, nan: int, inf: int, total: int) -> InvalidValuesError:
+    """The one refusal of NaN/inf voxels, whether found in memory or while scanning a file's bytes."""
+    return InvalidValuesError(
+        f"{source}: holds {nan} NaN and {inf} infinite voxel(s) out of {total}; a CT holds finite "
         "HU values. Re-export the volume, or replace those voxels (e.g. with -1000 HU) before loading."
     )
 
