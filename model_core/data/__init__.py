@@ -12,6 +12,7 @@ from importlib import import_module
 from typing import Any
 
 from model_core.data.checks import check_ct, ct_intensity_verdict
+from model_core.data.decision import PreparedInput, describe_input, input_settings, prepare_input
 from model_core.data.dicom import DicomSeries, scan_dicom_folder
 from model_core.data.dicom_write import ct_phantom, write_dicom_series
 from model_core.data.errors import (
@@ -81,6 +82,7 @@ __all__ = [
     "M3DCapDataset",
     "M3DVQADataset",
     "NotCTError",
+    "PreparedInput",
     "PreprocessConfig",
     "Sample",
     "TooFewSlicesError",
@@ -88,9 +90,12 @@ __all__ = [
     "VQARecord",
     "check_ct",
     "ct_phantom",
+    "describe_input",
+    "input_settings",
     "ct_intensity_verdict",
     "load_m3d_npy",
     "load_volume",
+    "prepare_input",
     "preprocess",
     "read_ct",
     "read_ct_rate_csv",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model_core.data.errors import (
+    API_NON_CT_HINT,
     EmptyVolumeError,
     InvalidValuesError,
     NotCTError,
@@ -141,10 +142,6 @@ def check_ct(array: np.ndarray, *, allow_non_ct: bool = False, source: str = "vo
     if not allow_non_ct:
         raise NotCTError(
             f"{source}: does not look like a CT in Hounsfield units: {verdict.reason}. If it is a CT, or to "
-            "run on it anyway, pass allow_non_ct=True (or turn on the panel's or script's option to allow "
-            "non-CT input)."
+            f"run on it anyway, {API_NON_CT_HINT}."
         )
-    return [
-        f"{source}: does not look like a CT ({verdict.reason}); used anyway because allow_non_ct=True. "
-        "HU window presets may not suit it: window='percentile' scales by its own intensity range."
-    ]
+    return [f"{source}: does not look like a CT ({verdict.reason}); accepted because allow_non_ct=True."]

@@ -33,7 +33,7 @@ import pydicom
 from pydicom.misc import is_dicom
 from pydicom.uid import UID
 
-from model_core.data.errors import DicomSeriesError, NotCTError
+from model_core.data.errors import API_NON_CT_HINT, DicomSeriesError, NotCTError
 
 _HEADER_TAGS = [
     "SeriesInstanceUID",
@@ -461,8 +461,8 @@ def select_series(
     ct = [s for s in volumes if s.is_ct]
     if not ct and not allow_non_ct:
         raise NotCTError(
-            f"{source}: holds no CT series (Modality CT); found: {listing}. Pass series_uid to pick one and "
-            "allow_non_ct=True to read a non-CT series."
+            f"{source}: holds no CT series (Modality CT); found: {listing}. To read a non-CT series, "
+            f"{API_NON_CT_HINT} (and series_uid to pick one)."
         )
     candidates = [s for s in (ct or volumes) if s.usable]
     if not candidates:
@@ -479,7 +479,7 @@ def _check_modality(chosen: DicomSeries, source: str, allow_non_ct: bool) -> Non
     if not chosen.is_ct and not allow_non_ct:
         raise NotCTError(
             f"{source}: series {chosen.summary()} has Modality {chosen.modality or 'empty'}, not CT. If it is a "
-            "CT, or to run on it anyway, pass allow_non_ct=True."
+            f"CT, or to run on it anyway, {API_NON_CT_HINT}."
         )
 
 
