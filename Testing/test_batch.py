@@ -197,7 +197,9 @@ def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_mo
 
     assert rows["broken"]["status"] == FAILED and rows["broken"]["error_type"] == "UnreadableVolumeError"
     assert "broken.nii.gz" in rows["broken"]["error"] and "truncated" in rows["broken"]["error"]
-    assert rows["mr_head"]["status"] == FAILED and rows["mr_head"]["error_type"] == "NotCTVolumeError"
+    assert (
+        rows["mr_head"]["status"] == FAILED and rows["mr_head"]["error_type"] == "NotCTError"
+    )  # the verdict
     assert (
         "mr_head.nii.gz" in rows["mr_head"]["error"] and "does not look like a CT" in rows["mr_head"]["error"]
     )
@@ -525,11 +527,12 @@ def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp
 
     from CTMLLMSlicerLib.batch_scene import load_case_volume, nodes_added_during, slicer_context
     from CTMLLMSlicerLib.logic import CTMLLMLogicCore, _ijkToRAS
-    from model_core.data import write_dicom_series
+    from model_core.data import CTImage, NotCTError, write_dicom_series
 
     folder = tmp_path / "study"
     write_dicom_from(ABDOMEN_CT, folder)
-    for path in write_dicom_series(tmp_path / "mr", np.full((5, 8, 9), 300), (1.0, 1.0, 2.0), modality="MR"):
+    mr = np.arange(5 * 8 * 9).reshape(5, 8, 9) % 300 + 100  # no air: an MR
+    for path in write_dicom_series(tmp_path / "mr", mr, (1.0, 1.0, 2.0), modality="MR"):
         path.rename(folder / f"mr_{path.name}")
     context = slicer_context(tmp_path / "slicer.log")
     logic = CTMLLMLogicCore(context.scene, volumesLogic=context.volumesLogic)
@@ -539,9 +542,14 @@ def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp
     with nodes_added_during(context.scene):
         series_node, _ = load_case_volume(logic, cases["abdomen"])
         nifti_node, _ = load_case_volume(logic, reference)
-        mr_node, _ = load_case_volume(logic, cases["MR"])
-        assert np.array_equal(arrayFromVolume(series_node), arrayFromVolume(nifti_node))
-        assert np.allclose(_ijkToRAS(series_node), _ijkToRAS(nifti_node), atol=1e-3)
+        with pytest.raises(NotCTError, match="Modality MR"):  # as read_ct refuses it
+            load_case_volume(logic, cases["MR"])
+        mr_node, _ = load_case_volume(logic, cases["MR"], allow_non_ct=True)
+        series, nifti = (
+            CTImage.from_ijk_to_ras(arrayFromVolume(n), _ijkToRAS(n)) for n in (series_node, nifti_node)
+        )  # the same voxels at the same places, whatever order each reader stores them in
+        assert np.array_equal(series.array, nifti.array)
+        assert np.allclose(series.ijk_to_ras(), nifti.ijk_to_ras(), atol=1e-3)
         assert arrayFromVolume(mr_node).shape == (5, 8, 9)
         count = context.scene.GetNumberOfNodes()
     assert context.scene.GetNumberOfNodes() < count  # the case's nodes are gone afterwards

@@ -341,7 +341,7 @@ def test_repo_ids_and_the_default_cache_folder(tmp_path, monkeypatch):
 def test_load_volume_file_reads_files_and_series_and_refuses_bad_input(mrml, tmp_path):
     import SimpleITK as sitk
 
-    from model_core.data import UnreadableVolumeError, write_dicom_series
+    from model_core.data import CTInputError, UnreadableVolumeError, write_dicom_series
 
     core = CTMLLMLogicCore(mrml.scene, volumesLogic=mrml.logics["Volumes"])
     volume = core.loadVolumeFile(ABDOMEN_CT)
@@ -364,7 +364,7 @@ def test_load_volume_file_reads_files_and_series_and_refuses_bad_input(mrml, tmp
         core.loadVolumeFile(tmp_path / "missing.nrrd")
     rgb = tmp_path / "rgb.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.float32), isVector=True), str(rgb))
-    with pytest.raises(UnreadableVolumeError, match="not a scalar CT volume"):
+    with pytest.raises(CTInputError, match="3 values per voxel"):  # read_ct's verdict, before Slicer's reader
         core.loadVolumeFile(rgb)
     assert mrml.scene.GetNumberOfNodes() == count  # refused input leaves nothing in the scene
     with pytest.raises(CTMLLMSlicerError, match="no volumes logic"):

@@ -279,6 +279,12 @@ class CTMLLMConfig:
         )
         # JSON form from the start (integer keys become strings), so a saved config reloads equal
         self.mllm_config = json.loads(json.dumps(self.mllm_config))
+        from model_core.data.preprocess import PreprocessConfig  # here: model_core.data imports this module
+
+        try:
+            PreprocessConfig.from_dict(self.preprocessing)
+        except (ConfigError, TypeError, ValueError) as error:
+            raise ConfigError(f"preprocessing: {error}") from None
         _require(
             self.family in FAMILIES, f"family={self.family!r}: supported families are {', '.join(FAMILIES)}"
         )

@@ -41,7 +41,7 @@ from model_core.data.formats import (
     write_m3d_cap,
     write_m3d_vqa,
 )
-from model_core.data.io import DEFAULT_MAX_VOXELS, ORIENTATION, CTImage, read_ct
+from model_core.data.io import DEFAULT_MAX_VOXELS, ORIENTATION, CTImage, read_ct, read_dicom_series
 from model_core.data.preprocess import (
     DEFAULT_TARGET_SHAPE,
     WINDOW_PRESETS,
@@ -98,6 +98,7 @@ __all__ = [
     "prepare_input",
     "preprocess",
     "read_ct",
+    "read_dicom_series",
     "read_ct_rate_csv",
     "read_jsonl",
     "read_m3d_cap",

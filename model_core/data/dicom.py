@@ -455,7 +455,7 @@ def select_series(
             raise DicomSeriesError(f"{source}: has no series with UID {series_uid}; found: {listing}.")
         if not chosen.usable:
             raise DicomSeriesError(f"{source}: series {chosen.summary()} cannot be read as one volume.")
-        _check_modality(chosen, source, allow_non_ct)
+        check_modality(chosen, source, allow_non_ct)
         return chosen, _choice_warnings(source, chosen, series, reason="as requested")
     volumes = [s for s in series if not s.localizer] or list(series)
     ct = [s for s in volumes if s.is_ct]
@@ -475,7 +475,8 @@ def select_series(
     return chosen, _choice_warnings(source, chosen, series, reason=f"the {kind} with the most slices")
 
 
-def _check_modality(chosen: DicomSeries, source: str, allow_non_ct: bool) -> None:
+def check_modality(chosen: DicomSeries, source: str, allow_non_ct: bool) -> None:
+    """Refuse a series whose Modality is not CT, unless ``allow_non_ct``."""
     if not chosen.is_ct and not allow_non_ct:
         raise NotCTError(
             f"{source}: series {chosen.summary()} has Modality {chosen.modality or 'empty'}, not CT. If it is a "

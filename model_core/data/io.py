@@ -33,6 +33,8 @@ import SimpleITK as sitk
 from model_core.data import slabs
 from model_core.data.checks import check_ct, check_shape
 from model_core.data.dicom import (
+    DicomSeries,
+    check_modality,
     is_dicomdir,
     looks_like_dicom,
     scan_dicom_folder,
@@ -40,7 +42,7 @@ from model_core.data.dicom import (
     series_of_file,
 )
 from model_core.data.dicom_read import read_series
-from model_core.data.errors import CTInputError, UnreadableVolumeError
+from model_core.data.errors import CTInputError, DicomSeriesError, UnreadableVolumeError
 from model_core.data.files import check_file_integrity
 
 ORIENTATION = "LPS"
@@ -358,8 +360,36 @@ def _read_dicom(path: Path, series_uid: str | None, allow_non_ct: bool, max_voxe
     chosen, warnings = select_series(
         series, source=str(path), series_uid=series_uid, allow_non_ct=allow_non_ct
     )
-    if len(chosen.files) == 1:
-        image, more = _read_volume_file(chosen.files[0], max_voxels)
-    else:
-        image, more = read_series(chosen, max_voxels, str(path))
+    image, more = _read_series_image(chosen, max_voxels, str(path))
     return image, chosen, [*warnings, *more]
+
+
+def _read_series_image(series: DicomSeries, max_voxels: int, source: str) -> tuple[sitk.Image, list[str]]:
+    if len(series.files) == 1:  # one multi-frame file
+        return _read_volume_file(series.files[0], max_voxels)
+    return read_series(series, max_voxels, source)
+
+
+def read_dicom_series(
+    series: DicomSeries,
+    *,
+    source: str = "",
+    allow_non_ct: bool = False,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    warnings: Sequence[str] = (),
+) -> CTImage:
+    """One series found by ``scan_dicom_folder``, read and checked exactly as ``read_ct`` reads it
+    (for callers that list the series themselves, such as the batch script)."""
+    source = source or str(series.files[0].parent)
+    if not series.usable:
+        raise DicomSeriesError(f"{source}: series {series.summary()} cannot be read as one volume.")
+    check_modality(series, source, allow_non_ct)
+    image, more = _read_series_image(series, max_voxels, source)
+    return CTImage.from_sitk(
+        image,
+        source,
+        series_uid=series.uid,
+        warnings=[*warnings, *more],
+        allow_non_ct=allow_non_ct,
+        series_grouping=series.grouping,
+    )
