@@ -127,7 +127,7 @@ def read_summary(output: Path) -> dict[str, dict[str, str]]:
 
 
 def leftovers(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.endswith(".partial")]
+    return [p for p in folder.rglob("*") if ".partial" in p.name]
 
 
 @pytest.fixture(autouse=True)
@@ -258,7 +258,15 @@ def test_sigkill_mid_run_then_resume_completes_each_case_once(tmp_path, tiny_mod
     assert not leftovers(output)
 
 
-def test_ctrl_c_keeps_finished_cases_and_exits_130(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize(
+    ("stop", "status", "words"),
+    [(signal.SIGINT, 130, "interrupted (Ctrl-C)"), (signal.SIGTERM, 143, "interrupted (SIGTERM)")],
+    ids=["ctrl_c", "sigterm"],
+)
+def test_ctrl_c_or_sigterm_keeps_finished_cases_and_marks_the_run_interrupted(
+    tmp_path, tiny_model_dir, stop, status, words
+):
+    """SIGTERM (timeout, systemd, Slurm) ends the run as Ctrl-C does; its exit status says which."""
     inputs = tmp_path / "in"
     for index in range(4):
         link(ABDOMEN_CT, inputs / f"s{index}.nii.gz")
@@ -268,10 +276,10 @@ def test_ctrl_c_keeps_finished_cases_and_exits_130(tmp_path, tiny_model_dir):
         script_command(*args), cwd=tmp_path, stdout=subprocess.PIPE, text=True, encoding="utf-8"
     )
     wait_for_first_record(process, output)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     stdout, _ = process.communicate(timeout=60)
-    assert process.returncode == 130, stdout
-    assert "interrupted" in stdout
+    assert process.returncode == status, stdout
+    assert words in stdout
     manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["runs"][-1]["status"] == "interrupted"
     rows = read_summary(output)

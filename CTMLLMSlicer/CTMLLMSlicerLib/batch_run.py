@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from CTMLLMSlicerLib.batch_cases import DICOM, Case, CaseListError, discover_cases, read_questions_file
+from CTMLLMSlicerLib.batch_cases import DICOM, FILE, Case, CaseListError, discover_cases, read_questions_file
 from CTMLLMSlicerLib.batch_files import (
     OutputFolderBusyError,
     RunLock,
@@ -74,6 +74,7 @@ from CTMLLMSlicerLib.errors import CTMLLMSlicerError, ModelOutOfMemoryError, isO
 from CTMLLMSlicerLib.logic import DEVICES, PRECISIONS, WINDOW_PRESETS, CTMLLMLogicCore, ModelRequest
 from model_core.config import check_max_new_tokens
 from model_core.data.errors import CTInputError, NotCTError
+from model_core.data.files import check_readable
 
 TASKS = (REPORT, QUESTION)
 _EXPECTED_ERRORS = (CTMLLMSlicerError, CTInputError, CaseListError, OSError)
@@ -371,6 +372,8 @@ def _run_case(run: _Run, case: Case) -> CaseOutcome:
     start = time.perf_counter()
     paths = case_paths(run.output, case.case_id)
     try:
+        if case.kind == FILE:
+            check_readable(case.path)  # missing or unreadable: the verdict read_ct gives, not an OSError
         input_sha256 = case.input_checksum()
         fingerprint = run.fingerprint(case)
         if run.options.resume:

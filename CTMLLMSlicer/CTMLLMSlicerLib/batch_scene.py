@@ -128,7 +128,7 @@ def save_volume(node: Any, path: Path) -> Path:
     if node.GetStorageNode() is None:
         node.GetScene().AddNode(storage)
         node.SetAndObserveStorageNodeID(storage.GetID())
-    temporary = partial_path(path)
+    temporary = partial_path(path, keep_suffix=True)  # the writer picks NRRD by the suffix
     storage.SetFileName(str(temporary))
     try:
         if not storage.WriteData(node) or not temporary.is_file():

@@ -289,6 +289,7 @@ class CTMLLMLogicCore:
         ``UnreadableVolumeError`` naming the input.
         """
         from model_core.data.errors import UnreadableVolumeError
+        from model_core.data.files import check_readable
         from model_core.data.io import check_volume_file, volume_suffix
 
         if self.volumesLogic is None:
@@ -304,9 +305,8 @@ class CTMLLMLogicCore:
             if len(files) == 1
             else f"the DICOM series of {len(files)} files in {files[0].parent}"
         )
-        missing = next((f for f in files if not f.is_file()), None)
-        if missing is not None:
-            raise UnreadableVolumeError(f"{missing}: does not exist (any more): check the path")
+        for file in files:
+            check_readable(file)
         if len(files) == 1 and volume_suffix(files[0]):
             check_volume_file(files[0])  # the verdict read_ct gives, before Slicer's reader
             self._rememberChecked(files[0])
@@ -438,9 +438,10 @@ class CTMLLMLogicCore:
             )
         try:
             self._checkSourceFile(snapshot)
-            ct = CTImage.from_ijk_to_ras(
-                snapshot.arrayKJI, snapshot.ijkToRAS, source=snapshot.name, allow_non_ct=allowNonCT
-            )
+            ct = CTImage.from_ijk_to_ras(  # named by its file, as read_ct names it, when it has one
+                snapshot.arrayKJI, snapshot.ijkToRAS, source=snapshot.sourceFile or snapshot.name,
+                allow_non_ct=allowNonCT,
+            )  # fmt: skip
             prepared = prepare_input(
                 ct, model.config.preprocessing, window=windowPreset or None, allow_non_ct=allowNonCT
             )

@@ -484,14 +484,17 @@ def check_modality(chosen: DicomSeries, source: str, allow_non_ct: bool) -> None
         )
 
 
+def series_warnings(series: DicomSeries, source: str) -> list[str]:
+    """How a series' files were grouped (when not by SeriesInstanceUID alone) and what was split off it."""
+    warnings = [f"{source}: series {series.uid}: {series.grouping}"] if series.grouping != BY_UID else []
+    return warnings + [f"{source}: series {series.uid}: {note}" for note in series.notes]
+
+
 def _choice_warnings(
     source: str, chosen: DicomSeries, series: Sequence[DicomSeries], reason: str
 ) -> list[str]:
     """Which series was read and why, how its files were grouped, what was skipped beside it."""
-    warnings = []
-    if chosen.grouping != BY_UID:
-        warnings.append(f"{source}: series {chosen.uid}: {chosen.grouping}")
-    warnings += [f"{source}: series {chosen.uid}: {note}" for note in chosen.notes]
+    warnings = series_warnings(chosen, source)
     others = [s for s in series if s is not chosen]
     scouts = [s for s in others if s.localizer]
     rest = [s for s in others if not s.localizer]

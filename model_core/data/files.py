@@ -42,12 +42,15 @@ def is_nifti_name(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
+SUPPORTED_FORMATS = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, or a DICOM folder"
+
+
 def check_file_integrity(path: Path) -> None:
     """Refuse an unreadable, mis-named, truncated or damaged file, or a float NIfTI holding NaN/inf.
 
     Raises ``UnreadableVolumeError`` or ``InvalidValuesError`` naming the file and the fix.
     """
-    _check_readable(path)
+    check_readable(path)
     compressed = path.name.lower().endswith(".gz")
     if compressed:
         _check_gzip_magic(path)
@@ -55,7 +58,12 @@ def check_file_integrity(path: Path) -> None:
         _check_nifti(path, compressed)
 
 
-def _check_readable(path: Path) -> None:
+def check_readable(path: Path) -> None:
+    """Refuse a path that does not exist or a file that cannot be opened, in the words every entry point uses."""
+    if not path.exists():
+        raise UnreadableVolumeError(f"{path}: does not exist; pass a {SUPPORTED_FORMATS}.")
+    if path.is_dir():
+        return
     try:
         with open(path, "rb") as stream:
             stream.read(1)

@@ -40,10 +40,11 @@ from model_core.data.dicom import (
     scan_dicom_folder,
     select_series,
     series_of_file,
+    series_warnings,
 )
 from model_core.data.dicom_read import read_series
 from model_core.data.errors import CTInputError, DicomSeriesError, UnreadableVolumeError
-from model_core.data.files import check_file_integrity
+from model_core.data.files import SUPPORTED_FORMATS, check_file_integrity, check_readable
 
 ORIENTATION = "LPS"
 """Axes x, y, z of every ``CTImage`` increase toward the patient's Left, Posterior and Superior."""
@@ -51,7 +52,6 @@ ORIENTATION = "LPS"
 DEFAULT_MAX_VOXELS = 512 * 512 * 512
 """Above this many voxels (about 0.5 GiB as float32) a volume is downsampled while it is read."""
 
-SUPPORTED_FORMATS = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, or a DICOM folder"
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
 """Flips x and y: converts LPS coordinates to RAS and back (its own inverse)."""
@@ -251,8 +251,7 @@ def read_ct(
         raise ValueError(
             f"max_voxels={max_voxels}: use at least 27 (3x3x3), e.g. the default {DEFAULT_MAX_VOXELS}"
         )
-    if not path.exists():
-        raise UnreadableVolumeError(f"{path}: does not exist; pass a {SUPPORTED_FORMATS}.")
+    check_readable(path)
     if path.is_dir() or (volume_suffix(path) is None and looks_like_dicom(path)):
         image, series, warnings = _read_dicom(path, series_uid, allow_non_ct, max_voxels)
         uid, grouping = series.uid, series.grouping
@@ -385,11 +384,12 @@ def read_dicom_series(
         raise DicomSeriesError(f"{source}: series {series.summary()} cannot be read as one volume.")
     check_modality(series, source, allow_non_ct)
     image, more = _read_series_image(series, max_voxels, source)
+    said = [*warnings, *(w for w in series_warnings(series, source) if w not in warnings), *more]
     return CTImage.from_sitk(
         image,
         source,
         series_uid=series.uid,
-        warnings=[*warnings, *more],
+        warnings=said,
         allow_non_ct=allow_non_ct,
         series_grouping=series.grouping,
     )
