@@ -7,7 +7,6 @@ of the wrong type fails when it is loaded, naming the field; the command line sa
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
