@@ -184,7 +184,15 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from model_core.model import ModelLoadError, PromptTooLongError
 
     # ValueError: the library's refusal of a bad argument (device, precision, task) says what to pass
-    return (CTInputError, ConfigError, ModelNotFoundError, ModelLoadError, PromptTooLongError, ValueError, OSError)
+    return (
+        CTInputError,
+        ConfigError,
+        ModelNotFoundError,
+        ModelLoadError,
+        PromptTooLongError,
+        ValueError,
+        OSError,
+    )
 
 
 def one_line(error: BaseException) -> str:
