@@ -4,7 +4,7 @@
 ``CTMLLMSlicer/batch.py`` wraps it; a benchmark can time it and read ``cases_per_minute``). In
 execution order: lock the output folder and remove leftovers of killed runs -> find the cases ->
 load the model once (``CTMLLMLogicCore.loadModel``) -> per case: checksum the input, reuse its
-outputs if ``--resume`` allows, else load the volume into the MRML scene (``loadVolumeFile``), run the Logic's
+outputs if ``--resume`` allows, else load the volume into the MRML scene (``load_case_volume``), run the Logic's
 report and questions, write Markdown, scene and the JSON completion record (each atomically),
 update the manifest and summaries -> mark the run finished.
 

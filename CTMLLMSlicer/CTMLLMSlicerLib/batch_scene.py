@@ -5,8 +5,9 @@ module's logic, so volumes load exactly as with "Add data". With plain Python on
 wheel there is no ``slicer.app`` or ``slicer.mrmlScene``: the scene, the application logic, the
 Colors logic (volume loading needs it) and the Volumes logic are built here.
 
-Reading a case's files into the scene is the Logic's (``CTMLLMLogicCore.loadVolumeFile``, on
-the Volumes logic found here); this module only says which files a case reads.
+Reading a case into the scene is the Logic's: ``loadVolumeFile`` (on the Volumes logic found
+here) for a volume file, ``addVolumeFromCT`` for a DICOM series read by ``model_core.data``;
+this module only says which a case needs.
 """
 
 from __future__ import annotations
