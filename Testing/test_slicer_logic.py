@@ -195,7 +195,9 @@ def test_a_cancel_before_generation_raises_after_the_stage_in_progress(mrml, req
 def test_a_non_ct_volume_is_refused_naming_the_switch_and_accepted_with_it(mrml, request_):
     volume = mrml.load(NOT_CT_MR, "brain_mr")
     core = CTMLLMLogicCore(mrml.scene)
-    with pytest.raises(NotCTVolumeError, match=r"brain_mr: does not look like a CT") as refused:
+    with pytest.raises(
+        NotCTVolumeError, match=r"brain_mr \(.*not_ct_mr_3mm\.nii\.gz\): does not look like a CT"
+    ) as refused:
         core.generateReport(volume, request_, maxNewTokens=2)
     assert f"check '{ALLOW_NON_CT_LABEL}'" in str(refused.value)
     with pytest.raises(NoVolumeError, match="select a CT volume"):

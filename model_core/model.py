@@ -235,6 +235,11 @@ class CTMLLM(nn.Module):
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
 
+            from model_core.hub import looks_like_hub_repo_id
+
+            if not looks_like_hub_repo_id(path_or_repo_id):
+                raise ModelLoadError(f"2D checkpoint folder {folder} does not exist: check the path")
+
             folder = Path(
                 snapshot_download(
                     str(path_or_repo_id),

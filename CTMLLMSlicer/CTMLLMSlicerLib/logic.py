@@ -438,10 +438,10 @@ class CTMLLMLogicCore:
             )
         try:
             self._checkSourceFile(snapshot)
-            ct = CTImage.from_ijk_to_ras(  # named by its file, as read_ct names it, when it has one
-                snapshot.arrayKJI, snapshot.ijkToRAS, source=snapshot.sourceFile or snapshot.name,
-                allow_non_ct=allowNonCT,
-            )  # fmt: skip
+            source = f"{snapshot.name} ({snapshot.sourceFile})" if snapshot.sourceFile else snapshot.name
+            ct = CTImage.from_ijk_to_ras(  # named as the user sees it, and by its file as read_ct names it
+                snapshot.arrayKJI, snapshot.ijkToRAS, source=source, allow_non_ct=allowNonCT
+            )
             prepared = prepare_input(
                 ct, model.config.preprocessing, window=windowPreset or None, allow_non_ct=allowNonCT
             )

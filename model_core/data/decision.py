@@ -72,7 +72,8 @@ def prepare_input(
     if not looks_like_ct:
         ignored = f" (the {window} HU window is not used)" if window else ""
         notices.append(
-            f"{ct.source or 'volume'}: read as non-CT input, scaled by its own 0.5-99.5th percentiles{ignored}."
+            f"{ct.source or 'volume'}: does not look like a CT: read as non-CT input, scaled by its own "
+            f"0.5-99.5th percentiles{ignored}."
         )
     return PreparedInput(
         np.asarray(volume, dtype=np.float32), config, looks_like_ct, describe_input(ct, config), notices
