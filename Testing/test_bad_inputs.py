@@ -340,8 +340,6 @@ def broken_model(request, tiny_model_dir, tmp_path, monkeypatch) -> tuple[BadMod
     shutil.copytree(tiny_model_dir, folder)
     row.damage(folder)
     if "permission" in row.name:  # root reads everything: the weights file refuses reads as the OS would
-        from model_core import model as model_module
-
         (folder / "model.safetensors.denied").rename(weights(folder))
 
         def guarded_open(file, *args, **kwargs):
@@ -349,7 +347,7 @@ def broken_model(request, tiny_model_dir, tmp_path, monkeypatch) -> tuple[BadMod
                 raise PermissionError(13, "Permission denied", str(file))
             return open(file, *args, **kwargs)
 
-        monkeypatch.setattr(model_module, "open", guarded_open, raising=False)
+        monkeypatch.setattr(data_files, "open", guarded_open, raising=False)
     return row, folder
 
 

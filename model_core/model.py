@@ -145,16 +145,16 @@ def _checked_weights_file(folder: Path) -> Path:
     """``model.safetensors`` if it is there, readable and holds a safetensors header; else why not."""
     from safetensors import SafetensorError, safe_open
 
+    from model_core.data.files import unreadable_reason
+
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelLoadError(f"{folder} has no {WEIGHTS_FILE}: copy the whole model folder, weights included")
-    try:
-        with open(weights, "rb") as stream:
-            stream.read(8)
-    except PermissionError as error:
+    reason = unreadable_reason(weights)
+    if reason:
         raise ModelLoadError(
-            f"{weights}: cannot be read: permission denied. Ask for read access, or copy the model folder"
-        ) from error
+            f"{weights}: cannot be read: {reason}. Ask for read access, or copy the model folder"
+        )
     if weights.stat().st_size == 0:
         raise ModelLoadError(f"{weights}: is empty (0 bytes); copy or download the model again")
     try:

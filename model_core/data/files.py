@@ -64,18 +64,34 @@ def check_readable(path: Path) -> None:
         raise UnreadableVolumeError(f"{path}: does not exist; pass a {SUPPORTED_FORMATS}.")
     if path.is_dir():
         return
-    try:
-        with open(path, "rb") as stream:
-            stream.read(1)
-    except PermissionError as error:
+    reason = unreadable_reason(path)
+    if reason == PERMISSION_DENIED:
         raise UnreadableVolumeError(
             f"{path}: cannot be read: permission denied. Ask for read access to the file, or copy it to a "
             "folder you can read."
-        ) from error
-    except OSError as error:
+        )
+    if reason:
         raise UnreadableVolumeError(
-            f"{path}: cannot be read ({error.strerror or error}); check the disk or copy the file again."
-        ) from error
+            f"{path}: cannot be read ({reason}); check the disk or copy the file again."
+        )
+
+
+PERMISSION_DENIED = "permission denied"
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be opened for reading, in words for a message; None when it can.
+
+    The OS decides (permissions, ACLs, a broken disk): ``os.access`` would not see all of it.
+    """
+    try:
+        with open(path, "rb") as stream:
+            stream.read(1)
+    except PermissionError:
+        return PERMISSION_DENIED
+    except OSError as error:
+        return str(error.strerror or error)
+    return None
 
 
 def _check_gzip_magic(path: Path) -> None:
