@@ -26,6 +26,12 @@ MOE_MODES: tuple[str, ...] = ("none", "token", "tgh_hard", "tgh_soft")
 
 FAMILIES: tuple[str, ...] = ("internvl", "llava")
 
+NO_FRAMING = "none"
+INTERNVL_FRAMES = "internvl_frames"
+FRAMINGS: tuple[str, ...] = (NO_FRAMING, INTERNVL_FRAMES)
+"""How visual tokens are framed in the language model's input (``model_core.framing``): not at
+all, or each slice group as InternVL frames a video frame (``Frame1: <img>...</img>``)."""
+
 
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names the field and the fix."""
@@ -254,7 +260,9 @@ class CTMLLMConfig:
     sub-configs); ``image_mean``/``image_std`` are the tower's input normalisation;
     ``preprocessing`` holds the ``model_core.data.PreprocessConfig`` settings the model was trained
     with (empty: the pipeline's defaults), so every caller feeds it volumes prepared alike;
-    ``source`` says which 2D checkpoint the model was converted from.
+    ``source`` says which 2D checkpoint the model was converted from; ``visual_framing`` how its
+    visual tokens are framed in the language model's input (decided at conversion, see
+    ``model_core.framing``; a config saved before framing existed reads as ``none``).
     """
 
     family: str
@@ -266,6 +274,7 @@ class CTMLLMConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    visual_framing: str = NO_FRAMING
 
     def __post_init__(self) -> None:
         self.volume = _sub_config(VolumeAdapterConfig, self.volume, "volume")
@@ -292,6 +301,14 @@ class CTMLLMConfig:
             len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean/image_std need 3 values (RGB)"
         )
         _require(all(s > 0 for s in self.image_std), f"image_std={self.image_std}: values must be above 0")
+        _require(
+            self.visual_framing in FRAMINGS,
+            f"visual_framing={self.visual_framing!r}: choose one of {', '.join(FRAMINGS)}",
+        )
+        _require(
+            self.visual_framing != INTERNVL_FRAMES or self.family == "internvl",
+            f"visual_framing={self.visual_framing!r} is InternVL's; a {self.family} model uses 'none'",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

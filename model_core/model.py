@@ -3,8 +3,9 @@
 Named parts, in the order data flows: ``vision_tower`` (the 2D tower, unchanged) ->
 ``volume_adapter`` (slice groups, 3D blocks with depth RoPE, MoE experts) -> ``projector`` (the
 2D projector behind a token budget) -> ``language_model`` (the 2D model's causal LM). The glue is
-``encode_volumes``; prompts put the visual tokens where the chat template's user turn holds
-``IMAGE_PLACEHOLDER``, so any tokenizer with a chat template works without new special tokens.
+``encode``; prompts put the visual tokens where the chat template's first user turn holds the
+image (``model_core.chat``), each slice group framed as the 2D model frames an image
+(``model_core.framing``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from transformers import (
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from model_core.chat import CHATML_TEMPLATE, History, chat_text_around_image
 from model_core.config import (
     TASKS,
     ConfigError,
@@ -45,6 +47,7 @@ from model_core.config import (
     check_max_new_tokens,
 )
 from model_core.families import get_family
+from model_core.framing import VisualFraming, default_framing
 from model_core.generation import CallbackStreamer, CancelOnEvent, GenerationResult, iterate_in_thread
 from model_core.hub import CONFIG_FILE
 from model_core.projector import VolumeProjector
@@ -52,15 +55,8 @@ from model_core.prompts import DEFAULT_REPORT_PROMPT
 from model_core.volume_encoder import VolumeAdapter, VolumeInputError
 
 WEIGHTS_FILE = "model.safetensors"
-IMAGE_PLACEHOLDER = "<image>"
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
 """What a Hub download fetches: configs, safetensors weights, tokenizer files; never pickles or code."""
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-"""Used only when a tokenizer has no chat template of its own."""
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 """A model folder holds at least one of these; ``save_pretrained`` writes the first two."""
 
@@ -68,9 +64,6 @@ _TEXT_SLOT = "\ue000ctmllm-text-{}\ue000"
 _TEXT_SLOT_PATTERN = re.compile("\ue000ctmllm-text-(\\d+)\ue000")
 """Stands in the chat template for a piece of user text (private-use characters nobody types), so
 that the template's own markers are tokenized as control tokens and the user's text never is."""
-
-History = Sequence[tuple[str, str]]
-"""Earlier (question, answer) turns on the same volume, oldest first."""
 
 
 class PromptTooLongError(ValueError):
@@ -85,11 +78,25 @@ class ModelLoadError(Exception):
 class VisualFeatures:
     """Projected visual tokens of one volume, reusable for follow-up questions.
 
-    ``tokens``: ``(visual_tokens, llm_hidden)``; ``task``: the task expert that encoded them.
+    ``tokens``: ``(visual_tokens, llm_hidden)``, depth-major in ``groups`` equal slice groups
+    (each framed alone in the prompt); ``task``: the task expert that encoded them.
     """
 
     tokens: torch.Tensor
     task: str | None = None
+    groups: int = 1
+
+
+@dataclass
+class EncodedBatch:
+    """What one encoding call gives: ``tokens`` ``(B, visual_tokens, llm_hidden)`` (depth-major,
+    ``groups`` slice groups of equal size), the task expert each sample went through (``tasks``;
+    None without task experts) and the MoE's auxiliary losses of this call (empty without MoE)."""
+
+    tokens: torch.Tensor
+    groups: int
+    tasks: list[str] | None
+    aux_losses: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -187,6 +194,7 @@ class CTMLLM(nn.Module):
         self.tokenizer = tokenizer
         if tokenizer.chat_template is None:
             tokenizer.chat_template = CHATML_TEMPLATE
+        self.framing = VisualFraming(config.visual_framing, tokenizer)
         self.model_dir: Path | None = None
 
     # -- construction ------------------------------------------------------------------------
@@ -201,8 +209,13 @@ class CTMLLM(nn.Module):
         image_mean: tuple | None = None,
         image_std: tuple | None = None,
         source: str = "",
+        visual_framing: str | None = None,
     ) -> CTMLLM:
-        """Adapt an in-memory 2D MLLM; its modules move into the CTMLLM (no weight is copied)."""
+        """Adapt an in-memory 2D MLLM; its modules move into the CTMLLM (no weight is copied).
+
+        ``visual_framing`` None: the framing the 2D model was trained with (``default_framing``:
+        InternVL's ``<img>...</img>`` when its tokenizer has those special tokens).
+        """
         family = get_family(mllm.config)
         config = CTMLLMConfig(
             family=family.name,
@@ -213,6 +226,7 @@ class CTMLLM(nn.Module):
             moe=moe or MoEConfig(),
             generation=generation or GenerationConfig(),
             source=source,
+            visual_framing=visual_framing or default_framing(family.name, tokenizer),
         )
         parts = family.split(mllm)
         return cls(config, parts.vision_tower, parts.multi_modal_projector, parts.language_model, tokenizer)
@@ -380,6 +394,35 @@ class CTMLLM(nn.Module):
                 pooled.append(table(torch.tensor(ids, device=self.device)).float().mean(dim=0))
         return torch.stack(pooled)
 
+    def encode(
+        self,
+        volumes: torch.Tensor,
+        tasks: Sequence[str] | None = None,
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> EncodedBatch:
+        """``(B, D, H, W)`` in [0, 1] -> visual tokens, with this call's routing and MoE losses.
+
+        With a task-level MoE, ``tasks`` force each sample's task expert; otherwise the task router
+        picks from ``prompts``. ``labels`` (true tasks) add the router's loss to ``aux_losses``.
+        Without one, tasks and prompts do not matter. Each call routes alone: concurrent calls from
+        several threads are safe.
+        """
+        moe = self.volume_adapter.moe
+        prompt_embeddings = None
+        if moe is not None and moe.config.task_level and prompts is not None:
+            prompt_embeddings = self.pooled_prompt_embeddings(prompts)
+        features, routing = self.volume_adapter(
+            self.vision_tower, volumes, tasks=tasks, prompt_embeddings=prompt_embeddings, labels=labels
+        )  # (B, G, h, w, C)
+        grouped = self.projector(features)  # (B, G', tokens_per_group, llm_hidden)
+        return EncodedBatch(
+            tokens=grouped.flatten(1, 2),
+            groups=grouped.shape[1],
+            tasks=routing.tasks if routing is not None else None,
+            aux_losses=routing.auxiliary_losses() if routing is not None else {},
+        )
+
     def encode_volumes(
         self,
         volumes: torch.Tensor,
@@ -387,20 +430,8 @@ class CTMLLM(nn.Module):
         prompts: Sequence[str] | None = None,
         labels: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """``(B, D, H, W)`` in [0, 1] -> visual tokens ``(B, tokens, llm_hidden)``.
-
-        With a task-level MoE, ``tasks`` force each sample's task expert; otherwise the task router
-        picks from ``prompts``. ``labels`` (true tasks) add the router's loss to
-        ``volume_adapter.auxiliary_losses()``. Without one, tasks and prompts do not matter.
-        """
-        moe = self.volume_adapter.moe
-        prompt_embeddings = None
-        if moe is not None and moe.config.task_level and prompts is not None:
-            prompt_embeddings = self.pooled_prompt_embeddings(prompts)
-        features = self.volume_adapter(
-            self.vision_tower, volumes, tasks=tasks, prompt_embeddings=prompt_embeddings, labels=labels
-        )  # (B, G, h, w, C)
-        return self.projector(features)
+        """``(B, D, H, W)`` in [0, 1] -> visual tokens ``(B, tokens, llm_hidden)`` (see ``encode``)."""
+        return self.encode(volumes, tasks, prompts, labels).tokens
 
     @torch.inference_mode()
     def encode_volume(
@@ -413,11 +444,12 @@ class CTMLLM(nn.Module):
         """
         if task is not None and task not in TASKS:
             raise ValueError(f"task {task!r}: choose one of {', '.join(TASKS)}")
-        tokens = self.encode_volumes(
+        encoded = self.encode(
             self.as_volume_batch(volume), [task] if task else None, [prompt] if prompt else None
         )
-        routed = self.volume_adapter.routed_tasks
-        return VisualFeatures(tokens=tokens[0], task=routed[0] if routed else task)
+        return VisualFeatures(
+            tokens=encoded.tokens[0], task=encoded.tasks[0] if encoded.tasks else task, groups=encoded.groups
+        )
 
     # -- language ----------------------------------------------------------------------------
     @property
@@ -426,30 +458,34 @@ class CTMLLM(nn.Module):
         vocab = self.tokenizer.get_vocab()
         return "<|im_end|>" if "<|im_end|>" in vocab else self.tokenizer.eos_token
 
-    def chat_segments(self, prompt: str, history: History = ()) -> tuple[list[int], list[int]]:
-        """Token ids before and after the visual tokens for a user turn (with earlier turns)."""
+    @property
+    def image_token(self) -> str:
+        """The 2D model's image token: what a typed-content chat template writes for an image."""
+        return self.tokenizer.convert_ids_to_tokens(self.family.mllm_config.image_token_id)
+
+    def chat_segments(
+        self, prompt: str, history: History = (), framing_tokens: int = 0
+    ) -> tuple[list[int], list[int]]:
+        """Token ids before and after the visual tokens for a user turn (with earlier turns).
+
+        ``framing_tokens`` (the framing's ids around the slice groups) count toward the prompt limit.
+        """
         if not prompt or not prompt.strip():
             raise ValueError("the prompt is empty: type a question or use the report prompt")
-        turns = [*history, (prompt, None)]
         texts: list[str] = []
 
         def slot(text: str) -> str:
             texts.append(text)
             return _TEXT_SLOT.format(len(texts) - 1)
 
-        messages: list[dict[str, str]] = []
-        for index, (question, answer) in enumerate(turns):
-            content = f"{IMAGE_PLACEHOLDER}\n{slot(question)}" if index == 0 else slot(question)
-            messages.append({"role": "user", "content": content})
-            if answer is not None:
-                messages.append({"role": "assistant", "content": slot(answer)})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        before, after = text.split(IMAGE_PLACEHOLDER, 1)
+        slotted = [(slot(question), slot(answer)) for question, answer in history]
+        before, after = chat_text_around_image(self.tokenizer, slot(prompt), slotted, self.image_token)
         ids_before, ids_after = self._template_ids(before, texts), self._template_ids(after, texts)
         limit = self.config.generation.max_prompt_tokens
-        if len(ids_before) + len(ids_after) > limit:
+        count = len(ids_before) + len(ids_after) + framing_tokens
+        if count > limit:
             raise PromptTooLongError(
-                f"the prompt and conversation are {len(ids_before) + len(ids_after)} tokens; the limit is "
+                f"the prompt and conversation are {count} tokens; the limit is "
                 f"{limit}: shorten the question or start a new conversation"
             )
         return ids_before, ids_after
@@ -474,10 +510,20 @@ class CTMLLM(nn.Module):
         table = self.language_model.get_input_embeddings()
         return table(torch.tensor(ids, dtype=torch.long, device=self.device))
 
-    def prompt_embeddings(self, visual: torch.Tensor, prompt: str, history: History = ()) -> torch.Tensor:
-        """``(tokens, llm_hidden)`` visual tokens -> ``(sequence, llm_hidden)`` prompt embeddings."""
-        before, after = self.chat_segments(prompt, history)
-        return torch.cat([self._embed_ids(before), visual.to(self.dtype), self._embed_ids(after)], dim=0)
+    def prompt_embeddings(
+        self, visual: torch.Tensor, prompt: str, history: History = (), groups: int = 1
+    ) -> torch.Tensor:
+        """``(tokens, llm_hidden)`` visual tokens of ``groups`` slice groups (depth-major) ->
+        ``(sequence, llm_hidden)`` prompt embeddings, each group framed (``self.framing``)."""
+        if visual.shape[0] % groups:
+            raise ValueError(f"{visual.shape[0]} visual tokens do not split into {groups} equal slice groups")
+        separators = self.framing.separators(groups)
+        before, after = self.chat_segments(prompt, history, sum(len(ids) for ids in separators))
+        pieces = [self._embed_ids(before + separators[0])]
+        for group, separator in zip(visual.to(self.dtype).chunk(groups), separators[1:], strict=True):
+            pieces += [group, self._embed_ids(separator)]
+        pieces.append(self._embed_ids(after))
+        return torch.cat(pieces, dim=0)
 
     def compute_loss(
         self,
@@ -493,10 +539,11 @@ class CTMLLM(nn.Module):
         In soft mode the router's mix is used, so the generation loss trains the router too.
         """
         forced = tasks if self.config.moe.mode == "tgh_hard" else None
-        visual = self.encode_volumes(volumes, forced, prompts, labels=tasks)  # (B, tokens, llm_hidden)
+        encoded = self.encode(volumes, forced, prompts, labels=tasks)
+        visual = encoded.tokens  # (B, tokens, llm_hidden)
         sequences, labels = [], []
         for index, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-            prefix = self.prompt_embeddings(visual[index], prompt)
+            prefix = self.prompt_embeddings(visual[index], prompt, groups=encoded.groups)
             end_of_turn = self.tokenizer(self.end_of_turn, add_special_tokens=False).input_ids
             answer_ids = self.text_ids(answer) + end_of_turn
             sequences.append(torch.cat([prefix, self._embed_ids(answer_ids)], dim=0))
@@ -511,7 +558,7 @@ class CTMLLM(nn.Module):
             mask[row, : seq.shape[0]] = 1
             label_tensor[row, : len(lab)] = torch.tensor(lab, device=self.device)
         lm_loss = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=label_tensor).loss
-        aux = self.volume_adapter.auxiliary_losses()
+        aux = encoded.aux_losses
         return LossOutput(
             loss=lm_loss + sum(aux.values(), torch.zeros((), device=self.device)),
             lm_loss=lm_loss,
@@ -560,7 +607,7 @@ class CTMLLM(nn.Module):
             features = volume_or_features
         else:
             features = self.encode_volume(volume_or_features, task=task, prompt=prompt)
-        embeds = self.prompt_embeddings(features.tokens, prompt, history).unsqueeze(0)
+        embeds = self.prompt_embeddings(features.tokens, prompt, history, features.groups).unsqueeze(0)
         cancel = cancel or threading.Event()
         streamer = CallbackStreamer(self.tokenizer, on_text or (lambda _text: None))
         output = self.language_model.generate(
