@@ -9,9 +9,10 @@ With plain Python on the slicer-core wheel (same options)::
 
     python CTMLLMSlicer/batch.py --input IN --output OUT ...
 
-Exit status: 0 when every case succeeded; 1 when at least one case failed (see summary.csv);
-2 when the run could not start (bad option, no cases, model not loadable, output folder in use);
-130 when interrupted (Ctrl-C). docs/BATCH.md describes inputs, outputs and --resume.
+Exit status: 0 when every case succeeded; 1 when at least one case (or question) failed (see
+summary.csv); 2 when the run could not start or had to stop (bad option, no cases, model not
+loadable, output folder in use or not writable, disk full); 130 when interrupted (Ctrl-C), 143
+when terminated (SIGTERM). docs/BATCH.md describes inputs, outputs and --resume.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the first case (imports, discovery, model loading)
         print("interrupted before any case finished", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if summary.setup_error:
+    if summary.setup_error or summary.run_error:
         print(summary.status_line(), file=sys.stderr)
     else:
         print(summary.status_line())

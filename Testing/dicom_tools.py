@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 
@@ -46,39 +45,32 @@ def ct_series(
     patient_id: str = "PAT-1",
     seed: int = 0,
     study_description: str = "",
-    edit: Callable[[pydicom.Dataset], None] | None = None,
+    transfer_syntax: str = "uncompressed",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
 ) -> list[Path]:
-    """A small CT series (air, a soft-tissue block, a bone rod) written one file per slice.
+    """A small CT phantom series, one file per slice, with the patient and study given.
 
-    ``edit`` changes each file's dataset before it is saved again (blank UIDs, compression).
+    Built with ``model_core.data.dicom_write`` (the generator of DICOM exports as scanners write
+    them): ``transfer_syntax`` one of its names (``jpeg2000``, ``rle``...); ``""`` UIDs are written
+    blank, as anonymisers leave them.
     """
-    from model_core.data import write_dicom_series
+    from model_core.data.dicom_write import ct_phantom, write_dicom_series
 
-    rng = np.random.default_rng(seed)
-    volume = np.full((slices, size, size), -1000, dtype=np.int16)
-    volume[:, size // 4 : -size // 4, size // 4 : -size // 4] = 40
-    volume[:, size // 2 - 2 : size // 2 + 2, size // 2 - 2 : size // 2 + 2] = 700
-    volume += rng.integers(-20, 20, volume.shape, dtype=np.int16)
-    files = write_dicom_series(folder, volume, (0.8, 0.8, 2.5), patient_id=patient_id)
-    if edit is not None or study_description:
-        for file in files:
-            dataset = pydicom.dcmread(file)
-            dataset.StudyDescription = study_description
-            if edit is not None:
-                edit(dataset)
-            dataset.save_as(file, enforce_file_format=True)
+    files = write_dicom_series(
+        folder,
+        ct_phantom((slices, size, size), seed=seed),
+        (0.8, 0.8, 2.5),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        transfer_syntax=transfer_syntax,
+    )
+    for file in files:  # the generator makes up a patient; the tests name theirs
+        dataset = pydicom.dcmread(file)
+        dataset.PatientID = patient_id
+        dataset.StudyDescription = study_description
+        dataset.save_as(file, enforce_file_format=True)
     return files
-
-
-def blank_uids(dataset: pydicom.Dataset) -> None:
-    """What some anonymisers do: empty Study and Series Instance UIDs."""
-    dataset.StudyInstanceUID = ""
-    dataset.SeriesInstanceUID = ""
-
-
-def rle_compressed(dataset: pydicom.Dataset) -> None:
-    """RLE Lossless, a compressed transfer syntax pydicom can write without extra plugins."""
-    dataset.compress(pydicom.uid.RLELossless)
 
 
 def sop_uids(files: Sequence[Path]) -> list[str]:

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from conftest import run_model_core_cli
-from dicom_tools import DCIODVFY, assert_valid_dicom, blank_uids, ct_series, dciodvfy_errors, sop_uids
+from dicom_tools import DCIODVFY, assert_valid_dicom, ct_series, dciodvfy_errors, sop_uids
 
 from model_core.dicom_sr import (
     DISCLAIMER,
@@ -101,7 +101,7 @@ def test_volume_not_from_dicom_gets_an_sr_only_with_given_identifiers(tmp_path):
 
 
 def test_blank_source_uids_need_given_ones_and_are_not_referenced(tmp_path):
-    files = ct_series(tmp_path / "anon", edit=blank_uids)
+    files = ct_series(tmp_path / "anon", study_uid="", series_uid="")
     with pytest.raises(MissingIdentifiersError, match="study_instance_uid"):
         subject_from_dicom(files)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import MODULE_DIR
-from dicom_tools import assert_valid_dicom, blank_uids, ct_series, rle_compressed, sop_uids
+from dicom_tools import assert_valid_dicom, ct_series, sop_uids
 from orthanc_server import PASSWORD, USER, OrthancServer
 
 from CTMLLMSlicerLib.dicomweb_batch import LEDGER_FILE, DicomwebSource
@@ -88,7 +88,7 @@ def ledger(output: Path) -> list[dict]:
 def test_orthanc_refuses_instances_with_blank_uids(orthanc, tmp_path):
     """What the PACS does with an anonymiser's blank Study/Series UIDs: REST refuses them with 400, and
     STOW-RS answers 200 yet lists nothing as stored, so a client must check the response (the batch does)."""
-    files = ct_series(tmp_path / "anon", patient_id="BLANK-1", edit=blank_uids)
+    files = ct_series(tmp_path / "anon", patient_id="BLANK-1", study_uid="", series_uid="")
     rejected = orthanc.upload(files[0])
     assert rejected.status_code == 400
     assert "missing StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID" in rejected.text
@@ -102,18 +102,19 @@ def test_orthanc_refuses_instances_with_blank_uids(orthanc, tmp_path):
 
 def test_pacs_round_trip_kill_resume_rerun_and_undo(orthanc, tmp_path, tiny_model_dir):
     studies = {}
-    for index, edit in enumerate([None, rle_compressed, None, None]):
+    for index, syntax in enumerate(["uncompressed", "jpeg2000", "rle", "uncompressed"]):
         files = ct_series(
             tmp_path / f"upload{index}",
             patient_id=f"RT-{index}",
             study_description="RTBATCH",
-            edit=edit,
+            transfer_syntax=syntax,
             seed=index,
         )
         assert set(upload(orthanc, files)) == {200}
         header = pydicom.dcmread(files[0], stop_before_pixels=True)
         studies[header.StudyInstanceUID] = (f"RT-{index}", header.SeriesInstanceUID, sop_uids(files))
-    assert pydicom.dcmread(tmp_path / "upload1" / "slice_0000.dcm").file_meta.TransferSyntaxUID.is_compressed
+    first = sorted((tmp_path / "upload1").iterdir())[0]
+    assert pydicom.dcmread(first).file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
     output = tmp_path / "out"
     query = ["--query", "StudyDescription=RTBATCH"]  # Orthanc 1.10 ignores an encoded wildcard (%2A)
 
@@ -175,13 +176,13 @@ def test_blank_uid_series_gets_new_uids_as_a_pacs_import_would_and_then_an_sr(
 ):
     """The refused series, given fresh UIDs by the import step (as PACS gateways do on coercion), is read and
     reported like any other; the SR references the UIDs the PACS holds."""
+    files = ct_series(tmp_path / "anon", patient_id="ANON-9", study_uid="", series_uid="")
+    assert set(upload(orthanc, files)) == {400}  # refused as they are
     study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-
-    def reidentify(dataset: pydicom.Dataset) -> None:
-        blank_uids(dataset)
+    for file in files:  # what a gateway's UID coercion does on import
+        dataset = pydicom.dcmread(file)
         dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
-
-    files = ct_series(tmp_path / "anon", patient_id="ANON-9", edit=reidentify)
+        dataset.save_as(file, enforce_file_format=True)
     assert set(upload(orthanc, files)) == {200}
     result = run(batch_command(orthanc, tmp_path / "out", tiny_model_dir, "--study", study), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -32,7 +32,7 @@ def adapted(family: str, k: int, **kwargs) -> tuple[CTMLLM, torch.nn.Module]:
 
 def tower_features(model: CTMLLM, volume: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model.volume_adapter(model.vision_tower, volume)  # (B, G, h, w, C)
+        return model.volume_adapter(model.vision_tower, volume)[0]  # (B, G, h, w, C)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

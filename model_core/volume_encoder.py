@@ -21,7 +21,7 @@ from torch import nn
 from model_core.config import CTMLLMConfig
 from model_core.depth_rope import DepthRoPE
 from model_core.families import Family
-from model_core.moe import TGHMoE, build_moe
+from model_core.moe import Routing, TGHMoE, build_moe, routing_active
 
 SLICES_PER_GROUP = 3
 """Adjacent slices per group: the 3 input channels of the 2D patch embedding."""
@@ -103,15 +103,6 @@ class VolumeAdapter(nn.Module):
         if moe is not None:
             moe.attach(self._vision_tower[0])
 
-    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
-        """The MoE's load-balancing and task-router losses of the last forward (none without MoE)."""
-        return self.moe.auxiliary_losses() if self.moe is not None else {}
-
-    @property
-    def routed_tasks(self) -> list[str] | None:
-        """The task expert each sample of the last forward went through (task-level MoE only)."""
-        return self.moe.last_tasks if self.moe is not None else None
-
     def blocks_3d(self, vision_tower: nn.Module) -> list[nn.Module]:
         blocks = self.family.blocks(vision_tower)
         return list(blocks[self.num_blocks - self.num_3d_blocks : self.num_blocks])
@@ -141,16 +132,27 @@ class VolumeAdapter(nn.Module):
         tasks: Sequence[str] | None = None,
         prompt_embeddings: torch.Tensor | None = None,
         labels: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        """Encode ``(B, D, H, W)`` volumes into tower features ``(B, G, h, w, C)``.
+    ) -> tuple[torch.Tensor, Routing | None]:
+        """Encode ``(B, D, H, W)`` volumes into tower features ``(B, G, h, w, C)``, with the MoE
+        routing of this call (None without MoE: its ``tasks`` and ``auxiliary_losses()``).
 
         With a task-level MoE, ``tasks`` force each sample's task expert, else the task router reads
         ``prompt_embeddings`` ``(B, llm_hidden)``; ``labels`` give the router's training loss.
         """
         check_volume_tensor(volumes)
+        routing = None
         if self.moe is not None:
-            self.moe.begin_forward(volumes.shape[0], volumes.device, tasks, prompt_embeddings, labels)
-        run_block = run_block or self.family.run_block
+            routing = self.moe.plan(volumes.shape[0], volumes.device, tasks, prompt_embeddings, labels)
+        with routing_active(routing):
+            features = self._run_tower(vision_tower, volumes, run_block or self.family.run_block)
+        return features, routing
+
+    def _run_tower(
+        self,
+        vision_tower: nn.Module,
+        volumes: torch.Tensor,
+        run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         groups = slice_groups(volumes)  # (B, G, 3, H, W)
         b, g = groups.shape[:2]
         pixels = self.to_pixels(groups).to(next(vision_tower.parameters()).dtype)

@@ -38,7 +38,7 @@ def case_subject(case: Case) -> SRSubject:
     given = dict(case.identifiers)
     if case.kind != DICOM:
         return subject_from_identifiers(given, description=str(case.path), how=HOW_TO_GIVE_IDENTIFIERS)
-    files = list(case.files) if case.files else list(resolve_series(case)[0].files)
+    files = list(case.files) if case.files else list(resolve_series(case, allow_non_ct=True)[0].files)
     return subject_from_dicom(
         files, given, description=case.origin or str(case.path), how=HOW_TO_GIVE_IDENTIFIERS
     )

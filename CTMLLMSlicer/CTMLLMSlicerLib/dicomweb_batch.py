@@ -182,7 +182,9 @@ class DicomwebSource:
             raise DicomwebError(
                 f"{case.origin}: the retrieved files do not form one series ({len(series)} found)"
             )
-        return replace(case, files=tuple(series[0].files), problem="; ".join(series[0].problems))
+        return replace(
+            case, files=tuple(series[0].files), series=series[0], problem="; ".join(series[0].problems)
+        )
 
     # -- storing the SR ----------------------------------------------------------------------
     def deliver(self, case: Case, record: dict[str, Any], paths: dict[str, Path], run_id: str) -> str:
