@@ -469,17 +469,14 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showMessage("Copied to the clipboard.")
 
     def onExportButton(self) -> None:
-        volume = self._parameterNode.inputVolume
-        path = _dialogPath(
-            qt.QFileDialog.getSaveFileName(
-                self.parent,
-                "Export CT-MLLM results",
-                f"{volume.GetName()}-ctmllm.md",
-                "Markdown (*.md);;JSON (*.json)",
-            )
-        )
+        path = self._askSavePath("Export CT-MLLM results", "-ctmllm.md", "Markdown (*.md);;JSON (*.json)")
         if path:
             self.exportResults(path)
+
+    def _askSavePath(self, title: str, nameSuffix: str, filters: str) -> str:
+        """The file picked in a save dialog offering the selected volume's name ("" when cancelled)."""
+        name = self._parameterNode.inputVolume.GetName() + nameSuffix
+        return _dialogPath(qt.QFileDialog.getSaveFileName(self.parent, title, name, filters))
 
     def exportResults(self, path: str) -> None:
         """Write the selected volume's conversation to ``path`` (.md or .json)."""
@@ -491,15 +488,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showMessage(f"Exported to {written}")
 
     def onExportSRButton(self) -> None:
-        volume = self._parameterNode.inputVolume
-        path = _dialogPath(
-            qt.QFileDialog.getSaveFileName(
-                self.parent,
-                "Export CT-MLLM results as DICOM SR",
-                f"{volume.GetName()}-ctmllm-sr.dcm",
-                "DICOM (*.dcm)",
-            )
-        )
+        path = self._askSavePath("Export CT-MLLM results as DICOM SR", "-ctmllm-sr.dcm", "DICOM (*.dcm)")
         if path:
             self.exportSR(path)
 
