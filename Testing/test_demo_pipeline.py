@@ -237,7 +237,7 @@ def test_tower_crops_are_balanced_and_a_whole_grid_crop_is_the_full_slab(toy_run
     whole = torch.arange(cells).expand(2, -1)
     with torch.no_grad():
         cropped = crop_features(model, batch.slabs[:2], whole)
-        full = model.volume_adapter(model.vision_tower, batch.slabs[:2]).flatten(1, 3)
+        full = model.volume_adapter(model.vision_tower, batch.slabs[:2])[0].flatten(1, 3)
     assert torch.allclose(cropped, full, atol=1e-5)
 
 

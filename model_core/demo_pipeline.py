@@ -222,6 +222,7 @@ def tokenizer_corpus(bench_dir: Path) -> list[str]:
         texts.append(f"{record.answer_choice}. {record.answer}")
     return [
         *texts,
+        " ".join(f"Frame{index}:" for index in range(1, 41)),  # InternVL's slice-group labels
         DEFAULT_REPORT_PROMPT,
         SLAB_PROMPT,
         NORMAL_SLAB_TEXT,

@@ -244,7 +244,7 @@ def crop_features(model, slabs: torch.Tensor, patches: torch.Tensor) -> torch.Te
 def patch_logits(model, head: torch.nn.Linear, volumes: torch.Tensor) -> torch.Tensor:
     """Whole slabs ``(B, 3, H, W)`` -> per-patch lesion logits ``(B, patches, len(PATCH_LESION_LABELS))``
     from the tower's final patch features (before the pixel shuffle)."""
-    features = model.volume_adapter(model.vision_tower, volumes)  # (B, 1, rows, cols, C)
+    features, _ = model.volume_adapter(model.vision_tower, volumes)  # (B, 1, rows, cols, C)
     return head(features.flatten(1, 3).float())
 
 
