@@ -44,6 +44,7 @@ from CTMLLMSlicerLib.logic import (
     defaultModelCacheFolder,
     isRepoId,
 )
+from model_core.dicom_sr import IDENTIFIER_KEYWORDS, MissingIdentifiersError
 
 MODE_REPORT = "Report"
 MODE_QUESTION = "Question"
@@ -131,6 +132,13 @@ def _dialogPath(result):
     return result[0] if isinstance(result, tuple) else result
 
 
+def _dialogText(result):
+    """``QInputDialog.getText`` returns the text in PythonQt ("" when cancelled), ``(text, ok)`` in PySide6."""
+    if isinstance(result, tuple):
+        return result[0] if result[1] else ""
+    return result or ""
+
+
 #
 # CTMLLMSlicerWidget
 #
@@ -176,6 +184,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveButton.clicked.connect(self.onSaveButton)
         self.ui.copyButton.clicked.connect(self.onCopyButton)
         self.ui.exportButton.clicked.connect(self.onExportButton)
+        self.ui.exportSRButton.clicked.connect(self.onExportSRButton)
         self.ui.newConversationButton.clicked.connect(self.onNewConversationButton)
         self.ui.cacheFolderLineEdit.setText(self.modelCacheFolder())
         self.ui.cacheFolderLineEdit.editingFinished.connect(self.onCacheFolderEdited)
@@ -261,6 +270,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.saveButton,
             self.ui.copyButton,
             self.ui.exportButton,
+            self.ui.exportSRButton,
             self.ui.newConversationButton,
         ):
             button.setEnabled(hasResults)
@@ -459,17 +469,14 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showMessage("Copied to the clipboard.")
 
     def onExportButton(self) -> None:
-        volume = self._parameterNode.inputVolume
-        path = _dialogPath(
-            qt.QFileDialog.getSaveFileName(
-                self.parent,
-                "Export CT-MLLM results",
-                f"{volume.GetName()}-ctmllm.md",
-                "Markdown (*.md);;JSON (*.json)",
-            )
-        )
+        path = self._askSavePath("Export CT-MLLM results", "-ctmllm.md", "Markdown (*.md);;JSON (*.json)")
         if path:
             self.exportResults(path)
+
+    def _askSavePath(self, title: str, nameSuffix: str, filters: str) -> str:
+        """The file picked in a save dialog offering the selected volume's name ("" when cancelled)."""
+        name = self._parameterNode.inputVolume.GetName() + nameSuffix
+        return _dialogPath(qt.QFileDialog.getSaveFileName(self.parent, title, name, filters))
 
     def exportResults(self, path: str) -> None:
         """Write the selected volume's conversation to ``path`` (.md or .json)."""
@@ -479,6 +486,39 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showError(error)
             return
         self.showMessage(f"Exported to {written}")
+
+    def onExportSRButton(self) -> None:
+        path = self._askSavePath("Export CT-MLLM results as DICOM SR", "-ctmllm-sr.dcm", "DICOM (*.dcm)")
+        if path:
+            self.exportSR(path)
+
+    def exportSR(self, path: str, identifiers=None) -> None:
+        """Write the selected volume's results as a DICOM SR; for a volume that did not come from
+        DICOM, ask for the identifiers the SR needs (a PACS files it under the patient's study)."""
+        try:
+            written, notices = self.logic.exportReportSR(self._parameterNode.inputVolume, path, identifiers)
+        except MissingIdentifiersError as error:
+            given = self.askIdentifiers(error.missing, identifiers or {})
+            if given is None:
+                self.showError(error)
+            else:
+                self.exportSR(path, given)
+            return
+        except Exception as error:
+            self.showError(error)
+            return
+        self.showMessage(" ".join([f"DICOM SR written to {written}.", *notices]))
+
+    def askIdentifiers(self, names, known):
+        """Ask for each missing identifier; None when the user leaves one empty or cancels."""
+        given = dict(known)
+        for name in names:
+            label = f"{IDENTIFIER_KEYWORDS[name]} (the volume did not come from DICOM):"
+            value = _dialogText(qt.QInputDialog.getText(self.parent, "DICOM SR", label)).strip()
+            if not value:
+                return None
+            given[name] = value
+        return given
 
     def onNewConversationButton(self) -> None:
         self.logic.clearConversation(self._parameterNode.inputVolume.GetID())
@@ -513,6 +553,7 @@ class CTMLLMSlicerLogic(ScriptedLoadableModuleLogic, CTMLLMLogicCore):
             slicer.modules.volumerendering.logic(),
             volumesLogic=slicer.modules.volumes.logic(),
         )
+        self.dicomDatabase = getattr(slicer, "dicomDatabase", None)
 
     def getParameterNode(self):
         return CTMLLMSlicerParameterNode(super().getParameterNode())

@@ -98,7 +98,7 @@ def test_generate_reads_a_real_nifti_and_refuses_mr(tiny_model_dir: Path, tmp_pa
         str(NOT_CT_MR),
         cache=tmp_path,
     )
-    assert mr.returncode == 2 and "allow_non_ct" in mr.stderr
+    assert mr.returncode == 2 and "pass --allow-non-ct" in mr.stderr  # the flag this user has
 
 
 def test_a_repo_in_the_local_cache_loads_without_asking(

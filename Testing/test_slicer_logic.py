@@ -195,7 +195,9 @@ def test_a_cancel_before_generation_raises_after_the_stage_in_progress(mrml, req
 def test_a_non_ct_volume_is_refused_naming_the_switch_and_accepted_with_it(mrml, request_):
     volume = mrml.load(NOT_CT_MR, "brain_mr")
     core = CTMLLMLogicCore(mrml.scene)
-    with pytest.raises(NotCTVolumeError, match=r"brain_mr: does not look like a CT") as refused:
+    with pytest.raises(
+        NotCTVolumeError, match=r"brain_mr \(.*not_ct_mr_3mm\.nii\.gz\): does not look like a CT"
+    ) as refused:
         core.generateReport(volume, request_, maxNewTokens=2)
     assert f"check '{ALLOW_NON_CT_LABEL}'" in str(refused.value)
     with pytest.raises(NoVolumeError, match="select a CT volume"):
@@ -341,7 +343,7 @@ def test_repo_ids_and_the_default_cache_folder(tmp_path, monkeypatch):
 def test_load_volume_file_reads_files_and_series_and_refuses_bad_input(mrml, tmp_path):
     import SimpleITK as sitk
 
-    from model_core.data import UnreadableVolumeError, write_dicom_series
+    from model_core.data import CTInputError, UnreadableVolumeError, write_dicom_series
 
     core = CTMLLMLogicCore(mrml.scene, volumesLogic=mrml.logics["Volumes"])
     volume = core.loadVolumeFile(ABDOMEN_CT)
@@ -364,7 +366,7 @@ def test_load_volume_file_reads_files_and_series_and_refuses_bad_input(mrml, tmp
         core.loadVolumeFile(tmp_path / "missing.nrrd")
     rgb = tmp_path / "rgb.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.float32), isVector=True), str(rgb))
-    with pytest.raises(UnreadableVolumeError, match="not a scalar CT volume"):
+    with pytest.raises(CTInputError, match="3 values per voxel"):  # read_ct's verdict, before Slicer's reader
         core.loadVolumeFile(rgb)
     assert mrml.scene.GetNumberOfNodes() == count  # refused input leaves nothing in the scene
     with pytest.raises(CTMLLMSlicerError, match="no volumes logic"):

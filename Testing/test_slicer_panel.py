@@ -227,6 +227,35 @@ def test_results_are_saved_copied_and_exported(panel, abdomen, tiny_model_dir, t
     assert panel.ui.historyView.toPlainText() == "" and not panel.ui.saveButton.isEnabled()
 
 
+def test_dicom_sr_export_asks_a_non_dicom_volume_for_its_identifiers(
+    panel, abdomen, tiny_model_dir, tmp_path, monkeypatch
+):
+    from model_core.dicom_sr import read_report_sr
+
+    panel.ui.inputSelector.setCurrentNode(abdomen)
+    panel.useModel(tiny_model_dir, maxNewTokens=6)
+    panel.ui.generateButton.click()
+    panel.pump(lambda: not panel.busy())
+    assert panel.ui.exportSRButton.isEnabled()
+
+    asked = []
+    monkeypatch.setattr(QtWidgets.QInputDialog, "getText", lambda *args: asked.append(args[2]) or ("", False))
+    panel.widget.exportSR(str(tmp_path / "cancelled.dcm"))
+    assert not (tmp_path / "cancelled.dcm").exists() and "patient_id" in panel.ui.statusLabel.text()
+
+    answers = iter(["PANEL-1", "1.2.826.0.1.3680043.10.11"])
+    monkeypatch.setattr(
+        QtWidgets.QInputDialog, "getText", lambda *args: asked.append(args[2]) or (next(answers), True)
+    )
+    panel.widget.exportSR(str(tmp_path / "report.dcm"))
+    assert asked[0].startswith("PatientID") and asked[-1].startswith("StudyInstanceUID")
+    assert "DICOM SR written to" in panel.ui.statusLabel.text()
+    read = read_report_sr(tmp_path / "report.dcm")
+    conversation = panel.widget.logic.conversation(abdomen.GetID())
+    assert read.identifiers["patient_id"] == "PANEL-1" and read.references == []
+    assert read.turns[0].answer == (conversation.turns[0].answer.strip() or "(no text)")
+
+
 def test_a_non_ct_volume_is_refused_until_the_checkbox_is_checked(panel, tiny_model_dir):
     mr = standIn.loadVolume(NOT_CT_MR, "brain_mr")
     panel.useModel(tiny_model_dir, maxNewTokens=3)

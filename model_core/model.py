@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -36,22 +37,41 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from model_core.chat import CHATML_TEMPLATE, History, chat_text_around_image
-from model_core.config import TASKS, CTMLLMConfig, GenerationConfig, MoEConfig, VolumeAdapterConfig
+from model_core.config import (
+    TASKS,
+    ConfigError,
+    CTMLLMConfig,
+    GenerationConfig,
+    MoEConfig,
+    VolumeAdapterConfig,
+    check_max_new_tokens,
+)
 from model_core.families import get_family
 from model_core.framing import VisualFraming, default_framing
 from model_core.generation import CallbackStreamer, CancelOnEvent, GenerationResult, iterate_in_thread
+from model_core.hub import CONFIG_FILE
 from model_core.projector import VolumeProjector
 from model_core.prompts import DEFAULT_REPORT_PROMPT
 from model_core.volume_encoder import VolumeAdapter, VolumeInputError
 
-CONFIG_FILE = "ctmllm_config.json"
 WEIGHTS_FILE = "model.safetensors"
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
 """What a Hub download fetches: configs, safetensors weights, tokenizer files; never pickles or code."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""A model folder holds at least one of these; ``save_pretrained`` writes the first two."""
+
+_TEXT_SLOT = "\ue000ctmllm-text-{}\ue000"
+_TEXT_SLOT_PATTERN = re.compile("\ue000ctmllm-text-(\\d+)\ue000")
+"""Stands in the chat template for a piece of user text (private-use characters nobody types), so
+that the template's own markers are tokenized as control tokens and the user's text never is."""
 
 
 class PromptTooLongError(ValueError):
     """The prompt and history exceed the configured prompt budget."""
+
+
+class ModelLoadError(Exception):
+    """A model folder is incomplete or damaged; the message names the file and the fix."""
 
 
 @dataclass
@@ -88,7 +108,16 @@ class LossOutput:
 
 def mllm_config_from_dict(data: dict[str, Any]):
     """Rebuild a Hugging Face 2D MLLM config from its dict (no file, no remote code)."""
-    return CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    model_type = data.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(
+            f"mllm_config.model_type={model_type!r} is not a model type this transformers release knows; "
+            "supported 2D families are InternVL ('internvl') and LLaVA ('llava'): convert the checkpoint again"
+        )
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"mllm_config does not describe a {model_type} model ({error})") from error
 
 
 def read_image_normalisation(folder: Path, family_defaults: tuple) -> tuple[tuple, tuple]:
@@ -101,6 +130,49 @@ def read_image_normalisation(folder: Path, family_defaults: tuple) -> tuple[tupl
             if "image_mean" in data and "image_std" in data:
                 return tuple(data["image_mean"]), tuple(data["image_std"])
     return family_defaults
+
+
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The folder's own tokenizer; a missing or broken one is named as such (not "install sentencepiece")."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}): copy the whole model folder, "
+            "as save_pretrained wrote it"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as error:  # tokenizers, transformers and json raise many types for damaged files
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"{folder}: its tokenizer files cannot be loaded ({first}); copy the model folder again"
+        ) from error
+
+
+def _checked_weights_file(folder: Path) -> Path:
+    """``model.safetensors`` if it is there, readable and holds a safetensors header; else why not."""
+    from safetensors import SafetensorError, safe_open
+
+    from model_core.data.files import unreadable_reason
+
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelLoadError(f"{folder} has no {WEIGHTS_FILE}: copy the whole model folder, weights included")
+    reason = unreadable_reason(weights)
+    if reason:
+        raise ModelLoadError(
+            f"{weights}: cannot be read: {reason}. Ask for read access, or copy the model folder"
+        )
+    if weights.stat().st_size == 0:
+        raise ModelLoadError(f"{weights}: is empty (0 bytes); copy or download the model again")
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"{weights}: is not a complete safetensors file ({error}); it is corrupt or truncated: copy or "
+            "download the model again"
+        ) from error
+    return weights
 
 
 class CTMLLM(nn.Module):
@@ -177,6 +249,11 @@ class CTMLLM(nn.Module):
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
 
+            from model_core.hub import looks_like_hub_repo_id
+
+            if not looks_like_hub_repo_id(path_or_repo_id):
+                raise ModelLoadError(f"2D checkpoint folder {folder} does not exist: check the path")
+
             folder = Path(
                 snapshot_download(
                     str(path_or_repo_id),
@@ -224,18 +301,26 @@ class CTMLLM(nn.Module):
         folder = Path(directory)
         config_path = folder / CONFIG_FILE
         if not config_path.is_file():
-            raise FileNotFoundError(
+            raise ModelLoadError(
                 f"{folder} has no {CONFIG_FILE}: it is not a CTMLLM folder (a 2D checkpoint converts "
-                f"with CTMLLM.from_2d_pretrained)"
+                f"with CTMLLM.from_2d_pretrained or `python -m model_core convert`)"
             )
         config = CTMLLMConfig.load(config_path)
-        mllm = AutoModelForImageTextToText.from_config(mllm_config_from_dict(config.mllm_config))
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        mllm_config = mllm_config_from_dict(config.mllm_config)
+        get_family(mllm_config)  # an unsupported family fails here, before any weight is read
+        tokenizer = _load_tokenizer(folder)
+        weights = _checked_weights_file(folder)
+        mllm = AutoModelForImageTextToText.from_config(mllm_config)
         parts = get_family(mllm.config).split(mllm)
         model = cls(config, parts.vision_tower, parts.multi_modal_projector, parts.language_model, tokenizer)
-        load_model(  # strict: a missing or unexpected tensor raises
-            model, str(folder / WEIGHTS_FILE), strict=True, device=str(device)
-        )
+        try:  # strict: a missing or unexpected tensor raises
+            load_model(model, str(weights), strict=True, device=str(device))
+        except RuntimeError as error:  # torch's state-dict mismatch, and safetensors' own errors
+            first = str(error).strip().splitlines()[0][:300]
+            raise ModelLoadError(
+                f"{weights}: does not match {CONFIG_FILE} or is damaged ({first}); copy the model folder again, "
+                "whole, from where it was saved"
+            ) from error
         model.to(device=device, dtype=dtype)
         model.model_dir = folder
         return model.eval()
@@ -303,7 +388,7 @@ class CTMLLM(nn.Module):
         pooled = []
         with torch.no_grad():
             for prompt in prompts:
-                ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+                ids = self.text_ids(prompt)
                 if not ids:
                     raise ValueError("the prompt is empty: type a question or use the report prompt")
                 pooled.append(table(torch.tensor(ids, device=self.device)).float().mean(dim=0))
@@ -387,9 +472,15 @@ class CTMLLM(nn.Module):
         """
         if not prompt or not prompt.strip():
             raise ValueError("the prompt is empty: type a question or use the report prompt")
-        before, after = chat_text_around_image(self.tokenizer, prompt, history, self.image_token)
-        ids_before = self.tokenizer(before, add_special_tokens=False).input_ids
-        ids_after = self.tokenizer(after, add_special_tokens=False).input_ids
+        texts: list[str] = []
+
+        def slot(text: str) -> str:
+            texts.append(text)
+            return _TEXT_SLOT.format(len(texts) - 1)
+
+        slotted = [(slot(question), slot(answer)) for question, answer in history]
+        before, after = chat_text_around_image(self.tokenizer, slot(prompt), slotted, self.image_token)
+        ids_before, ids_after = self._template_ids(before, texts), self._template_ids(after, texts)
         limit = self.config.generation.max_prompt_tokens
         count = len(ids_before) + len(ids_after) + framing_tokens
         if count > limit:
@@ -398,6 +489,22 @@ class CTMLLM(nn.Module):
                 f"{limit}: shorten the question or start a new conversation"
             )
         return ids_before, ids_after
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of user text (questions, reports, answers) as plain text: typed control markers
+        such as ``<|im_start|>`` become ordinary characters, never the template's special tokens."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    def _template_ids(self, rendered: str, texts: Sequence[str]) -> list[int]:
+        """Ids of a rendered chat template whose user text sits in slots: the template's own text is
+        tokenized with its control tokens, each slot's text with ``text_ids``."""
+        ids: list[int] = []
+        for index, piece in enumerate(_TEXT_SLOT_PATTERN.split(rendered)):
+            if index % 2:
+                ids += self.text_ids(texts[int(piece)])
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False).input_ids
+        return ids
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         table = self.language_model.get_input_embeddings()
@@ -437,7 +544,8 @@ class CTMLLM(nn.Module):
         sequences, labels = [], []
         for index, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
             prefix = self.prompt_embeddings(visual[index], prompt, groups=encoded.groups)
-            answer_ids = self.tokenizer(answer + self.end_of_turn, add_special_tokens=False).input_ids
+            end_of_turn = self.tokenizer(self.end_of_turn, add_special_tokens=False).input_ids
+            answer_ids = self.text_ids(answer) + end_of_turn
             sequences.append(torch.cat([prefix, self._embed_ids(answer_ids)], dim=0))
             labels.append([-100] * prefix.shape[0] + answer_ids)
         longest = max(seq.shape[0] for seq in sequences)
@@ -464,7 +572,7 @@ class CTMLLM(nn.Module):
         stop_ids.discard(None)
         sample = settings.do_sample if do_sample is None else do_sample
         return HFGenerationConfig(
-            max_new_tokens=max_new_tokens or settings.max_new_tokens,
+            max_new_tokens=settings.max_new_tokens if max_new_tokens is None else max_new_tokens,
             do_sample=sample,
             temperature=settings.temperature if sample else None,
             top_p=settings.top_p if sample else None,
@@ -492,6 +600,7 @@ class CTMLLM(nn.Module):
         ``cancel`` from another thread stops after the token in progress.
         """
         start = time.perf_counter()
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         task = task or (volume_or_features.task if isinstance(volume_or_features, VisualFeatures) else None)
         prompt = prompt or self.default_prompt(task or "report")
         if isinstance(volume_or_features, VisualFeatures):

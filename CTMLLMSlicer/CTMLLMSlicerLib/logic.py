@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -44,7 +43,6 @@ from CTMLLMSlicerLib.errors import (
 )
 from model_core.data.checks import ct_intensity_verdict
 from model_core.data.preprocess import (  # torch-free: offered before torch is installed
-    PERCENTILE_WINDOW,
     WINDOW_PRESETS,
     percentile_window,
 )
@@ -72,16 +70,17 @@ STAGE_GENERATING = "generating"
 ProgressCallback = Callable[[str, "float | None", "float | None"], None]
 """``(stage, fraction or None when unknown, tokens per second or None)``."""
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
 
 def _noProgress(stage: str, fraction: float | None = None, tokensPerSecond: float | None = None) -> None:
     return None
 
 
 def isRepoId(spec: str) -> bool:
-    """``owner/name`` that is not an existing path: a Hugging Face repo id."""
-    return bool(_REPO_ID.match(spec)) and not os.path.exists(os.path.expanduser(spec))
+    """``owner/name`` that is not a path: a Hugging Face repo id (``model_core.hub``'s rule, so a
+    mistyped relative folder is never mistaken for a repo to download)."""
+    from model_core.hub import looks_like_hub_repo_id  # torch-free
+
+    return looks_like_hub_repo_id(spec)
 
 
 def defaultModelCacheFolder() -> str:
@@ -124,6 +123,8 @@ class VolumeSnapshot:
 
     ``arrayKJI`` is the voxel array ``(slices, rows, columns)`` as MRML stores it, or None when
     the visual features for ``cacheKey`` are cached and no copy is needed; ``ijkToRAS`` is 4x4.
+    ``sourceFile``: the file the node was read from (its storage node), checked for damage that
+    readers let through silently (``model_core.data.files``); empty when there is none.
     """
 
     nodeID: str
@@ -131,6 +132,7 @@ class VolumeSnapshot:
     cacheKey: tuple
     ijkToRAS: np.ndarray
     arrayKJI: np.ndarray | None = None
+    sourceFile: str = ""
 
 
 @dataclass
@@ -191,6 +193,8 @@ class CTMLLMLogicCore:
     """
 
     featureCacheSize = 4
+    dicomDatabase: Any = None
+    """Slicer's DICOM database (``slicer.dicomDatabase``), where volumes from the DICOM module find their files."""
 
     def __init__(
         self,
@@ -208,6 +212,7 @@ class CTMLLMLogicCore:
         self._model: Any = None
         self._modelKey: tuple | None = None
         self._features: OrderedDict[tuple, _Encoded] = OrderedDict()
+        self._checkedFiles: dict[str, tuple[float, int]] = {}
         self._lock = threading.RLock()
         self.conversations: dict[str, Conversation] = {}
 
@@ -286,7 +291,8 @@ class CTMLLMLogicCore:
         ``UnreadableVolumeError`` naming the input.
         """
         from model_core.data.errors import UnreadableVolumeError
-        from model_core.data.io import check_file_complete
+        from model_core.data.files import check_readable
+        from model_core.data.io import check_volume_file, volume_suffix
 
         if self.volumesLogic is None:
             raise CTMLLMSlicerError("no volumes logic: create the Logic with one to load volume files")
@@ -301,11 +307,11 @@ class CTMLLMLogicCore:
             if len(files) == 1
             else f"the DICOM series of {len(files)} files in {files[0].parent}"
         )
-        missing = next((f for f in files if not f.is_file()), None)
-        if missing is not None:
-            raise UnreadableVolumeError(f"{missing}: does not exist (any more): check the path")
-        if len(files) == 1:
-            check_file_complete(files[0])
+        for file in files:
+            check_readable(file)
+        if len(files) == 1 and volume_suffix(files[0]):
+            check_volume_file(files[0])  # the verdict read_ct gives, before Slicer's reader
+            self._rememberChecked(files[0])
         name = name or (files[0].parent.name if len(files) > 1 else _volumeName(files[0]))
         node = _addArchetypeVolume(self.volumesLogic, files, name)
         if node is None:
@@ -324,6 +330,22 @@ class CTMLLMLogicCore:
             raise UnreadableVolumeError(
                 f"{what}: was read as a {node.GetClassName()}, not a scalar CT volume: pass a single-channel CT"
             )
+        return node
+
+    def addVolumeFromCT(self, ct: Any, name: str) -> Any:
+        """A scalar volume node holding a ``model_core.data.CTImage`` (read by ``read_ct`` or
+        ``read_dicom_series``: DICOM as scanners export it), with its geometry in RAS."""
+        import vtk
+        from slicer.util import updateVolumeFromArray
+
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        matrix = vtk.vtkMatrix4x4()
+        for row, values in enumerate(ct.ijk_to_ras()):
+            for column, value in enumerate(values):
+                matrix.SetElement(row, column, float(value))
+        node.SetIJKToRASMatrix(matrix)
+        updateVolumeFromArray(node, np.ascontiguousarray(ct.array))
+        node.CreateDefaultDisplayNodes()
         return node
 
     @staticmethod
@@ -367,23 +389,40 @@ class CTMLLMLogicCore:
             from slicer.util import arrayFromVolume
 
             array = np.array(arrayFromVolume(volumeNode), copy=True)  # (slices, rows, columns)
-        return VolumeSnapshot(volumeNode.GetID(), volumeNode.GetName(), key, _ijkToRAS(volumeNode), array)
+        storage = volumeNode.GetStorageNode()
+        source = (storage.GetFileName() or "") if storage is not None else ""
+        return VolumeSnapshot(
+            volumeNode.GetID(), volumeNode.GetName(), key, _ijkToRAS(volumeNode), array, source
+        )
 
     @staticmethod
     def preprocessConfig(
         model: Any, windowPreset: str = "", allowNonCT: bool = False, looksLikeCT: bool = True
     ) -> Any:
-        """How volumes are prepared for ``model``: the preprocessing it was trained with
-        (``CTMLLM.preprocess_config``), with the user's window preset if one is chosen ("" keeps
-        the model's own). With ``allowNonCT`` non-CT volumes are accepted, and one that does not
-        look like CT (``looksLikeCT`` False) takes its own percentile window, whatever the preset:
-        an HU window means nothing for it."""
-        overrides: dict[str, Any] = {"window": windowPreset} if windowPreset else {}
-        if allowNonCT:
-            overrides["allow_non_ct"] = True
-            if not looksLikeCT:
-                overrides["window"] = PERCENTILE_WINDOW
-        return model.preprocess_config(**overrides)
+        """How volumes are prepared for ``model`` (``model_core.data.input_settings``, the rule every
+        entry point shares): its training preprocessing, the user's window preset if one is chosen
+        ("" keeps the model's own), the volume's own percentiles for non-CT input accepted with
+        ``allowNonCT``."""
+        from model_core.data.decision import input_settings
+
+        return input_settings(model.config.preprocessing, windowPreset, allowNonCT, looksLikeCT)
+
+    def _rememberChecked(self, path: Path) -> None:
+        stat = path.stat()
+        self._checkedFiles[str(path)] = (stat.st_mtime, stat.st_size)
+
+    def _checkSourceFile(self, snapshot: VolumeSnapshot) -> None:
+        """The integrity check of the file a node was read from (a NIfTI damaged or holding NaN reads
+        silently wrong in Slicer too), once per file version."""
+        from model_core.data.files import check_file_integrity, is_nifti_name
+
+        path = Path(snapshot.sourceFile) if snapshot.sourceFile else None
+        if path is None or not is_nifti_name(path) or not path.is_file():
+            return
+        stat = path.stat()
+        if self._checkedFiles.get(str(path)) != (stat.st_mtime, stat.st_size):
+            check_file_integrity(path)
+            self._rememberChecked(path)
 
     def prepareVolume(
         self, snapshot: VolumeSnapshot, model: Any, windowPreset: str = "", allowNonCT: bool = False
@@ -393,35 +432,26 @@ class CTMLLMLogicCore:
         A volume that does not look like CT is refused (the message ends with ``nonCTHint``)
         unless ``allowNonCT``; then it is scaled by its own percentiles and a notice says so.
         """
-        from model_core.data import CTImage, CTInputError, NotCTError, preprocess
+        from model_core.data import CTImage, CTInputError, NotCTError, prepare_input
 
         if snapshot.arrayKJI is None:
             raise NoVolumeError(
                 f"volume {snapshot.name!r} was snapshotted without voxels: take a new snapshot"
             )
         try:
-            ct = CTImage.from_ijk_to_ras(
-                snapshot.arrayKJI, snapshot.ijkToRAS, source=snapshot.name, allow_non_ct=allowNonCT
+            self._checkSourceFile(snapshot)
+            source = f"{snapshot.name} ({snapshot.sourceFile})" if snapshot.sourceFile else snapshot.name
+            ct = CTImage.from_ijk_to_ras(  # named as the user sees it, and by its file as read_ct names it
+                snapshot.arrayKJI, snapshot.ijkToRAS, source=source, allow_non_ct=allowNonCT
             )
-            looksLikeCT = not allowNonCT or ct_intensity_verdict(ct.array).is_ct
-            config = self.preprocessConfig(model, windowPreset, allowNonCT, looksLikeCT)
-            volume = preprocess(ct, config)
+            prepared = prepare_input(
+                ct, model.config.preprocessing, window=windowPreset or None, allow_non_ct=allowNonCT
+            )
         except NotCTError as error:
-            reason = ct_intensity_verdict(snapshot.arrayKJI).reason
-            raise NotCTVolumeError(
-                f"{snapshot.name}: does not look like a CT in Hounsfield units: {reason}. If it is a CT, or "
-                f"to run on it anyway, {self.nonCTHint}."
-            ) from error
+            raise NotCTVolumeError(str(error.with_hint(self.nonCTHint))) from error
         except CTInputError as error:
             raise NotCTVolumeError(str(error)) from error
-        notices = []
-        if not looksLikeCT:
-            ignored = f" (the {windowPreset} HU window is not used)" if windowPreset else ""
-            notices.append(
-                f"{snapshot.name} does not look like a CT: read as non-CT input, scaled by its own "
-                f"0.5-99.5th percentiles{ignored}."
-            )
-        return PreparedVolume(np.asarray(volume, dtype=np.float32), config.to_dict(), notices)
+        return PreparedVolume(prepared.volume, prepared.config.to_dict(), prepared.notices)
 
     # -- running the model -------------------------------------------------------------------
     def run(
@@ -451,6 +481,7 @@ class CTMLLMLogicCore:
             raise ValueError(f"task {task!r}: use 'report' or 'vqa'")
         if task == QUESTION and not (prompt and prompt.strip()):
             raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
+        maxNewTokens = _checkedMaxNewTokens(maxNewTokens)
         progress = progressCallback or _noProgress
         notices: list[str] = []
 
@@ -627,6 +658,21 @@ class CTMLLMLogicCore:
         target.write_text(content, encoding="utf-8")
         return target
 
+    def exportReportSR(
+        self, volumeNode: Any, path: str | os.PathLike, identifiers: dict[str, str] | None = None
+    ) -> tuple[Path, list[str]]:
+        """Write the volume's conversation as a DICOM SR (``sr_export``); returns the file and notices.
+
+        Raises ``MissingIdentifiersError`` (its ``missing`` names them) for a volume that did not
+        come from DICOM, until ``identifiers`` gives a patient ID and a Study Instance UID.
+        """
+        from CTMLLMSlicerLib.sr_export import exportVolumeSR
+
+        if volumeNode is None:
+            raise NoVolumeError("no input volume: select the volume whose results should be exported")
+        conversation = self.conversations.get(volumeNode.GetID())
+        return exportVolumeSR(volumeNode, conversation, self._model, path, identifiers, self.dicomDatabase)
+
     # -- display -----------------------------------------------------------------------------
     def windowRange(self, windowPreset: str = "") -> tuple[float, float]:
         """The HU range (low, high) the model reads: the preset's, or for "" the loaded model's own
@@ -672,6 +718,16 @@ class CTMLLMLogicCore:
         displayNode.GetVolumePropertyNode().Copy(preset)
         displayNode.SetVisibility(True)
         return displayNode
+
+
+def _checkedMaxNewTokens(value: int | None) -> int | None:
+    """None (the model's default) or at least 1, as everywhere (``model_core.config``); 0 is refused."""
+    from model_core.config import ConfigError, check_max_new_tokens
+
+    try:
+        return check_max_new_tokens(value, "maximum new tokens")
+    except ConfigError as error:
+        raise CTMLLMSlicerError(str(error)) from error
 
 
 def _raiseIfCancelled(cancel: threading.Event) -> None:
