@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+AUTO_TASK = "auto"
+"""``--task`` value (the default) that lets the task router pick the expert from the prompt."""
+
 
 def load_input_volume(model, path: str, window: str | None, allow_non_ct: bool) -> np.ndarray:
     """A ``(D, H, W)`` volume prepared as ``model`` expects, from a CT file/folder or an M3D ``.npy``."""
@@ -35,7 +38,7 @@ def command_generate(args: argparse.Namespace) -> int:
         notice=lambda text: print(text, file=sys.stderr),
     )
     volume = load_input_volume(model, args.volume, args.window, args.allow_non_ct)
-    task = args.task or ("report" if args.prompt is None else "vqa")
+    task = None if args.task == AUTO_TASK else args.task
     result = model.generate(
         volume,
         args.prompt,
@@ -45,10 +48,18 @@ def command_generate(args: argparse.Namespace) -> int:
     )
     print()
     print(
-        f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s, model {model.model_id}]",
+        f"[{expert_note(result.expert, forced=task is not None)}; {result.new_tokens} tokens, "
+        f"{result.tokens_per_second:.1f} tok/s, model {model.model_id}]",
         file=sys.stderr,
     )
     return 0
+
+
+def expert_note(expert: str | None, forced: bool) -> str:
+    """Which task expert read the volume, and who chose it."""
+    if expert is None:
+        return "no task experts"
+    return f"expert {expert} ({'forced by --task' if forced else 'chosen by the task router'})"
 
 
 def command_info(args: argparse.Namespace) -> int:
@@ -98,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default="demo", help="'demo', a model folder, or a Hub repo id")
     generate.add_argument("--volume", required=True, help="NIfTI/NRRD/MHA file, DICOM folder, or M3D .npy")
     generate.add_argument("--prompt", default=None, help="the question (default: write a report)")
-    generate.add_argument("--task", choices=["report", "vqa"], default=None)
+    generate.add_argument(
+        "--task",
+        choices=[AUTO_TASK, "report", "vqa"],
+        default=AUTO_TASK,
+        help="the task expert that reads the volume: auto (default) lets the model's task router pick it "
+        "from the prompt; report or vqa force one",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=None)
     generate.add_argument("--window", default=None, help="window preset (default: the data pipeline's)")
     generate.add_argument(

@@ -18,10 +18,14 @@ from transformers import StoppingCriteria, TextStreamer
 
 @dataclass
 class GenerationResult:
+    """One answer; ``expert`` is the task expert that read the volume (chosen by the task router
+    unless a task was forced; None for a model without task experts)."""
+
     text: str
     new_tokens: int
     cancelled: bool
     seconds: float
+    expert: str | None = None
 
     @property
     def tokens_per_second(self) -> float:
