@@ -372,6 +372,21 @@ class CTMLLM(nn.Module):
         """Whether a task router picks one of several task experts (a TGH-MoE model)."""
         return self.config.moe.task_level
 
+    def feature_key(self, task: str | None, prompt: str) -> tuple:
+        """What a volume's visual features depend on besides the volume: equal keys, equal features.
+
+        A forced ``task``; else what the task router makes of ``prompt``: the expert it picks
+        (hard mode), the prompt itself (soft mode mixes the experts by it), nothing without task
+        experts. Lets callers reuse encoded features across prompts exactly when that is exact.
+        """
+        if task is not None:
+            return ("task", task)
+        if not self.has_task_experts:
+            return ("routed",)
+        if self.config.moe.mode == "tgh_soft":
+            return ("routed", "prompt", prompt)
+        return ("routed", self.route(prompt))
+
     @torch.inference_mode()
     def route(self, prompt: str) -> str | None:
         """The task expert the task router picks for ``prompt`` (its argmax; in soft mode the expert
