@@ -387,6 +387,14 @@ class CTMLLM(nn.Module):
             return ("routed", "prompt", prompt)
         return ("routed", self.route(prompt))
 
+    def forcing_keeps_features(self, routed_expert: str | None, task: str) -> bool:
+        """Whether forcing ``task`` gives the features that routing to ``routed_expert`` gave:
+        always without task experts, in hard mode when the router picked ``task``, never in soft
+        mode (the router's mix is not one expert). Lets evaluation skip a second generation."""
+        if routed_expert is None:
+            return True
+        return routed_expert == task and self.config.moe.mode == "tgh_hard"
+
     @torch.inference_mode()
     def route(self, prompt: str) -> str | None:
         """The task expert the task router picks for ``prompt`` (its argmax; in soft mode the expert
