@@ -28,6 +28,7 @@ def load_input_volume(model, path: str, window: str | None, allow_non_ct: bool) 
 
 
 def command_generate(args: argparse.Namespace) -> int:
+    from model_core.generation import expert_note
     from model_core.hub import load_model
 
     model = load_model(
@@ -48,18 +49,11 @@ def command_generate(args: argparse.Namespace) -> int:
     )
     print()
     print(
-        f"[{expert_note(result.expert, forced=task is not None)}; {result.new_tokens} tokens, "
+        f"[{expert_note(result.expert, '--task' if task else None)}; {result.new_tokens} tokens, "
         f"{result.tokens_per_second:.1f} tok/s, model {model.model_id}]",
         file=sys.stderr,
     )
     return 0
-
-
-def expert_note(expert: str | None, forced: bool) -> str:
-    """Which task expert read the volume, and who chose it."""
-    if expert is None:
-        return "no task experts"
-    return f"expert {expert} ({'forced by --task' if forced else 'chosen by the task router'})"
 
 
 def command_info(args: argparse.Namespace) -> int:
@@ -76,6 +70,8 @@ def command_info(args: argparse.Namespace) -> int:
     print(f"image size:       {model.volume_adapter.image_size} px, patch {model.family.patch_size}")
     print(f"visual tokens:    at most {config.volume.max_visual_tokens} per volume")
     print(f"MoE:              {config.moe.mode}")
+    print(f"framing:          {config.visual_framing} (how slice groups sit in the prompt)")
+    print(f"slices:           3 to {config.volume.max_slices} per volume")
     for part, count in model.parameter_counts().items():
         print(f"parameters {part + ':':<16}{count:,}")
     return 0

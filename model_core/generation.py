@@ -32,6 +32,13 @@ class GenerationResult:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def expert_note(expert: str | None, forced_by: str | None = None) -> str:
+    """Which task expert read the volume and who chose it: the task router, or ``forced_by``."""
+    if expert is None:
+        return "no task experts"
+    return f"expert {expert} ({f'forced by {forced_by}' if forced_by else 'chosen by the task router'})"
+
+
 class CancelOnEvent(StoppingCriteria):
     """Stops every sequence once ``event`` is set."""
 

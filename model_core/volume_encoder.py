@@ -25,6 +25,7 @@ from model_core.depth_rope import DepthRoPE
 from model_core.families import Family
 from model_core.moe import Routing, TGHMoE, build_moe, routing_active
 
+
 class VolumeInputError(ValueError):
     """The tensor given to the encoder is not a preprocessed volume; the message says why."""
 
