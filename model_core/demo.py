@@ -16,7 +16,32 @@ from pathlib import Path
 import numpy as np
 
 DEMO_STUDY = ("test", 1)
-"""A held-out study with findings (study 0 of a split is normal)."""
+"""The demo's phantom: study 1 of the benchmark's test split (seed 0, held-out anatomy, phantoms
+only, at the model's grid and window); study 0 of a split is normal."""
+
+
+def findings_table(truth: list, reported: list) -> tuple[list[str], int]:
+    """Lines setting the study's true findings beside those parsed from the model's report, one
+    to one on the benchmark's match (organ and side, kind, size bucket); and how many matched."""
+    from model_core.benchmark.slabs import findings_list
+
+    unmatched = list(reported)
+    lines = [f"{'ground truth':<44} model"]
+    matched = 0
+    for finding in truth:
+        twin = next((f for f in unmatched if f.key() == finding.key()), None)
+        shown = f"{findings_list([finding])} ({finding.size_mm:g} mm)"
+        if twin is None:
+            lines.append(f"{shown:<44} -  (missed)")
+            continue
+        unmatched.remove(twin)
+        matched += 1
+        lines.append(f"{shown:<44} {findings_list([twin])}  (named correctly)")
+    lines += [
+        f"{'-':<44} {findings_list([f]) if f.size_mm else f'{f.site} {f.kind}'}  (not in the study)"
+        for f in unmatched
+    ]
+    return lines, matched
 
 
 def write_phantom_nifti(path: Path, hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> Path:
@@ -43,6 +68,7 @@ def pick_questions(rows: list[dict]) -> list[dict]:
 
 def run_demo(out_dir: Path, model_spec: str = "demo", say: Callable[[str], None] = print) -> int:
     from model_core.benchmark.build import BenchmarkConfig, make_study
+    from model_core.benchmark.text import parse_report
     from model_core.data import load_volume
     from model_core.generation import expert_note
     from model_core.hub import load_model
@@ -83,8 +109,11 @@ def run_demo(out_dir: Path, model_spec: str = "demo", say: Callable[[str], None]
         print(f"\n[{note}; {result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s]", flush=True)
         return result.text
 
-    stream("Report", model.default_prompt("report"))
+    report = stream("Report", model.default_prompt("report"))
     say(f"-- ground truth report:\n{study.report}")
+    lines, matched = findings_table(study.findings, parse_report(report))
+    say("-- findings (organ and side, kind, size bucket):\n" + "\n".join(lines))
+    say(f"-- {matched} of {len(study.findings)} finding(s) named correctly")
 
     closed, open_ = pick_questions(study.questions)
     choices = {letter: closed[f"Choice {letter}"] for letter in "ABCD"}

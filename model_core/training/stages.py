@@ -134,6 +134,15 @@ def set_trainable(model: CTMLLM, stage: int, config: TrainingConfig, settings: S
     if stage == 1:
         if settings.train_projector:
             model.projector.requires_grad_(True)
+        if settings.train_3d_blocks:
+            blocks = model.volume_adapter.blocks_3d(model.vision_tower)
+            if not blocks:
+                raise ValueError(
+                    "train_3d_blocks is set but the model has no 3D blocks (num_3d_blocks 0): set "
+                    "model.num_3d_blocks above 0 or train_3d_blocks false"
+                )
+            for block in blocks:
+                block.requires_grad_(True)
         if config.lm.mode == "full":
             model.language_model.requires_grad_(True)
         elif config.lm.mode == "lora":
