@@ -99,6 +99,8 @@ class CTMLLMSlicerParameterNode:
 
     inputVolume - the CT volume to describe.
     mode - Report (one full report) or Question (a chat about the volume).
+    routeByPrompt - the model's task router picks the expert from each prompt (the default);
+        off, the mode's expert (report or question) reads the volume.
     modelSource, modelLocation - the demo model, a local model folder, or a Hugging Face repo id.
     device, precision - where and how the model runs.
     windowPreset - the HU window the model (and the slice views) see; "model default" keeps the
@@ -111,6 +113,7 @@ class CTMLLMSlicerParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     mode: Annotated[str, Choice([MODE_REPORT, MODE_QUESTION])] = MODE_REPORT
+    routeByPrompt: bool = True
     modelSource: Annotated[str, Choice([SOURCE_DEMO, SOURCE_FOLDER, SOURCE_HUB])] = SOURCE_DEMO
     modelLocation: str = ""
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
@@ -359,8 +362,9 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
             self.ensureDependencies()
             request = self.modelRequest()
+            expertTask = None if node.routeByPrompt else task  # None: the task router decides
             snapshot = self.logic.volumeSnapshot(
-                node.inputVolume, self.windowPreset(), task, request, node.allowNonCT
+                node.inputVolume, self.windowPreset(), expertTask, request, node.allowNonCT, prompt
             )
         except Exception as error:
             self.showError(error)
@@ -369,7 +373,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def job(context: jobs.JobContext):
             return self.logic.run(
-                snapshot, task, prompt, request, preset, maxNewTokens,
+                snapshot, expertTask, prompt, request, preset, maxNewTokens,
                 onText=context.text, progressCallback=context.progress,
                 noticeCallback=context.notice, cancel=context.cancelEvent, allowNonCT=allowNonCT,
             )  # fmt: skip
@@ -409,7 +413,9 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             reuse = "" if event.result.encoded else ", reused the encoded volume"
             state = "Cancelled" if turn.cancelled else "Done"
             notices = "".join(f" {notice}" for notice in event.result.notices)
-            self.showMessage(f"{state}: {turn.newTokens} tokens in {turn.seconds:.1f} s{reuse}.{notices}")
+            self.showMessage(
+                f"{state}: {turn.newTokens} tokens in {turn.seconds:.1f} s, {turn.expertNote}{reuse}.{notices}"
+            )
             node = self._parameterNode
             if node.inputVolume is not None and not self.windowPreset():  # the model's own window
                 self.logic.applyWindowPreset(node.inputVolume, "", node.allowNonCT)
@@ -592,10 +598,13 @@ class CTMLLMSlicerTest(ScriptedLoadableModuleTest):
         report = logic.generateReport(volumeNode, request, maxNewTokens=6)
         self.assertTrue(report.encoded)
         self.assertLessEqual(report.turn.newTokens, 6)
-        first = logic.askQuestion(volumeNode, "Is there a fracture?", request, maxNewTokens=4)
-        second = logic.askQuestion(volumeNode, "Where?", request, maxNewTokens=4)
-        self.assertTrue(first.encoded)  # questions use the question task's features
+        first = logic.askQuestion(
+            volumeNode, "Is there a fracture?", request, maxNewTokens=4, forceExpert=True
+        )
+        second = logic.askQuestion(volumeNode, "Where?", request, maxNewTokens=4, forceExpert=True)
+        self.assertTrue(first.encoded)  # forced, questions use the question task's features
         self.assertFalse(second.encoded)  # the follow-up reuses them
+        self.assertEqual(report.turn.expertNote, "no task experts")  # the tiny model has no task router
         self.assertEqual(logic.conversation(volumeNode.GetID()).history()[0][0], "Is there a fracture?")
 
         textNode = logic.saveResultToTextNode(volumeNode)

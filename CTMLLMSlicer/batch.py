@@ -3,7 +3,8 @@
 In Slicer::
 
     Slicer --no-splash --no-main-window --python-script CTMLLMSlicer/batch.py -- \\
-        --input IN --output OUT [--task report|vqa] [--questions FILE] [--model DIR] [--allow-non-ct] [--resume]
+        --input IN --output OUT [--task report|vqa] [--routing router|task] [--questions FILE] [--model DIR]
+        [--allow-non-ct] [--resume]
 
 With plain Python on the slicer-core wheel (same options)::
 
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, type=Path, help="folder for the results (created if missing)"
     )
     parser.add_argument("--task", default="report", choices=("report", "vqa"), help="default: report")
+    parser.add_argument(
+        "--routing",
+        default="router",
+        choices=("router", "task"),
+        help="router (default): the model's task router picks each request's expert from its prompt; "
+        "task: the report expert writes reports and the question expert answers",
+    )
     parser.add_argument(
         "--questions", type=Path, help="questions for every case: a text file, one per line (or a .json list)"
     )
@@ -163,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         input=args.input,
         output=args.output,
         task=args.task,
+        routing=args.routing,
         questions_file=args.questions,
         model=args.model,
         device=args.device,

@@ -423,6 +423,28 @@ def test_case_list_vqa_run_answers_per_case_questions_and_records_an_empty_serie
     assert "empty_series" in outcomes["p2"].error and "holds no DICOM image files" in outcomes["p2"].error
 
 
+def test_the_task_router_picks_each_requests_expert_unless_the_task_forces_it(tmp_path, routed_model_dir):
+    questions = tmp_path / "questions.txt"
+    questions.write_text(
+        "Where is the lesion located?\nWrite a radiology report of the findings in this CT volume.\n",
+        encoding="utf-8",
+    )
+    experts = {}
+    for routing in ("router", "task"):
+        output = tmp_path / routing
+        options = BatchOptions(
+            ABDOMEN_CT, output, model=str(routed_model_dir), device="cpu", max_new_tokens=2,
+            questions_file=questions, **({} if routing == "router" else {"routing": routing}),
+        )  # fmt: skip
+        assert run_batch(options, progress_stream=io.StringIO()).exit_code == 0
+        record = json.loads((output / "cases" / "abdomen_ct_3mm.json").read_text(encoding="utf-8"))
+        assert record["routing"] == routing and record["fingerprint"]["routing"] == routing
+        experts[routing] = [record["report_expert"], *(answer["expert"] for answer in record["answers"])]
+    assert experts == {"router": ["report", "vqa", "report"], "task": ["report", "vqa", "vqa"]}
+    with pytest.raises(ValueError, match="--routing 'oracle'"):
+        replace(options, routing="oracle").validate()
+
+
 def test_check_reusable_says_why_not(tmp_path):
     output = tmp_path / "out"
     assert check_reusable(output, "x", "abc", {}).reason == "no earlier result"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomise_experts
 
 from model_core.config import MoEConfig
 from model_core.depth_rope import DepthRoPE, angle_dtype
@@ -18,14 +19,6 @@ from model_core.model import CTMLLM
 from model_core.tiny import build_tiny_ctmllm
 
 QUESTION = "Where is the lesion located?"
-
-
-def randomise_experts(model: CTMLLM, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.volume_adapter.moe.named_parameters():
-            if name.endswith("lora_B"):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
 
 
 def materialised_from_meta(reference: CTMLLM, family: str, **kwargs) -> CTMLLM:

@@ -42,6 +42,14 @@ def test_typed_control_markers_never_become_control_tokens(model):
     assert embedded.shape[0] == 1 and all(i not in markers for i in model.text_ids(FORGED))
 
 
+def test_typed_image_framing_markers_stay_text(model):
+    """InternVL's ``<img>``/``</img>`` are special tokens of the tiny tokenizer too: typed, they are text."""
+    framing = {model.tokenizer.convert_tokens_to_ids(t) for t in ("<img>", "</img>")}
+    assert None not in framing and all(i != model.tokenizer.unk_token_id for i in framing)
+    ids = model.text_ids("Is the <img> lesion </img> there?")
+    assert not framing & set(ids) and "<img>" in model.tokenizer.decode(ids)
+
+
 def test_ordinary_questions_tokenize_exactly_as_the_chat_template_renders_them(model):
     tokenizer = model.tokenizer
     for question in ("Where is the lesion? Choices: A. liver B. spleen", " spaced ", "two\nlines"):

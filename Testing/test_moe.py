@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from conftest import QUESTIONS, REPORT_PROMPTS, randomise_experts, train_task_router
 
 from model_core.config import MoEConfig
 from model_core.families import map_2d_state_dict_name
@@ -13,29 +14,9 @@ from model_core.moe import MoERoutingError, load_balancing_loss, set_moe, top_k_
 from model_core.tiny import build_tiny_2d_mllm, build_tiny_ctmllm
 from model_core.training.stages import enable_gradient_checkpointing
 
-REPORT_PROMPTS = [
-    "Write a radiology report of the findings in this CT volume.",
-    "Describe the findings of this CT scan.",
-    "Write the report for this CT.",
-]
-QUESTIONS = [
-    "Where is the lesion located?",
-    "Is there a lesion? Choices: A. yes B. no",
-    "What kind of lesion is there?",
-]
-
 
 def volumes(batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 9, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def randomise_experts(model, seed: int) -> None:
-    """Give every LoRA B a nonzero value, as training would, so experts change the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.volume_adapter.moe.named_parameters():
-            if name.endswith("lora_B"):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
 
 
 @pytest.mark.parametrize("family", ["internvl", "llava"])
@@ -111,22 +92,14 @@ def test_a_top1_router_learns_from_the_output_as_switch_does() -> None:
 
 
 def test_hard_router_learns_the_prompt_task_and_a_forced_task_overrides_it() -> None:
-    torch.manual_seed(0)
     model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="tgh_hard", router_loss_weight=1.0))
-    moe = model.volume_adapter.moe
     prompts = REPORT_PROMPTS + QUESTIONS
     labels = ["report"] * len(REPORT_PROMPTS) + ["vqa"] * len(QUESTIONS)
+    assert train_task_router(model).tasks == labels  # the argmax of the last forward
     batch = volumes(len(prompts))
-    optimizer = torch.optim.Adam(moe.task_router.parameters(), lr=1e-2)
-    for _ in range(25):
-        encoded = model.encode(batch, prompts=prompts, labels=labels)
-        loss = encoded.aux_losses["router"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert encoded.tasks == labels  # the argmax of the last forward
     with torch.no_grad():
         assert model.encode(batch, prompts=prompts).tasks == labels
+    assert [model.route(prompt) for prompt in prompts] == labels  # the router alone, no volume
 
     randomise_experts(model, seed=2)  # task experts now differ, so outputs tell which one ran
     volume = batch[0]
@@ -235,3 +208,20 @@ def test_two_threads_encoding_at_once_each_get_their_own_expert() -> None:
     for worker in workers:
         worker.join(60)
     assert not wrong, f"{len(wrong)} of 80 concurrent encodes used another call's expert"
+
+
+def test_generate_lets_the_router_pick_the_expert_and_says_which(routed_model_dir) -> None:
+    from model_core.model import CTMLLM
+
+    model = CTMLLM.from_pretrained(routed_model_dir)
+    volume = volumes(1)[0]
+    report = model.generate(volume, max_new_tokens=4)  # no prompt: the report prompt, routed
+    answer = model.generate(volume, QUESTIONS[0], max_new_tokens=4)
+    forced = model.generate(volume, REPORT_PROMPTS[0], task="vqa", max_new_tokens=4)
+    assert (report.expert, answer.expert, forced.expert) == ("report", "vqa", "vqa")
+
+    features = model.encode_volume(volume, prompt=QUESTIONS[0])
+    assert model.generate(features, QUESTIONS[1], max_new_tokens=4).expert == "vqa"
+    with pytest.raises(ValueError, match="encoded by the 'vqa' expert, not 'report'"):
+        model.generate(features, REPORT_PROMPTS[0], task="report", max_new_tokens=4)
+    assert build_tiny_ctmllm("internvl").generate(volume, QUESTIONS[0], max_new_tokens=2).expert is None

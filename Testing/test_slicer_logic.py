@@ -125,11 +125,11 @@ def test_follow_up_questions_reuse_the_encoded_volume_and_the_conversation(mrml,
     core = CTMLLMLogicCore(mrml.scene)
     encodes = count_encodes(core, request_)
 
-    core.generateReport(volume, request_, maxNewTokens=4)
-    first = core.askQuestion(volume, "Is the liver enlarged?", request_, maxNewTokens=4)
+    core.generateReport(volume, request_, maxNewTokens=4, forceExpert=True)
+    first = core.askQuestion(volume, "Is the liver enlarged?", request_, maxNewTokens=4, forceExpert=True)
     snapshot = core.volumeSnapshot(volume, "", QUESTION, request_)
     stages: list[str] = []
-    second = core.askQuestion(snapshot, "Is there a lesion?", request_, maxNewTokens=4,
+    second = core.askQuestion(snapshot, "Is there a lesion?", request_, maxNewTokens=4, forceExpert=True,
                               progressCallback=lambda stage, *rest: stages.append(stage))  # fmt: skip
 
     assert encodes == [REPORT, QUESTION]  # the second question encoded nothing
@@ -143,8 +143,38 @@ def test_follow_up_questions_reuse_the_encoded_volume_and_the_conversation(mrml,
     ]
 
     volume.GetImageData().Modified()  # edited voxels: the cache must not be used
-    third = core.askQuestion(volume, "And now?", request_, maxNewTokens=2)
+    third = core.askQuestion(volume, "And now?", request_, maxNewTokens=2, forceExpert=True)
     assert third.encoded and encodes == [REPORT, QUESTION, QUESTION]
+
+
+def test_by_default_the_task_router_picks_each_turns_expert_and_the_turn_says_which(mrml, routed_model_dir):
+    """Automatic mode: the router reads each prompt; features are reused per expert it picks."""
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
+    core = CTMLLMLogicCore(mrml.scene)
+    request = ModelRequest(str(routed_model_dir), device="cpu")
+    encodes = count_encodes(core, request)
+
+    report = core.generateReport(volume, request, maxNewTokens=3)
+    first = core.askQuestion(volume, "Where is the lesion located?", request, maxNewTokens=3)
+    snapshot = core.volumeSnapshot(volume, "", None, request, prompt="What kind of lesion is there?")
+    second = core.askQuestion(snapshot, "What kind of lesion is there?", request, maxNewTokens=3)
+    forced = core.generateReport(volume, request, maxNewTokens=3, forceExpert=True)
+
+    turns = [report.turn, first.turn, second.turn, forced.turn]
+    assert [(t.task, t.expert, t.routed) for t in turns] == [
+        (REPORT, "report", True),
+        (QUESTION, "vqa", True),
+        (QUESTION, "vqa", True),
+        (REPORT, "report", False),
+    ]
+    assert encodes == [None, None, REPORT]  # the second question reused the vqa expert's features
+    assert snapshot.arrayKJI is None and not second.encoded
+    markdown = core.conversation(volume.GetID()).toMarkdown()
+    assert (
+        "expert vqa (chosen by the task router)" in markdown
+        and "expert report (forced by the mode)" in markdown
+    )
+    assert json.loads(core.conversation(volume.GetID()).toJSON())["turns"][1]["expert"] == "vqa"
 
 
 def test_a_different_window_or_model_setting_encodes_again(mrml, request_):
@@ -153,7 +183,7 @@ def test_a_different_window_or_model_setting_encodes_again(mrml, request_):
     encodes = count_encodes(core, request_)
     core.askQuestion(volume, "Any fluid?", request_, windowPreset="wide", maxNewTokens=2)
     core.askQuestion(volume, "Any fluid?", request_, windowPreset="lung", maxNewTokens=2)
-    assert encodes == [QUESTION, QUESTION]
+    assert encodes == [None, None]  # the task router's choice, once per window
     assert core.isModelCached(request_)
     other = ModelRequest(request_.spec, device="cpu", precision="float32")
     core.askQuestion(volume, "Any fluid?", other, windowPreset="lung", maxNewTokens=2)

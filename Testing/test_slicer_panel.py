@@ -190,9 +190,9 @@ def test_question_mode_adds_turns_and_a_follow_up_does_not_encode_again(panel, a
         assert panel.ui.askButton.text() == "Cancel" and panel.ui.questionLineEdit.selectedText() == question
         panel.pump(lambda: not panel.busy())
 
-    assert encodes == [QUESTION]  # the second question reused the encoded volume
+    assert encodes == [None]  # the task router's choice; the second question reused the encoded volume
     assert panel.parameters.lastPrompt == "Is there free fluid?"
-    assert "reused the encoded volume" in panel.ui.statusLabel.text()
+    assert "no task experts, reused the encoded volume" in panel.ui.statusLabel.text()
     conversation = panel.widget.logic.conversation(abdomen.GetID())
     assert [turn.prompt for turn in conversation.turns] == ["Is the liver enlarged?", "Is there free fluid?"]
     history = panel.ui.historyView.toPlainText()
@@ -203,6 +203,35 @@ def test_question_mode_adds_turns_and_a_follow_up_does_not_encode_again(panel, a
     assert panel.window.grab().save(str(shot))
     image = QtGui.QImage(str(shot))
     assert image.width() >= 400 and image.height() >= 600
+
+
+def test_the_panel_shows_the_expert_the_router_chose_or_the_modes_when_forced(
+    panel, abdomen, routed_model_dir
+):
+    panel.ui.inputSelector.setCurrentNode(abdomen)
+    panel.useModel(routed_model_dir, maxNewTokens=3)
+    assert panel.ui.routeByPromptCheckBox.isChecked() and panel.parameters.routeByPrompt  # the default
+    panel.ui.generateButton.click()
+    panel.pump(lambda: not panel.busy())
+    assert "expert report (chosen by the task router)" in panel.ui.statusLabel.text()
+
+    panel.ui.modeComboBox.setCurrentText(module.MODE_QUESTION)
+    panel.ui.questionLineEdit.setText("Write a radiology report of the findings in this CT volume.")
+    panel.ui.askButton.click()
+    panel.pump(lambda: not panel.busy())
+    assert "expert report (chosen by the task router)" in panel.ui.statusLabel.text()
+
+    panel.ui.routeByPromptCheckBox.setChecked(False)
+    assert not panel.parameters.routeByPrompt
+    panel.ui.askButton.click()
+    panel.pump(lambda: not panel.busy())
+    assert "expert vqa (forced by the mode)" in panel.ui.statusLabel.text()
+    turns = panel.widget.logic.conversation(abdomen.GetID()).turns
+    assert [(turn.task, turn.expert, turn.routed) for turn in turns] == [
+        (REPORT, "report", True),
+        (QUESTION, "report", True),  # a question asking for a report: the router read it
+        (QUESTION, "vqa", False),
+    ]
 
 
 def test_results_are_saved_copied_and_exported(panel, abdomen, tiny_model_dir, tmp_path):

@@ -19,6 +19,8 @@ import numpy as np
 
 NON_CT_HINT = "pass --allow-non-ct"
 """How a command-line user accepts non-CT input (ends the refusal of a non-CT volume)."""
+AUTO_TASK = "auto"
+"""``--task`` value (the default) that lets the task router pick the expert from the prompt."""
 
 
 class UsageError(ValueError):
@@ -76,6 +78,7 @@ SR_OPTIONS = {
 
 def command_generate(args: argparse.Namespace) -> int:
     from model_core.config import CTMLLMConfig, check_max_new_tokens
+    from model_core.generation import expert_note
     from model_core.hub import CONFIG_FILE, load_model, resolve_model_dir
 
     subject = None
@@ -99,7 +102,7 @@ def command_generate(args: argparse.Namespace) -> int:
     for warning in warnings:
         say(f"warning: {warning}")
     model = load_model(folder, device=args.device, dtype=args.precision, notice=say)
-    task = args.task or ("report" if prompt is None else "vqa")
+    task = None if args.task == AUTO_TASK else args.task
     result = model.generate(
         volume,
         prompt,
@@ -109,13 +112,14 @@ def command_generate(args: argparse.Namespace) -> int:
     )
     print()
     print(
-        f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s, model {model.model_id}]",
+        f"[{expert_note(result.expert, '--task' if task else None)}; {result.new_tokens} tokens, "
+        f"{result.tokens_per_second:.1f} tok/s, model {model.model_id}]",
         file=sys.stderr,
     )
     if subject is not None:
         from model_core.dicom_sr import ObserverDevice, ReportTurn, build_report_sr, write_report_sr
 
-        turn = ReportTurn(task, prompt or "", result.text)
+        turn = ReportTurn("report" if prompt is None else "vqa", prompt or "", result.text)
         sr = build_report_sr(subject, [turn], ObserverDevice.from_model(model))
         print(f"wrote DICOM SR {write_report_sr(sr, args.sr)}", file=sys.stderr)
     return 0
@@ -138,6 +142,8 @@ def command_info(args: argparse.Namespace) -> int:
     print(f"image size:       {model.volume_adapter.image_size} px, patch {model.family.patch_size}")
     print(f"visual tokens:    at most {config.volume.max_visual_tokens} per volume")
     print(f"MoE:              {config.moe.mode}")
+    print(f"framing:          {config.visual_framing} (how slice groups sit in the prompt)")
+    print(f"slices:           3 to {config.volume.max_slices} per volume")
     for part, count in model.parameter_counts().items():
         print(f"parameters {part + ':':<16}{count:,}")
     return 0
@@ -171,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default="demo", help="'demo', a model folder, or a Hub repo id")
     generate.add_argument("--volume", required=True, help="NIfTI/NRRD/MHA file, DICOM folder, or M3D .npy")
     generate.add_argument("--prompt", default=None, help="the question (default: write a report)")
-    generate.add_argument("--task", choices=["report", "vqa"], default=None)
+    generate.add_argument(
+        "--task",
+        choices=[AUTO_TASK, "report", "vqa"],
+        default=AUTO_TASK,
+        help="the task expert that reads the volume: auto (default) lets the model's task router pick it "
+        "from the prompt; report or vqa force one",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=None)
     generate.add_argument("--window", default=None, help="window preset (default: the data pipeline's)")
     generate.add_argument(

@@ -26,6 +26,10 @@ MOE_MODES: tuple[str, ...] = ("none", "token", "tgh_hard", "tgh_soft")
 
 FAMILIES: tuple[str, ...] = ("internvl", "llava")
 
+SLICES_PER_GROUP = 3
+"""Adjacent slices per group, the 3 input channels of the 2D patch embedding: also the fewest
+slices a volume may have (fewer is a 2D image or a scout, not a CT series)."""
+
 NO_FRAMING = "none"
 INTERNVL_FRAMES = "internvl_frames"
 FRAMINGS: tuple[str, ...] = (NO_FRAMING, INTERNVL_FRAMES)
@@ -169,13 +173,17 @@ class VolumeAdapterConfig:
     volume with rotary encoding along depth; K=0 is the pure 2D baseline. ``image_size`` is the
     side the slice groups are resized to (None: the tower's own size; another size interpolates
     the tower's position embeddings). ``max_visual_tokens`` bounds the projector's output per
-    volume (see ``model_core.projector``).
+    volume (see ``model_core.projector``). ``max_slices`` is the deepest volume the encoder accepts:
+    the 3D blocks attend across all slice groups at once, so memory grows with the square of the
+    depth; preprocessing resizes a CT to the model's grid (tens of slices), so a deeper volume has
+    bypassed it.
     """
 
     num_3d_blocks: int = 2
     rope_theta: float = 10000.0
     image_size: int | None = None
     max_visual_tokens: int = 512
+    max_slices: int = 256
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -186,6 +194,10 @@ class VolumeAdapterConfig:
             f"image_size={self.image_size}: use None (the tower's size) or at least 8 pixels",
         )
         _require(self.max_visual_tokens >= 1, f"max_visual_tokens={self.max_visual_tokens}: use at least 1")
+        _require(
+            self.max_slices >= SLICES_PER_GROUP,
+            f"max_slices={self.max_slices}: use at least {SLICES_PER_GROUP} (one slice group)",
+        )
 
 
 @dataclass

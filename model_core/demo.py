@@ -70,6 +70,7 @@ def run_demo(out_dir: Path, model_spec: str = "demo", say: Callable[[str], None]
     from model_core.benchmark.build import BenchmarkConfig, make_study
     from model_core.benchmark.text import parse_report
     from model_core.data import load_volume
+    from model_core.generation import expert_note
     from model_core.hub import load_model
     from model_core.prompts import closed_target, format_closed_question
 
@@ -100,25 +101,25 @@ def run_demo(out_dir: Path, model_spec: str = "demo", say: Callable[[str], None]
 
     volume, _ = load_volume(nifti, settings)
 
-    def stream(title: str, features, prompt: str) -> str:
+    def stream(title: str, prompt: str) -> str:
+        """Generate as in use: the task router picks the expert from the prompt, and says which."""
         say(f"\n== {title}\n> {prompt}")
-        result = model.generate(features, prompt, on_text=lambda chunk: print(chunk, end="", flush=True))
-        print(f"\n[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s]", flush=True)
+        result = model.generate(volume, prompt, on_text=lambda chunk: print(chunk, end="", flush=True))
+        note = expert_note(result.expert)
+        print(f"\n[{note}; {result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s]", flush=True)
         return result.text
 
-    report_features = model.encode_volume(volume, task="report")
-    report = stream("Report", report_features, model.default_prompt("report"))
+    report = stream("Report", model.default_prompt("report"))
     say(f"-- ground truth report:\n{study.report}")
     lines, matched = findings_table(study.findings, parse_report(report))
     say("-- findings (organ and side, kind, size bucket):\n" + "\n".join(lines))
     say(f"-- {matched} of {len(study.findings)} finding(s) named correctly")
 
-    vqa_features = model.encode_volume(volume, task="vqa")  # encoded once for both questions
     closed, open_ = pick_questions(study.questions)
     choices = {letter: closed[f"Choice {letter}"] for letter in "ABCD"}
-    stream("Question (closed)", vqa_features, format_closed_question(closed["Question"], choices))
+    stream("Question (closed)", format_closed_question(closed["Question"], choices))
     say(f"-- ground truth: {closed_target(closed['Answer Choice'], closed['Answer'])}")
-    stream("Question (open)", vqa_features, open_["Question"])
+    stream("Question (open)", open_["Question"])
     say(f"-- ground truth: {open_['Answer']}")
     say(f"\ndone in {time.perf_counter() - start:.1f} s; outputs in {out_dir}")
     return 0

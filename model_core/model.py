@@ -79,7 +79,8 @@ class VisualFeatures:
     """Projected visual tokens of one volume, reusable for follow-up questions.
 
     ``tokens``: ``(visual_tokens, llm_hidden)``, depth-major in ``groups`` equal slice groups
-    (each framed alone in the prompt); ``task``: the task expert that encoded them.
+    (each framed alone in the prompt); ``task``: the task expert that encoded them (None for a
+    model without task experts).
     """
 
     tokens: torch.Tensor
@@ -439,8 +440,8 @@ class CTMLLM(nn.Module):
     ) -> VisualFeatures:
         """Encode one volume ``(D, H, W)`` once, to reuse across questions.
 
-        ``task`` forces the task expert of a task-level MoE (the panel's Report / Question mode);
-        without it the router picks from ``prompt``. ``VisualFeatures.task`` says which was used.
+        ``task`` forces the task expert of a task-level MoE; without it the task router picks from
+        ``prompt``. ``VisualFeatures.task`` says which was used.
         """
         if task is not None and task not in TASKS:
             raise ValueError(f"task {task!r}: choose one of {', '.join(TASKS)}")
@@ -448,8 +449,46 @@ class CTMLLM(nn.Module):
             self.as_volume_batch(volume), [task] if task else None, [prompt] if prompt else None
         )
         return VisualFeatures(
-            tokens=encoded.tokens[0], task=encoded.tasks[0] if encoded.tasks else task, groups=encoded.groups
+            tokens=encoded.tokens[0], task=encoded.tasks[0] if encoded.tasks else None, groups=encoded.groups
         )
+
+    @property
+    def has_task_experts(self) -> bool:
+        """Whether a task router picks one of several task experts (a TGH-MoE model)."""
+        return self.config.moe.task_level
+
+    def feature_key(self, task: str | None, prompt: str) -> tuple:
+        """What a volume's visual features depend on besides the volume: equal keys, equal features.
+
+        A forced ``task``; else what the task router makes of ``prompt``: the expert it picks
+        (hard mode), the prompt itself (soft mode mixes the experts by it), nothing without task
+        experts. Lets callers reuse encoded features across prompts exactly when that is exact.
+        """
+        if task is not None:
+            return ("task", task)
+        if not self.has_task_experts:
+            return ("routed",)
+        if self.config.moe.mode == "tgh_soft":
+            return ("routed", "prompt", prompt)
+        return ("routed", self.route(prompt))
+
+    def forcing_keeps_features(self, routed_expert: str | None, task: str) -> bool:
+        """Whether forcing ``task`` gives the features that routing to ``routed_expert`` gave:
+        always without task experts, in hard mode when the router picked ``task``, never in soft
+        mode (the router's mix is not one expert). Lets evaluation skip a second generation."""
+        if routed_expert is None:
+            return True
+        return routed_expert == task and self.config.moe.mode == "tgh_hard"
+
+    @torch.inference_mode()
+    def route(self, prompt: str) -> str | None:
+        """The task expert the task router picks for ``prompt`` (its argmax; in soft mode the expert
+        that weighs most), without encoding a volume; None for a model without task experts."""
+        moe = self.volume_adapter.moe
+        if not self.has_task_experts or moe is None:
+            return None
+        logits = moe.task_router(self.pooled_prompt_embeddings([prompt]))  # (1, tasks)
+        return moe.set_names[int(logits.argmax(dim=-1))]
 
     # -- language ----------------------------------------------------------------------------
     @property
@@ -594,18 +633,26 @@ class CTMLLM(nn.Module):
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
-        """Answer ``prompt`` about a volume (or its cached features).
+        """Answer ``prompt`` about a volume (or its cached features); no prompt: write a report.
 
-        Greedy by default. ``on_text`` receives text chunks as they are decoded; setting
-        ``cancel`` from another thread stops after the token in progress.
+        ``task`` forces the task expert that reads the volume; None (the default) lets the task
+        router pick it from the prompt (cached features keep the expert that encoded them, and a
+        forced task that differs from theirs is refused). ``GenerationResult.expert`` says which
+        expert read the volume. Greedy by default. ``on_text`` receives text chunks as they are
+        decoded; setting ``cancel`` from another thread stops after the token in progress.
         """
         start = time.perf_counter()
         max_new_tokens = check_max_new_tokens(max_new_tokens)
-        task = task or (volume_or_features.task if isinstance(volume_or_features, VisualFeatures) else None)
-        prompt = prompt or self.default_prompt(task or "report")
         if isinstance(volume_or_features, VisualFeatures):
             features = volume_or_features
-        else:
+            if task is not None and features.task is not None and task != features.task:
+                raise ValueError(
+                    f"these features were encoded by the {features.task!r} expert, not {task!r}: encode the "
+                    f"volume again with task={task!r} (CTMLLM.encode_volume) or leave task out"
+                )
+            task = task or features.task
+        prompt = prompt or self.default_prompt(task or "report")
+        if not isinstance(volume_or_features, VisualFeatures):
             features = self.encode_volume(volume_or_features, task=task, prompt=prompt)
         embeds = self.prompt_embeddings(features.tokens, prompt, history, features.groups).unsqueeze(0)
         cancel = cancel or threading.Event()
@@ -623,6 +670,7 @@ class CTMLLM(nn.Module):
             new_tokens=int(output.shape[1]),
             cancelled=cancel.is_set(),
             seconds=time.perf_counter() - start,
+            expert=features.task,
         )
 
     def stream(

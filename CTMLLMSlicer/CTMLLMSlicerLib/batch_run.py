@@ -78,6 +78,11 @@ from model_core.data.errors import CTInputError, NotCTError
 from model_core.data.files import check_readable
 
 TASKS = (REPORT, QUESTION)
+ROUTER = "router"
+FORCED = "task"
+ROUTINGS = (ROUTER, FORCED)
+"""``--routing``: the model's task router picks each request's expert from its prompt (default), or
+the task forces it (the report expert writes the report, the question expert answers)."""
 _EXPECTED_ERRORS = (CTMLLMSlicerError, CTInputError, CaseListError, OSError)
 """Errors about the input, the model or the disk, whose message says it all; others are bugs to report."""
 NON_CT_HINT = "pass --allow-non-ct"
@@ -99,7 +104,8 @@ class BatchOptions:
     empty for the Logic's default. ``max_new_tokens``: None for the model's default.
     ``allow_non_ct``: run on volumes that do not look like CT (scaled by their own percentiles).
     ``sr``: also write each case's DICOM Structured Report (``cases/<id>.sr.dcm``, see ``batch_sr``).
-    ``input``: None when a ``CaseSource`` (a DICOMweb server) gives the cases."""
+    ``input``: None when a ``CaseSource`` (a DICOMweb server) gives the cases.
+    ``routing``: ``router`` or ``task`` (``ROUTINGS``)."""
 
     input: Path | None
     output: Path
@@ -115,11 +121,14 @@ class BatchOptions:
     allow_download: bool = False
     allow_non_ct: bool = False
     sr: bool = False
+    routing: str = ROUTER
 
     def validate(self) -> None:
         """Refuse option values before anything runs, naming the option and the accepted values."""
         if self.task not in TASKS:
             raise ValueError(f"--task {self.task!r}: use report or vqa")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"--routing {self.routing!r}: use one of {', '.join(ROUTINGS)}")
         if self.device not in DEVICES:
             raise ValueError(f"--device {self.device!r}: use one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
@@ -172,6 +181,7 @@ class _Run:
             "model_sha256": self.model_info["sha256"],
             "preprocessing": self.preprocessing,
             "task": self.options.task,
+            "routing": self.options.routing,
             "questions": list(case.questions),
             "max_new_tokens": self.options.max_new_tokens,
             "window": self.options.window,
@@ -467,6 +477,7 @@ def _compute_case(
         "maxNewTokens": run.options.max_new_tokens,
         "noticeCallback": notices.append,
         "allowNonCT": run.options.allow_non_ct,
+        "forceExpert": run.options.routing == FORCED,
     }
     timings["checksum_s"] = round(time.perf_counter() - start, 3)
     with nodes_added_during(run.context.scene):
@@ -529,6 +540,7 @@ def _answer(run: _Run, case: Case, node: Any, question: str, kwargs: dict[str, A
     return {
         "question": turn.prompt,
         "answer": turn.answer,
+        "expert": turn.expert,
         "new_tokens": turn.newTokens,
         "seconds": turn.seconds,
         "cancelled": turn.cancelled,
@@ -547,7 +559,7 @@ def _case_record(
     outputs: dict[str, Any],
 ) -> dict[str, Any]:
     settings = dict(conversation.settings)
-    report = next((t.answer for t in conversation.turns if t.task == REPORT), None)
+    report_turn = next((t for t in conversation.turns if t.task == REPORT), None)
     return {
         "format": CASE_FORMAT,
         "case_id": case.case_id,
@@ -559,7 +571,9 @@ def _case_record(
         "input_sha256": input_sha256,
         "model": run.model_info,
         "task": run.options.task,
-        "report": report,
+        "routing": run.options.routing,
+        "report": report_turn.answer if report_turn else None,
+        "report_expert": report_turn.expert if report_turn else None,
         "answers": answers,
         "preprocessing": settings.pop("preprocessing", None),  # as the Logic applied it
         "generation": {**settings, "max_new_tokens": run.options.max_new_tokens or "model default"},

@@ -9,7 +9,12 @@ thread, i.e. Slicer's GUI thread; ``run`` (model load, preprocessing, encoding, 
 run in a worker thread because it only touches the snapshot's numpy copy and the model.
 
 Caches: the last loaded model (one at a time) and the visual features of the last few
-(volume, window preset, non-CT switch, task) combinations, so a follow-up question skips the encoder.
+(volume, window preset, non-CT switch, expert) combinations, so a follow-up question skips the
+encoder (``CTMLLM.feature_key`` says when features can be reused).
+
+Task experts: a request of task None lets the model's task router pick the expert from the
+prompt (the default of ``generateReport`` and ``askQuestion``); ``report`` or ``vqa`` force the
+expert of that task. The turn records the expert and whether the router chose it.
 
 Non-CT input: volumes whose intensities do not look like CT in Hounsfield units (MR, normalised
 images) are refused unless the caller turns on ``allowNonCT``; accepted, they are scaled by their
@@ -357,22 +362,23 @@ class CTMLLMLogicCore:
 
     @staticmethod
     def _featureKey(
-        request: ModelRequest, volumeKey: tuple, windowPreset: str, allowNonCT: bool, task: str
+        request: ModelRequest, volumeKey: tuple, windowPreset: str, allowNonCT: bool, featureKey: tuple
     ) -> tuple:
-        return (request.key, volumeKey, windowPreset, allowNonCT, task)
+        return (request.key, volumeKey, windowPreset, allowNonCT, featureKey)
 
     def volumeSnapshot(
         self,
         volumeNode: Any,
         windowPreset: str = "",
-        task: str = REPORT,
+        task: str | None = REPORT,
         request: ModelRequest | None = None,
         allowNonCT: bool = False,
+        prompt: str | None = None,
     ) -> VolumeSnapshot:
         """Copy what the worker needs from ``volumeNode`` (GUI thread).
 
         The voxels are skipped when ``request``'s model is loaded and has the features cached
-        for these settings.
+        for these settings (``task`` None: the expert the router picks for ``prompt``).
         """
         if volumeNode is None:
             raise NoVolumeError("no input volume: select a CT volume in the Input volume selector")
@@ -382,7 +388,14 @@ class CTMLLMLogicCore:
         cached = (
             request is not None
             and self.isModelCached(request)
-            and self._featureKey(request, key, windowPreset, allowNonCT, task) in self._features
+            and self._featureKey(
+                request,
+                key,
+                windowPreset,
+                allowNonCT,
+                self._model.feature_key(task, self._promptText(prompt)),
+            )
+            in self._features
         )
         array = None
         if not cached:
@@ -453,11 +466,15 @@ class CTMLLMLogicCore:
             raise NotCTVolumeError(str(error)) from error
         return PreparedVolume(prepared.volume, prepared.config.to_dict(), prepared.notices)
 
+    def _promptText(self, prompt: str | None) -> str:
+        """The prompt the model gets: the question, or the loaded model's report prompt."""
+        return prompt.strip() if prompt and prompt.strip() else self._model.default_prompt(REPORT)
+
     # -- running the model -------------------------------------------------------------------
     def run(
         self,
         volume: Any,
-        task: str,
+        task: str | None,
         prompt: str | None,
         request: ModelRequest,
         windowPreset: str = "",
@@ -470,6 +487,8 @@ class CTMLLMLogicCore:
     ) -> RunResult:
         """Report (``task="report"``) or answer (``task="vqa"``) about a volume node or snapshot.
 
+        ``task`` None: the model's task router picks the expert from the prompt; the turn is a
+        question when a prompt is given, else a report with the model's report prompt.
         ``allowNonCT`` accepts a volume that does not look like CT (see the module docstring).
 
         Text reaches ``onText`` as it is generated; setting ``cancel`` stops after the token in
@@ -477,8 +496,9 @@ class CTMLLMLogicCore:
         starts, it raises ``OperationCancelled`` after the stage in progress. The turn is added to the
         volume's conversation; questions see the earlier complete question turns as history.
         """
-        if task not in (REPORT, QUESTION):
-            raise ValueError(f"task {task!r}: use 'report' or 'vqa'")
+        if task not in (REPORT, QUESTION, None):
+            raise ValueError(f"task {task!r}: use 'report', 'vqa', or None to let the task router decide")
+        kind = task or (QUESTION if prompt and prompt.strip() else REPORT)
         if task == QUESTION and not (prompt and prompt.strip()):
             raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
         maxNewTokens = _checkedMaxNewTokens(maxNewTokens)
@@ -492,21 +512,21 @@ class CTMLLMLogicCore:
 
         cancel = cancel or threading.Event()
         if not isinstance(volume, VolumeSnapshot):
-            volume = self.volumeSnapshot(volume, windowPreset, task, request, allowNonCT)
+            volume = self.volumeSnapshot(volume, windowPreset, task, request, allowNonCT, prompt)
         snapshot = volume
         with self._lock:
             model = self.loadModel(request, progress, notice)
             try:
                 _raiseIfCancelled(cancel)
+                text = self._promptText(prompt)
                 entry, encoded = self._featuresFor(
-                    model, request, snapshot, windowPreset, allowNonCT, task, progress
+                    model, request, snapshot, windowPreset, allowNonCT, task, text, progress
                 )
                 for message in entry.notices:
                     notice(message)
                 _raiseIfCancelled(cancel)
                 conversation = self.conversation(snapshot.nodeID, snapshot.name)
-                history = conversation.history() if task == QUESTION else []
-                text = prompt.strip() if prompt and prompt.strip() else model.default_prompt(REPORT)
+                history = conversation.history() if kind == QUESTION else []
                 result = self._generate(
                     model, entry.features, text, task, history, maxNewTokens, onText, progress, cancel
                 )
@@ -525,17 +545,34 @@ class CTMLLMLogicCore:
                 "max_new_tokens": maxNewTokens or "model default",
             }
             turn = conversation.add(
-                Turn(task, text, result.text, result.cancelled, result.new_tokens, round(result.seconds, 3))
+                Turn(
+                    kind,
+                    text,
+                    result.text,
+                    result.cancelled,
+                    result.new_tokens,
+                    round(result.seconds, 3),
+                    expert=result.expert,
+                    routed=task is None and result.expert is not None,
+                )
             )
         return RunResult(snapshot.nodeID, turn, encoded, model.model_id, notices)
 
-    def generateReport(self, volume: Any, request: ModelRequest, **kwargs: Any) -> RunResult:
-        """A full report of the volume with the model's default report prompt."""
-        return self.run(volume, REPORT, None, request, **kwargs)
+    def generateReport(
+        self, volume: Any, request: ModelRequest, forceExpert: bool = False, **kwargs: Any
+    ) -> RunResult:
+        """A full report of the volume with the model's default report prompt; the task router
+        picks the expert, or with ``forceExpert`` the report expert reads the volume."""
+        return self.run(volume, REPORT if forceExpert else None, None, request, **kwargs)
 
-    def askQuestion(self, volume: Any, question: str, request: ModelRequest, **kwargs: Any) -> RunResult:
-        """One more question turn on the volume, reusing its encoded features and the conversation."""
-        return self.run(volume, QUESTION, question, request, **kwargs)
+    def askQuestion(
+        self, volume: Any, question: str, request: ModelRequest, forceExpert: bool = False, **kwargs: Any
+    ) -> RunResult:
+        """One more question turn on the volume, reusing its encoded features and the conversation;
+        the task router picks the expert, or with ``forceExpert`` the question expert."""
+        if not (question and question.strip()):
+            raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
+        return self.run(volume, QUESTION if forceExpert else None, question, request, **kwargs)
 
     def _featuresFor(
         self,
@@ -544,10 +581,13 @@ class CTMLLMLogicCore:
         snapshot: VolumeSnapshot,
         windowPreset: str,
         allowNonCT: bool,
-        task: str,
+        task: str | None,
+        prompt: str,
         progress: ProgressCallback,
     ) -> tuple[_Encoded, bool]:
-        key = self._featureKey(request, snapshot.cacheKey, windowPreset, allowNonCT, task)
+        key = self._featureKey(
+            request, snapshot.cacheKey, windowPreset, allowNonCT, model.feature_key(task, prompt)
+        )
         if key in self._features:
             self._features.move_to_end(key)
             progress(STAGE_REUSING, 1.0, None)
@@ -558,7 +598,9 @@ class CTMLLMLogicCore:
         prepared = self.prepareVolume(snapshot, model, windowPreset, allowNonCT)
         progress(STAGE_ENCODING, None, None)
         entry = _Encoded(
-            model.encode_volume(prepared.volume, task=task), prepared.preprocessing, prepared.notices
+            model.encode_volume(prepared.volume, task=task, prompt=prompt),
+            prepared.preprocessing,
+            prepared.notices,
         )
         self._features[key] = entry
         while len(self._features) > self.featureCacheSize:
@@ -570,7 +612,7 @@ class CTMLLMLogicCore:
         model: Any,
         features: Any,
         prompt: str,
-        task: str,
+        task: str | None,
         history: list,
         maxNewTokens: int | None,
         onText: Callable[[str], None] | None,
