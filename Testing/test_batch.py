@@ -266,9 +266,10 @@ def test_sigkill_mid_run_then_resume_completes_each_case_once(tmp_path, tiny_mod
 def test_ctrl_c_or_sigterm_keeps_finished_cases_and_marks_the_run_interrupted(
     tmp_path, tiny_model_dir, stop, status, words
 ):
-    """SIGTERM (timeout, systemd, Slurm) ends the run as Ctrl-C does; its exit status says which."""
+    """SIGTERM (timeout, systemd, Slurm) ends the run as Ctrl-C does; its exit status says which.
+    Twelve cases, so that on a loaded machine the signal still lands before the last one ends."""
     inputs = tmp_path / "in"
-    for index in range(4):
+    for index in range(12):
         link(ABDOMEN_CT, inputs / f"s{index}.nii.gz")
     output = tmp_path / "out"
     args = long_run_args(inputs, output, tiny_model_dir)

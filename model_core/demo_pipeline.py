@@ -120,13 +120,15 @@ SMALL = DemoBudget(
     tower_batch=48,
     bf16=True,
     slab_steps=1500,
+    stage1_steps=2000,
+    stage2_steps=300,
     slab_caption_style="findings_list",
     lesion_slab_share=0.5,
 )
 BUDGETS: dict[str, DemoBudget] = {
     "small": SMALL,
     # Ablations: the demo's benchmark and 2D checkpoints, a fifth of the 3D steps, per seed.
-    "ablation": replace(SMALL, stage1_steps=150, stage2_steps=30, test=16),
+    "ablation": replace(SMALL, stage1_steps=400, stage2_steps=60, test=24),
     # Tests: every step runs in seconds; the numbers mean nothing.
     "toy": replace(
         SMALL,
