@@ -93,9 +93,9 @@ class CTMLLMSlicer(ScriptedLoadableModule):
             "The output is machine-generated and must be reviewed by a radiologist. "
             "Needs Slicer 5.10 or newer; at first use it installs PyTorch through the PyTorch extension and "
             "the other model packages with pip, after asking. 'Unload model' ends the model's worker process. "
-            "Batch runs: Slicer --no-main-window --python-script <module folder>/CTMLLMSlicerBatch/batch.py "
-            "(the module folder is shown under Help > About; docs/BATCH.md). "
             "See docs/SLICER.md in the extension's repository."
+        ) + _(" Batch runs over folders of CT: {command} (docs/BATCH.md).").format(
+            command=f'Slicer --no-main-window --python-script "{resources.batchScriptPath()}" -- --input IN --output OUT'
         )
         self.parent.acknowledgementText = _(
             "Built on 3D Slicer's scripted-module template (Jean-Christophe Fillion-Robin, Kitware; "

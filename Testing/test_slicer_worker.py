@@ -22,7 +22,13 @@ from CTMLLMSlicerLib import worker_protocol as protocol
 from CTMLLMSlicerLib.batch_scene import slicer_core_scene
 from CTMLLMSlicerLib.conversation import QUESTION, REPORT
 from CTMLLMSlicerLib.errors import ModelOutOfMemoryError, NoVolumeError, WorkerError
-from CTMLLMSlicerLib.logic import STAGE_ENCODING, STAGE_GENERATING, STAGE_LOADING, CTMLLMLogicCore, ModelRequest
+from CTMLLMSlicerLib.logic import (
+    STAGE_ENCODING,
+    STAGE_GENERATING,
+    STAGE_LOADING,
+    CTMLLMLogicCore,
+    ModelRequest,
+)
 from CTMLLMSlicerLib.worker_client import ModelWorker, WorkerProcess, workerCommand
 
 TESTING = Path(__file__).resolve().parent
@@ -55,7 +61,9 @@ def fakeLogic(mrml: MRML, tmp_path: Path, loader: str) -> CTMLLMLogicCore:
     return CTMLLMLogicCore(mrml.scene, worker=worker)
 
 
-def run(logic: CTMLLMLogicCore, volume, task, prompt, request, **kwargs) -> tuple[list[jobs.JobEvent], jobs.JobEvent]:
+def run(
+    logic: CTMLLMLogicCore, volume, task, prompt, request, **kwargs
+) -> tuple[list[jobs.JobEvent], jobs.JobEvent]:
     logic.startJob(volume, task, prompt, request, **kwargs)
     events: list[jobs.JobEvent] = []
     end = logic.waitForJob(events.append, timeout=180)
@@ -96,7 +104,10 @@ def test_the_worker_streams_keeps_the_model_and_reuses_the_encoded_volume(mrml, 
         assert first.encoded and not second.encoded  # the follow-up reused the features kept in the worker
         assert STAGE_LOADING not in {e.stage for e in events}  # and the model it keeps loaded
         assert logic.worker.process.pid == pid and logic.worker.starts == 1
-        assert [q for q, _ in logic.conversation(volume).history()] == ["Is the liver enlarged?", "Is there a lesion?"]
+        assert [q for q, _ in logic.conversation(volume).history()] == [
+            "Is the liver enlarged?",
+            "Is there a lesion?",
+        ]
         assert not list((tmp_path / "worker").glob("*.npy"))  # voxel hand-over files are deleted
     finally:
         assert logic.unloadModel()
@@ -135,7 +146,9 @@ def test_a_worker_that_ignores_cancel_is_killed_and_a_new_one_starts(mrml, tmp_p
     start = time.perf_counter()
     end = logic.waitForJob(timeout=10)
     assert end.kind == jobs.FAILED and isinstance(end.error, WorkerError)
-    assert "did not stop within 1 s of Cancel and was stopped" in str(end.error) and "new worker" in str(end.error)
+    assert "did not stop within 1 s of Cancel and was stopped" in str(end.error) and "new worker" in str(
+        end.error
+    )
     assert 1.0 <= time.perf_counter() - start < 3.0 and not isAlive(pid) and not logic.isJobRunning()
     log = Path(str(end.error).rsplit("Log: ", 1)[1])
     assert "ignoring cancel" in log.read_text(encoding="utf-8")
@@ -259,7 +272,9 @@ def test_lines_are_split_across_reads_and_broken_lines_are_named():
 def test_the_worker_is_started_with_this_python_and_finds_its_code_from_any_folder(tmp_path):
     command = workerCommand()
     assert command[0] == sys.executable  # Slicer sets sys.executable to its PythonSlicer
-    done = subprocess.run(command, cwd=tmp_path, input=b'{"op":"shutdown"}\n', capture_output=True, timeout=60)
+    done = subprocess.run(
+        command, cwd=tmp_path, input=b'{"op":"shutdown"}\n', capture_output=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     (ready,) = [protocol.decodeMessage(line) for line in done.stdout.splitlines()]
     assert ready["event"] == protocol.READY and ready["pid"] > 0

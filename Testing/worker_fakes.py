@@ -44,7 +44,9 @@ class FakeModel:
             raise MemoryError("simulated: cannot allocate the visual tokens")
         return SimpleNamespace(task=task or "report", shape=volume.shape)
 
-    def generate(self, features, prompt, task=None, history=(), max_new_tokens=None, on_text=None, cancel=None):
+    def generate(
+        self, features, prompt, task=None, history=(), max_new_tokens=None, on_text=None, cancel=None
+    ):
         start = time.perf_counter()
         if self.hangInGenerate:
             print("fake model: stuck in a native call, ignoring cancel", file=sys.stderr, flush=True)

@@ -1,6 +1,6 @@
 """The model's Python packages in Slicer: checked at first use, installed the Slicer way with consent.
 
-- Slicer 5.10 (Python 3.12) or newer is needed: torch 2.13 and transformers 5 do not exist for
+- Slicer 5.10 (Python 3.12) or newer is needed: torch 2.6+ and transformers 5 do not exist for
   Slicer 5.8's Python 3.9. An older Slicer gets a message naming the version, before anything is
   installed (``checkSlicerVersion``).
 - torch comes from the PyTorch extension (PyTorchUtils, a dependency of this extension), which
@@ -28,7 +28,9 @@ from importlib import metadata
 from CTMLLMSlicerLib.errors import InstallFailedError, MissingDependenciesError, UnsupportedSlicerError
 
 MINIMUM_SLICER = (5, 10)
-MINIMUM_PYTHON = (3, 12)
+"""The first Slicer whose Python (3.12) has torch 2.6+ and transformers 5; Slicer 5.8 runs 3.9."""
+MINIMUM_PYTHON = (3, 11)
+"""What transformers 5 requires (a self-built Slicer may run another Python than its release)."""
 TORCH = "torch"
 TORCH_REQUIREMENT = ">=2.6"
 """What transformers 5 needs; the PyTorch extension installs the newest build for the computer."""
@@ -96,8 +98,9 @@ def checkSlicerVersion(slicerVersion: tuple[int, ...], pythonVersion: tuple[int,
         return
     have = ".".join(map(str, slicerVersion))
     raise UnsupportedSlicerError(
-        f"CT-MLLM needs 3D Slicer {'.'.join(map(str, MINIMUM_SLICER))} or newer (Python "
-        f"{'.'.join(map(str, MINIMUM_PYTHON))}); this is Slicer {have} with Python {'.'.join(map(str, python))}, "
+        f"CT-MLLM needs 3D Slicer {'.'.join(map(str, MINIMUM_SLICER))} or newer (with Python "
+        f"{'.'.join(map(str, MINIMUM_PYTHON))} or newer; Slicer 5.10 runs 3.12); this is Slicer {have} with Python "
+        f"{'.'.join(map(str, python))}, "
         "for which the model's packages (torch 2.6+, transformers 5) do not exist. Install Slicer 5.10 or newer "
         "from https://download.slicer.org; nothing was installed."
     )
@@ -128,13 +131,15 @@ class DependencyStatus:
         return f"{self.requirement} ({found})"
 
 
-def checkDependencies(versionOf: VersionLookup = installedVersion) -> list[DependencyStatus]:
-    """torch first, then the pip requirements."""
+def checkDependencies(versionOf: VersionLookup | None = None) -> list[DependencyStatus]:
+    """torch first, then the pip requirements (``versionOf`` defaults to ``installedVersion``)."""
+    versionOf = versionOf or installedVersion
     wanted = {TORCH: TORCH_REQUIREMENT, **REQUIREMENTS}
     return [DependencyStatus(name, spec, versionOf(name)) for name, spec in wanted.items()]
 
 
-def dependenciesInstalled(versionOf: VersionLookup = installedVersion) -> bool:
+def dependenciesInstalled(versionOf: VersionLookup | None = None) -> bool:
+    """True when every package the model needs is installed at a usable version."""
     return all(status.usable for status in checkDependencies(versionOf))
 
 
@@ -147,8 +152,9 @@ def planInstall(statuses: Iterable[DependencyStatus]) -> list[str]:
     return plan
 
 
-def slicerConstraints(versionOf: VersionLookup = installedVersion) -> list[str]:
+def slicerConstraints(versionOf: VersionLookup | None = None) -> list[str]:
     """``name==installed`` for each Slicer-owned package present, so pip keeps them as they are."""
+    versionOf = versionOf or installedVersion
     return [f"{name}=={version}" for name in sorted(SLICER_OWNED) if (version := versionOf(name)) is not None]
 
 
@@ -191,7 +197,7 @@ def ensureDependencies(
     confirm: Callable[[str], bool],
     pipInstall: Callable[[list[str]], None],
     installTorch: Callable[[str], bool],
-    versionOf: VersionLookup = installedVersion,
+    versionOf: VersionLookup | None = None,
     workFolder: str | None = None,
 ) -> list[str]:
     """Install the missing packages after ``confirm(question)`` agrees; return what was installed.

@@ -524,8 +524,10 @@ class CTMLLMLogicCore:
         return self.conversation(volumeNode)
 
     def clearConversation(self, volume: Any) -> None:
-        """Start over on a volume: the next question has no history (features stay cached)."""
-        self.conversations.pop(self._conversationKey(volume)[0], None)
+        """Start over on a volume: the next question has no history (features stay cached). A
+        result node saved earlier keeps its text until the next turn updates it."""
+        key, name, _ = self._conversationKey(volume)
+        self.conversations[key] = Conversation(name or key)
 
     def forgetVolume(self, volumeNode: Any) -> None:
         """The volume left the scene: drop its conversation and cached features, and let a job

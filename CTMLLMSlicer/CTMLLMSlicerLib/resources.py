@@ -39,3 +39,16 @@ def resourcePath(relative: str) -> str:
 
 def sampleCTPath() -> str:
     return resourcePath(SAMPLE_CT_FILE)
+
+
+BATCH_FOLDER = "CTMLLMSlicerBatch"
+"""Where the built extension puts the batch script: a folder beside the module file, because Slicer
+would try to load a .py file at the top of qt-scripted-modules as a module."""
+
+
+def batchScriptPath() -> str:
+    """The batch script: ``CTMLLMSlicerBatch/batch.py`` beside the module when built,
+    ``CTMLLMSlicer/batch.py`` in a source checkout."""
+    lib = Path(__file__).resolve().parent
+    built, checkout = lib.parent / BATCH_FOLDER / "batch.py", lib.parent / "batch.py"
+    return str(checkout if checkout.is_file() and not built.is_file() else built)

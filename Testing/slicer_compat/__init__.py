@@ -131,7 +131,9 @@ class _ThreeDView:
     def __init__(self) -> None:
         self.cameraResets = 0
 
-    def resetCamera(self, resetRotation: bool = True, resetTranslation: bool = True, resetDistance: bool = True) -> None:
+    def resetCamera(
+        self, resetRotation: bool = True, resetTranslation: bool = True, resetDistance: bool = True
+    ) -> None:
         self.cameraResets += 1
 
 
