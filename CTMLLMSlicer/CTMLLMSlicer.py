@@ -488,16 +488,22 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPollTimer(self) -> None:
         """GUI thread: hand the worker's messages to the panel; stop polling when the job is done."""
+        text = ""  # the chunks of one poll go into the history view at once
         for event in self.logic.pollJob():
             if event.kind == jobs.TEXT:
-                if self._showingJobVolume():
-                    self._appendHistory(event.text)
-            elif event.kind == jobs.PROGRESS:
+                text += event.text
+                continue
+            if text and self._showingJobVolume():
+                self._appendHistory(text)
+            text = ""
+            if event.kind == jobs.PROGRESS:
                 self._showProgress(event.stage, event.fraction, event.tokensPerSecond)
             elif event.kind == jobs.NOTICE:
                 self.showMessage(event.text)
             else:
                 self._finishJob(event)
+        if text and self._showingJobVolume():
+            self._appendHistory(text)
         if not self.logic.isJobRunning() and self._runningButton is None:
             self._pollTimer.stop()
 

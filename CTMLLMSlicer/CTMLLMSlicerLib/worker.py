@@ -26,6 +26,7 @@ import os
 import queue
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -37,6 +38,8 @@ from CTMLLMSlicerLib.errors import CTMLLMSlicerError, ModelOutOfMemoryError, Ope
 from CTMLLMSlicerLib.session import EncodeSettings, ModelRequest, ModelSession, VolumeSnapshot, checkTask
 
 _STOP = object()
+PROGRESS_INTERVAL_S = 0.1
+"""The panel's progress bar needs no more than ten updates a second."""
 
 
 class WorkerServer:
@@ -54,6 +57,7 @@ class WorkerServer:
         self._queue: queue.Queue = queue.Queue()
         self._cancelledIds: set[int] = set()
         self._current: tuple[int, threading.Event] | None = None
+        self._heldProgress: dict[str, Any] | None = None
 
     # -- output ------------------------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
@@ -123,6 +127,7 @@ class WorkerServer:
             if cancel.is_set():
                 raise OperationCancelled("cancelled before it started")
             result = self._handlers()[request["op"]](request, requestId, cancel)
+            self._flushProgress()
             self.send(
                 {
                     "event": protocol.DONE,
@@ -144,6 +149,7 @@ class WorkerServer:
                 sys.stderr.flush()
             self.send(protocol.errorMessage(requestId, error, self._logPath))
         finally:
+            self._heldProgress = None
             with self._stateLock:
                 self._current = None
                 self._cancelledIds.discard(requestId)
@@ -158,21 +164,36 @@ class WorkerServer:
         }
 
     def _reporters(self, requestId: int) -> tuple[Callable, Callable[[str], None]]:
+        """Progress and notice senders for one request. Progress within one stage is sent at most
+        every ``PROGRESS_INTERVAL_S`` (the text events carry the stream; the bar needs no more);
+        the last one held back goes out before the request's end (``_flushProgress``)."""
+        lastSent = {"stage": "", "time": 0.0}
+
         def progress(stage: str, fraction: float | None = None, tokensPerSecond: float | None = None) -> None:
-            self.send(
-                {
-                    "event": protocol.PROGRESS,
-                    "id": requestId,
-                    "stage": stage,
-                    "fraction": fraction,
-                    "tokensPerSecond": tokensPerSecond,
-                }
-            )
+            message = {
+                "event": protocol.PROGRESS,
+                "id": requestId,
+                "stage": stage,
+                "fraction": fraction,
+                "tokensPerSecond": tokensPerSecond,
+            }
+            now = time.monotonic()
+            if stage == lastSent["stage"] and now - lastSent["time"] < PROGRESS_INTERVAL_S:
+                self._heldProgress = message
+                return
+            lastSent.update(stage=stage, time=now)
+            self._heldProgress = None
+            self.send(message)
 
         def notice(text: str) -> None:
             self.send({"event": protocol.NOTICE, "id": requestId, "text": text})
 
         return progress, notice
+
+    def _flushProgress(self) -> None:
+        held, self._heldProgress = self._heldProgress, None
+        if held is not None:
+            self.send(held)
 
     def _load(self, request: dict, requestId: int, cancel: threading.Event) -> dict[str, Any]:
         progress, notice = self._reporters(requestId)
