@@ -1,7 +1,7 @@
 """Tokens per second through the panel against the CLI, in the same run (a benchmark, not a test).
 
     QT_QPA_PLATFORM=offscreen .venv/bin/python Testing/bench_panel.py [--models demo tiny] [--volume CT]
-        [--repeats 5] [--max-new-tokens 200] [--thread-tokens 24] [--out bench_results/panel.json]
+        [--repeats 5] [--max-new-tokens 200] [--thread-tokens 24] [--torch-threads 1] [--out bench_results/panel.json]
 
 For each model (``demo``: the shipped demo model, real text of ~40 tokens; ``tiny``: the random
 test model, which always writes ``--max-new-tokens`` tokens, a long stream), with the same CT
@@ -11,7 +11,10 @@ file, report prompt and greedy decoding:
 - ``panel``: the module's widget on the test stand-ins, its GUI thread idling while holding
   Python's lock as Slicer's does (``slicer_compat.idleHoldingGIL``), clicking Generate Report.
   The model runs in the worker process; the first click loads it and encodes, later clicks reuse
-  both (the first click is not in the medians).
+  both (the first click is not in the medians). CLI runs and clicks alternate, so that on a
+  shared machine both meet the same load.
+- ``Logic in-process``: the same report through the Logic's ``run`` in this process (the batch
+  script's path), warm, after each click; its stream is timed by the text callback.
 - ``thread (before)``: the Logic's in-process ``run`` in a Python thread of the panel's process
   while the GUI thread idles holding the lock, as the module ran before the worker process, with
   ``--thread-tokens`` new tokens at most (it crawls).
@@ -22,7 +25,15 @@ receives them): tokens after the first piece of text over the time from the firs
 last. ``model tok/s`` is what the code reports: the CLI prints new tokens over its ``generate``
 call, which for the CLI includes encoding the volume and the first call's warm-up; for the panel
 and the thread it is the generation alone. Medians over ``--repeats``; prints a Markdown table and
-writes JSON.
+writes JSON. ``paired cli / panel`` is the median over the repeats of one CLI run's streamed rate
+over the next click's, ``paired in-process / panel`` the same with the in-process run after the
+click: comparisons less exposed to the load of a shared machine drifting.
+
+``--torch-threads`` (default 1) sets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for every process of
+the run (CLI, worker, this one). On a shared, oversubscribed 2-core machine two OpenMP threads
+spend most of their time waiting for each other at barriers: the demo model generated about 15
+tokens/s with two threads and 130 with one in the same minute (load average 7), which would
+measure the machine's scheduler, not the panel. Pass 0 to keep torch's default.
 """
 
 from __future__ import annotations
@@ -88,10 +99,11 @@ def cli_run(model: str, volume: Path, maxNewTokens: int, countTokens) -> dict[st
             "wall_s": time.perf_counter() - start}  # fmt: skip
 
 
-def panel_runs(
+def interleaved_runs(
     model: str, volume: Path, maxNewTokens: int, repeats: int, countTokens
-) -> list[dict[str, Any]]:
-    """Generate Report ``repeats`` times in one panel (the first loads the model and encodes)."""
+) -> tuple[list, list]:
+    """One panel kept open; ``repeats`` times a CLI run then a Generate Report click, alternating so
+    that both meet the same load on a shared machine. Panel runs: one more first (the cold click)."""
     import slicer
     from test_slicer_panel import Panel, standIn
 
@@ -107,26 +119,50 @@ def panel_runs(
         clock.add("".join(event.text for event in events if event.kind == jobs.TEXT))
         return events
 
+    def click() -> dict[str, Any]:
+        clock.pieces.clear()
+        panel.beats.clear()
+        clicked, cpu = time.perf_counter(), time.process_time()
+        panel.ui.generateButton.click()
+        panel.pump(lambda: not panel.busy(), timeout=900)
+        cpu = time.process_time() - cpu
+        turn = panel.widget.logic.conversation(panel.parameters.inputVolume).turns[-1]
+        panel.ui.newConversationButton.click()
+        return {"tokens": turn.newTokens, "model_tok_s": turn.newTokens / turn.seconds,
+                "streamed_tok_s": clock.rate(), "wall_s": time.perf_counter() - clicked,
+                "gui_stall_ms": 1000 * panel.longestStall(), "gui_cpu_s": cpu}  # fmt: skip
+
+    from CTMLLMSlicerLib.logic import CTMLLMLogicCore, ModelRequest
+
+    inProcess = CTMLLMLogicCore(slicer.mrmlScene)
+    request = ModelRequest(model, device="cpu")
+
+    def libraryRun(node: Any) -> dict[str, Any]:
+        """The same report through the Logic in this process (the batch script's path), warm."""
+        libraryClock = StreamClock(countTokens)
+        start = time.perf_counter()
+        result = inProcess.run(
+            node, "report", None, request, maxNewTokens=maxNewTokens, onText=libraryClock.add
+        )
+        inProcess.clearConversation(node)
+        return {"tokens": result.turn.newTokens, "model_tok_s": result.turn.newTokens / result.turn.seconds,
+                "streamed_tok_s": libraryClock.rate(), "wall_s": time.perf_counter() - start}  # fmt: skip
+
     panel.widget.logic.pollJob = timedPoll
-    rows = []
+    cli, clicks, library = [], [], []
     try:
-        panel.ui.inputSelector.setCurrentNode(standIn.loadVolume(volume, "ct"))
+        node = standIn.loadVolume(volume, "ct")
+        panel.ui.inputSelector.setCurrentNode(node)
         panel.useModel(Path(model), maxNewTokens)
+        clicks.append(click())  # loads the model and encodes the volume
+        libraryRun(node)  # the same, in this process
         for _ in range(repeats):
-            clock.pieces.clear()
-            panel.beats.clear()
-            clicked, cpu = time.perf_counter(), time.process_time()
-            panel.ui.generateButton.click()
-            panel.pump(lambda: not panel.busy(), timeout=900)
-            cpu = time.process_time() - cpu
-            turn = panel.widget.logic.conversation(panel.parameters.inputVolume).turns[-1]
-            rows.append({"tokens": turn.newTokens, "model_tok_s": turn.newTokens / turn.seconds,
-                         "streamed_tok_s": clock.rate(), "wall_s": time.perf_counter() - clicked,
-                         "gui_stall_ms": 1000 * panel.longestStall(), "gui_cpu_s": cpu})  # fmt: skip
-            panel.ui.newConversationButton.click()
+            cli.append(cli_run(model, volume, maxNewTokens, countTokens))
+            clicks.append(click())
+            library.append(libraryRun(node))
     finally:
         panel.close()
-    return rows
+    return cli, clicks, library
 
 
 def thread_run(model: str, volume: Path, maxNewTokens: int, countTokens) -> dict[str, Any]:
@@ -155,7 +191,7 @@ def thread_run(model: str, volume: Path, maxNewTokens: int, countTokens) -> dict
     worker.start()
     while worker.is_alive():
         slicer_compat.application().processEvents()
-        slicer_compat.idleHoldingGIL(0.03)  # between two ticks of the panel's 30 ms timer
+        slicer_compat.idleHoldingGIL(module.POLL_INTERVAL_MS / 1000)  # between two ticks of the panel's timer
     turn = results[0].turn
     return {"tokens": turn.newTokens, "model_tok_s": turn.newTokens / turn.seconds,
             "streamed_tok_s": clock.rate(), "wall_s": time.perf_counter() - start}  # fmt: skip
@@ -183,8 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--thread-tokens", type=int, default=24, help="budget of the in-process thread rows")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per process (0: default)")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "panel.json")
     args = parser.parse_args(argv)
+    if args.torch_threads:  # before torch is imported here; the CLI and the worker inherit it
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.torch_threads)
 
     from transformers import AutoTokenizer
 
@@ -202,19 +241,29 @@ def main(argv: list[str] | None = None) -> int:
         def countTokens(text: str, tokenizer=tokenizer) -> int:
             return len(tokenizer(text, add_special_tokens=False).input_ids)
 
-        cli = [
-            cli_run(str(folder), args.volume, args.max_new_tokens, countTokens) for _ in range(args.repeats)
-        ]
-        panel = panel_runs(str(folder), args.volume, args.max_new_tokens, args.repeats + 1, countTokens)
+        cli, panel, library = interleaved_runs(
+            str(folder), args.volume, args.max_new_tokens, args.repeats, countTokens
+        )
         thread = [thread_run(str(folder), args.volume, args.thread_tokens, countTokens) for _ in range(2)]
         cliRate = median(cli, "streamed_tok_s")
-        rows += [summary(name, "cli", cli, cliRate), summary(name, "panel (worker process)", panel[1:], cliRate),
+        warm = summary(name, "panel (worker process)", panel[1:], cliRate)
+        # each click follows one CLI run: their ratio is less exposed to the machine's load drifting
+        warm["paired cli / panel"] = statistics.median(
+            c["streamed_tok_s"] / p["streamed_tok_s"] for c, p in zip(cli, panel[1:], strict=True)
+        )
+        warm["paired in-process / panel"] = statistics.median(
+            i["streamed_tok_s"] / p["streamed_tok_s"] for i, p in zip(library, panel[1:], strict=True)
+        )
+        rows += [summary(name, "cli", cli, cliRate), warm,
                  summary(name, "panel, first click (loads and encodes)", panel[:1], cliRate),
+                 summary(name, "Logic in-process, warm (the batch path)", library, cliRate),
                  summary(name, "thread in the panel process (before)", thread, cliRate)]  # fmt: skip
-        runs[name] = {"cli": cli, "panel": panel, "thread": thread}
+        runs[name] = {"cli": cli, "panel": panel, "in_process": library, "thread": thread}
     settings = {"volume": str(args.volume), "repeats": args.repeats, "max_new_tokens": args.max_new_tokens,
+                "torch_threads": args.torch_threads or "default",
                 "thread_tokens": args.thread_tokens, "load_average": os.getloadavg(), "runs": runs}  # fmt: skip
-    columns = ["model", "path", "tokens", "streamed tok/s", "cli / this (streamed)", "model tok/s", "wall s",
+    columns = ["model", "path", "tokens", "streamed tok/s", "cli / this (streamed)", "paired cli / panel",
+               "paired in-process / panel", "model tok/s", "wall s",
                "longest GUI stall ms", "GUI process CPU s"]  # fmt: skip
     write_report(args.out, "panel", rows, columns, settings)
     return 0

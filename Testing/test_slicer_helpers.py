@@ -35,14 +35,6 @@ def test_an_older_slicer_is_refused_naming_the_version_it_needs():
         dependencies.checkSlicerVersion((5, 10), (3, 10, 2))  # a self-built Slicer on an older Python
 
 
-def test_the_version_is_checked_before_anything_is_installed():
-    """The panel's first use: version check first; an old Slicer never reaches pip or PyTorch."""
-    source = (MODULE_DIR / "CTMLLMSlicer.py").read_text(encoding="utf-8")
-    body = source[source.index("    def ensureDependencies(self)") :]
-    body = body[: body.index("\n    def ", 10)]
-    assert body.index("checkSlicerVersion") < body.index("dependencies.ensureDependencies(")
-
-
 def test_the_module_loads_on_slicer_5_8s_python_to_say_so():
     """Slicer 5.8 runs Python 3.9: the files the module imports must parse there, or it cannot tell
     the user which Slicer it needs."""

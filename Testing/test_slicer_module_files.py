@@ -298,6 +298,29 @@ def test_the_module_works_from_the_installed_layout(tmp_path):
     assert helpRun.returncode == 0 and "--input" in helpRun.stdout, helpRun.stderr
 
 
+FROM_A_CHECKOUT = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
+sys.path[:0] = [{testing!r}, {module!r}]  # what Slicer's additional module path gives: the module folder
+import slicer_compat
+slicer_compat.install()
+import CTMLLMSlicer, model_core
+widget = CTMLLMSlicer.CTMLLMSlicerWidget(); widget.setup()
+print(model_core.__file__, widget.ui.generateButton.text(), sep="|")
+widget.cleanup()
+"""
+
+
+def test_the_module_works_from_a_source_checkout_with_only_its_folder_on_the_path(tmp_path):
+    """The development set-up: CTMLLMSlicer/ as an additional module path, nothing installed."""
+    code = FROM_A_CHECKOUT.format(testing=str(REPO / "Testing"), module=str(MODULE_DIR))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "QT_QPA_PLATFORM": "offscreen"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    core, button = done.stdout.strip().splitlines()[-1].split("|")
+    assert core == str(REPO / "model_core" / "__init__.py") and button == "Generate Report"
+
+
 IN_SLICER_WITHOUT_TORCH = """
 import os, runpy, sys, types
 class NoTorch:

@@ -468,3 +468,13 @@ def test_the_pump_idles_holding_the_gil_as_slicers_gui_thread_does():
         counts["running"] = False
         thread.join()
     assert held < free / 10, (held, free)
+
+
+def test_an_older_slicer_is_told_which_version_it_needs_before_any_install(panel, abdomen, monkeypatch):
+    monkeypatch.setattr(slicer.app, "minorVersion", 8)
+    panel.widget._dependenciesChecked = False
+    panel.ui.inputSelector.setCurrentNode(abdomen)
+    panel.ui.generateButton.click()
+    status = panel.ui.statusLabel.text()
+    assert "needs 3D Slicer 5.10 or newer" in status and "this is Slicer 5.8" in status
+    assert standIn.pipInstalls == [] and standIn.confirmations == [] and not panel.busy()

@@ -134,7 +134,7 @@ def test_cancel_reaches_the_worker_within_one_token_and_the_worker_stays(mrml, t
     logic.unloadModel()
 
 
-def test_a_worker_that_ignores_cancel_is_killed_and_a_new_one_starts(mrml, tmp_path):
+def test_a_hung_worker_is_killed_after_cancel_and_a_new_one_starts(mrml, tmp_path):
     logic = fakeLogic(mrml, tmp_path, "hangs")
     logic.worker.cancelGraceSeconds = 1.0
     volume = mrml.ct()
@@ -146,9 +146,8 @@ def test_a_worker_that_ignores_cancel_is_killed_and_a_new_one_starts(mrml, tmp_p
     start = time.perf_counter()
     end = logic.waitForJob(timeout=10)
     assert end.kind == jobs.FAILED and isinstance(end.error, WorkerError)
-    assert "did not stop within 1 s of Cancel and was stopped" in str(end.error) and "new worker" in str(
-        end.error
-    )
+    message = str(end.error)
+    assert "did not answer within 1 s of Cancel and was stopped" in message and "new worker" in message
     assert 1.0 <= time.perf_counter() - start < 3.0 and not isAlive(pid) and not logic.isJobRunning()
     log = Path(str(end.error).rsplit("Log: ", 1)[1])
     assert "ignoring cancel" in log.read_text(encoding="utf-8")
@@ -156,6 +155,20 @@ def test_a_worker_that_ignores_cancel_is_killed_and_a_new_one_starts(mrml, tmp_p
     logic.worker.modelLoader = "worker_fakes:working"  # the next job starts a fresh worker
     _, again = run(logic, volume, REPORT, None, FAKE, maxNewTokens=3)
     assert again.kind == jobs.FINISHED and again.result.encoded and logic.worker.starts == 2
+    logic.unloadModel()
+
+
+def test_a_worker_busy_in_a_long_step_answers_and_is_not_killed(mrml, tmp_path):
+    """Encoding cannot stop midway: a worker that answers the ping is left to finish the step."""
+    logic = fakeLogic(mrml, tmp_path, "encodesSlowly")
+    logic.worker.cancelGraceSeconds = 0.5
+    logic.startJob(mrml.ct(), REPORT, None, FAKE)
+    while STAGE_ENCODING not in {e.stage for e in logic.pollJob()}:
+        time.sleep(0.01)
+    pid = logic.worker.process.pid
+    logic.cancelJob()
+    end = logic.waitForJob(timeout=30)
+    assert end.kind == jobs.CANCELLED and logic.worker.process.pid == pid and logic.worker.isRunning()
     logic.unloadModel()
 
 
@@ -278,3 +291,15 @@ def test_the_worker_is_started_with_this_python_and_finds_its_code_from_any_fold
     assert done.returncode == 0, done.stderr
     (ready,) = [protocol.decodeMessage(line) for line in done.stdout.splitlines()]
     assert ready["event"] == protocol.READY and ready["pid"] > 0
+
+
+def test_without_a_task_the_router_picks_the_expert_in_the_worker(mrml, tmp_path):
+    """task=None (the routing mode) passes through the worker; the result names the expert."""
+    logic = fakeLogic(mrml, tmp_path, "working")
+    volume = mrml.ct()
+    _, asked = run(logic, volume, None, "Is there a lesion?", FAKE, maxNewTokens=2)
+    _, reported = run(logic, volume, None, "Describe the scan.", FAKE, maxNewTokens=2)
+    assert asked.result.routedTask == QUESTION and asked.result.turn.task == QUESTION
+    assert reported.result.routedTask == REPORT and reported.result.turn.task == REPORT
+    assert [q for q, _ in logic.conversation(volume).history()] == ["Is there a lesion?"]
+    logic.unloadModel()

@@ -4,11 +4,12 @@
 ``FakeModel`` has the part of ``CTMLLM``'s interface the worker calls (preprocessing settings,
 ``encode_volume``, ``generate`` with streaming and cancel) and writes numbered words; each loader
 below breaks one thing: it hangs ignoring Cancel, crashes, is killed as by the system's
-out-of-memory killer, or runs out of memory while encoding.
+out-of-memory killer, or runs out of memory while encoding, or encodes slowly without looking at Cancel (alive, but busy).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -17,14 +18,20 @@ from types import SimpleNamespace
 from typing import Any
 
 WORD_SECONDS = 0.01
+SLOW_ENCODE_SECONDS = 3.0
+_usleepHoldingGIL = ctypes.PyDLL(None).usleep
+"""A native call that keeps Python's lock: the worker's main thread cannot answer while it runs."""
 
 
 class FakeModel:
     model_id = "fake-model"
 
-    def __init__(self, hangInGenerate: bool = False, memoryErrorInEncode: bool = False) -> None:
+    def __init__(
+        self, hangInGenerate: bool = False, memoryErrorInEncode: bool = False, slowEncode: bool = False
+    ) -> None:
         self.hangInGenerate = hangInGenerate
         self.memoryErrorInEncode = memoryErrorInEncode
+        self.slowEncode = slowEncode
         self.config = SimpleNamespace(
             preprocessing={"window": "soft_tissue", "target_shape": [8, 16, 16]},
             generation=SimpleNamespace(max_new_tokens=32),
@@ -42,7 +49,10 @@ class FakeModel:
     def encode_volume(self, volume: Any, task: str | None = None, prompt: str | None = None) -> Any:
         if self.memoryErrorInEncode:
             raise MemoryError("simulated: cannot allocate the visual tokens")
-        return SimpleNamespace(task=task or "report", shape=volume.shape)
+        if self.slowEncode:
+            time.sleep(SLOW_ENCODE_SECONDS)  # a long encoding that does not look at Cancel
+        routed = task or ("vqa" if (prompt or "").rstrip().endswith("?") else "report")  # a stand-in router
+        return SimpleNamespace(task=routed, shape=volume.shape)
 
     def generate(
         self, features, prompt, task=None, history=(), max_new_tokens=None, on_text=None, cancel=None
@@ -51,7 +61,7 @@ class FakeModel:
         if self.hangInGenerate:
             print("fake model: stuck in a native call, ignoring cancel", file=sys.stderr, flush=True)
             while True:
-                time.sleep(1)
+                _usleepHoldingGIL(1_000_000)
         words = []
         for index in range(max_new_tokens or 32):
             if cancel is not None and cancel.is_set():
@@ -74,6 +84,10 @@ def working(request: Any, notice: Any) -> FakeModel:
 
 def hangs(request: Any, notice: Any) -> FakeModel:
     return FakeModel(hangInGenerate=True)
+
+
+def encodesSlowly(request: Any, notice: Any) -> FakeModel:
+    return FakeModel(slowEncode=True)
 
 
 def runsOutOfMemory(request: Any, notice: Any) -> FakeModel:

@@ -57,6 +57,8 @@ STAGE_PREPROCESSING = "preprocessing"
 STAGE_ENCODING = "encoding"
 STAGE_REUSING = "reusing encoded volume"
 STAGE_GENERATING = "generating"
+PROGRESS_INTERVAL_S = 0.1
+"""Generation reports progress (tokens so far, tokens/s) at most ten times a second."""
 
 ProgressCallback = Callable[[str, "float | None", "float | None"], None]
 """``(stage, fraction or None when unknown, tokens per second or None)``."""
@@ -444,16 +446,24 @@ class ModelSession:
             entry = self.features(key)
             cancel = cancel or threading.Event()
             budget = maxNewTokens or model.config.generation.max_new_tokens
-            start, tokens = time.perf_counter(), 0
+            start, last, pieces = time.perf_counter(), 0.0, []
             progress(STAGE_GENERATING, 0.0, None)
 
-            def streamed(chunk: str) -> None:
-                nonlocal tokens
-                tokens += len(model.tokenizer(chunk, add_special_tokens=False).input_ids)
-                elapsed = time.perf_counter() - start
+            def report(tokens: int, elapsed: float) -> None:
                 progress(
                     STAGE_GENERATING, min(tokens / budget, 1.0), tokens / elapsed if elapsed > 0 else None
                 )
+
+            def streamed(chunk: str) -> None:
+                # counting tokens costs a tokenizer call: do it only when the bar is updated
+                nonlocal last
+                pieces.append(chunk)
+                now = time.perf_counter()
+                if now - last >= PROGRESS_INTERVAL_S:
+                    last = now
+                    report(
+                        len(model.tokenizer("".join(pieces), add_special_tokens=False).input_ids), now - start
+                    )
                 if onText:
                     onText(chunk)
 
@@ -471,6 +481,7 @@ class ModelSession:
                 if isOutOfMemory(error):
                     raise outOfMemoryError(request, "running the model") from error
                 raise
+            report(result.new_tokens, time.perf_counter() - start)
             return GenerationOutcome(
                 result.text, result.new_tokens, round(result.seconds, 3), result.cancelled, entry.routedTask
             )

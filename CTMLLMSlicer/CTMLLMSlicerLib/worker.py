@@ -26,7 +26,6 @@ import os
 import queue
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -38,8 +37,6 @@ from CTMLLMSlicerLib.errors import CTMLLMSlicerError, ModelOutOfMemoryError, Ope
 from CTMLLMSlicerLib.session import EncodeSettings, ModelRequest, ModelSession, VolumeSnapshot, checkTask
 
 _STOP = object()
-PROGRESS_INTERVAL_S = 0.1
-"""The panel's progress bar needs no more than ten updates a second."""
 
 
 class WorkerServer:
@@ -57,7 +54,6 @@ class WorkerServer:
         self._queue: queue.Queue = queue.Queue()
         self._cancelledIds: set[int] = set()
         self._current: tuple[int, threading.Event] | None = None
-        self._heldProgress: dict[str, Any] | None = None
 
     # -- output ------------------------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
@@ -127,7 +123,6 @@ class WorkerServer:
             if cancel.is_set():
                 raise OperationCancelled("cancelled before it started")
             result = self._handlers()[request["op"]](request, requestId, cancel)
-            self._flushProgress()
             self.send(
                 {
                     "event": protocol.DONE,
@@ -149,7 +144,6 @@ class WorkerServer:
                 sys.stderr.flush()
             self.send(protocol.errorMessage(requestId, error, self._logPath))
         finally:
-            self._heldProgress = None
             with self._stateLock:
                 self._current = None
                 self._cancelledIds.discard(requestId)
@@ -164,36 +158,23 @@ class WorkerServer:
         }
 
     def _reporters(self, requestId: int) -> tuple[Callable, Callable[[str], None]]:
-        """Progress and notice senders for one request. Progress within one stage is sent at most
-        every ``PROGRESS_INTERVAL_S`` (the text events carry the stream; the bar needs no more);
-        the last one held back goes out before the request's end (``_flushProgress``)."""
-        lastSent = {"stage": "", "time": 0.0}
+        """Progress and notice senders for one request (generation throttles its own progress)."""
 
         def progress(stage: str, fraction: float | None = None, tokensPerSecond: float | None = None) -> None:
-            message = {
-                "event": protocol.PROGRESS,
-                "id": requestId,
-                "stage": stage,
-                "fraction": fraction,
-                "tokensPerSecond": tokensPerSecond,
-            }
-            now = time.monotonic()
-            if stage == lastSent["stage"] and now - lastSent["time"] < PROGRESS_INTERVAL_S:
-                self._heldProgress = message
-                return
-            lastSent.update(stage=stage, time=now)
-            self._heldProgress = None
-            self.send(message)
+            self.send(
+                {
+                    "event": protocol.PROGRESS,
+                    "id": requestId,
+                    "stage": stage,
+                    "fraction": fraction,
+                    "tokensPerSecond": tokensPerSecond,
+                }
+            )
 
         def notice(text: str) -> None:
             self.send({"event": protocol.NOTICE, "id": requestId, "text": text})
 
         return progress, notice
-
-    def _flushProgress(self) -> None:
-        held, self._heldProgress = self._heldProgress, None
-        if held is not None:
-            self.send(held)
 
     def _load(self, request: dict, requestId: int, cancel: threading.Event) -> dict[str, Any]:
         progress, notice = self._reporters(requestId)

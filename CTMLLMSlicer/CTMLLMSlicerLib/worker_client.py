@@ -192,6 +192,9 @@ class _Job:
     requestId: int | None = None
     cancelRequested: bool = False
     cancelDeadline: float | None = None
+    pingId: int | None = None
+    answered: bool = False
+    """The child answered the ping sent with the cancel: alive, busy in a step that cannot stop."""
 
 
 class ModelWorker:
@@ -200,11 +203,14 @@ class ModelWorker:
     ``python``, ``env``: how to start the child (``sys.executable`` and this environment by
     default). ``folder``: where the worker logs and voxel files go (a new private temporary
     folder by default). ``modelLoader``: ``MODULE:FUNCTION`` replacing the model loader in the
-    child (tests). ``cancelGraceSeconds``: how long a cancelled job may take to stop before the
-    child is killed; ``startTimeoutSeconds``: how long a new child may take to say it is ready.
+    child (tests). ``cancelGraceSeconds``: how long a cancelled job may take to stop, or at least to
+    answer the ping sent with the cancel, before the child is killed as hung; a child that answers
+    is busy in a step that cannot stop midway (loading, encoding) and gets ``busyGraceSeconds``
+    more. ``startTimeoutSeconds``: how long a new child may take to say it is ready.
     """
 
     cancelGraceSeconds = 10.0
+    busyGraceSeconds = 300.0
     startTimeoutSeconds = 60.0
 
     def __init__(
@@ -326,8 +332,8 @@ class ModelWorker:
         self._sendNextStep()
 
     def cancel(self) -> None:
-        """Ask the running job to stop (generation stops after the token in progress); a child that
-        has not stopped after ``cancelGraceSeconds`` is killed by ``poll``."""
+        """Ask the running job to stop (generation stops after the token in progress). ``poll``
+        kills a child that neither stops nor answers a ping within ``cancelGraceSeconds``."""
         job = self._job
         if job is None or job.cancelRequested:
             return
@@ -335,6 +341,7 @@ class ModelWorker:
         job.cancelDeadline = time.monotonic() + self.cancelGraceSeconds
         if job.requestId is not None and self.process is not None:
             self.process.send({"op": protocol.CANCEL, "target": job.requestId})
+            job.pingId = self._send(protocol.PING, {})
 
     def poll(self) -> list[jobs.JobEvent]:
         """Everything the child said since the last poll, as panel events; never blocks."""
@@ -367,6 +374,10 @@ class ModelWorker:
             self._ready = True
             return []
         job = self._job
+        if kind == protocol.PONG and job is not None and message.get("id") == job.pingId:
+            job.answered = True
+            job.cancelDeadline = time.monotonic() + self.busyGraceSeconds
+            return []
         if "cachedKeys" in message:
             self.cachedKeys = set(message["cachedKeys"])
         if job is None or message.get("id") != job.requestId:
@@ -439,7 +450,11 @@ class ModelWorker:
             return [self._endJob(jobs.JobEvent(jobs.FAILED, error=error))]
         now = time.monotonic()
         if job.cancelDeadline is not None and now > job.cancelDeadline:
-            return [self._killed(f"did not stop within {self.cancelGraceSeconds:.0f} s of Cancel")]
+            if job.answered:
+                return [
+                    self._killed(f"answered but did not stop within {self.busyGraceSeconds:.0f} s of Cancel")
+                ]
+            return [self._killed(f"did not answer within {self.cancelGraceSeconds:.0f} s of Cancel")]
         if not self._ready and now - self._startedAt > self.startTimeoutSeconds:
             return [self._killed(f"did not start within {self.startTimeoutSeconds:.0f} s")]
         return []
