@@ -347,6 +347,11 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         unless 'keep my window/level' is checked)."""
         if volumeNode is None:
             return
+        if volumeNode.GetDisplayNode() is None or volumeNode.GetImageData() is None:
+            # Still being loaded: the selector picks a volume as soon as it enters the scene, before
+            # the reader attaches its display node (which would drop ours). Show it once loaded.
+            qt.QTimer.singleShot(0, lambda: self._showWhenLoaded(volumeNode))
+            return
         node = self._parameterNode
         try:
             self.logic.showVolume(volumeNode, self.windowPreset(), node.allowNonCT, node.keepWindowLevel)
@@ -354,6 +359,11 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.reset3DViews()
         except Exception as error:  # display is a convenience: report, never block the panel
             self.showMessage(f"Could not display {volumeNode.GetName()}: {describeError(error)}", error=True)
+
+    def _showWhenLoaded(self, volumeNode) -> None:
+        node = self._parameterNode
+        if node is not None and node.inputVolume is volumeNode and volumeNode.GetDisplayNode() is not None:
+            self.showVolume(volumeNode)
 
     @staticmethod
     def reset3DViews() -> None:

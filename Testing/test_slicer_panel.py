@@ -478,3 +478,14 @@ def test_an_older_slicer_is_told_which_version_it_needs_before_any_install(panel
     status = panel.ui.statusLabel.text()
     assert "needs 3D Slicer 5.10 or newer" in status and "this is Slicer 5.8" in status
     assert standIn.pipInstalls == [] and standIn.confirmations == [] and not panel.busy()
+
+
+def test_a_volume_loaded_while_the_panel_is_open_is_shown_once_loaded(panel):
+    """The selector picks a volume the moment it enters the scene, before the reader attaches its
+    display node; the rendering made then would be dropped by the reader."""
+    assert panel.parameters.inputVolume is None
+    volume = standIn.loadVolume(ABDOMEN_CT, "abdomen")
+    assert panel.parameters.inputVolume is volume
+    panel.pump(lambda: standIn.logics["VolumeRendering"].GetFirstVolumeRenderingDisplayNode(volume), timeout=5)
+    rendering = standIn.logics["VolumeRendering"].GetFirstVolumeRenderingDisplayNode(volume)
+    assert rendering.GetVisibility() and volume.GetDisplayNode().GetWindow() == 2000.0  # the model's window
