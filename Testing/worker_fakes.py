@@ -19,8 +19,9 @@ from typing import Any
 
 WORD_SECONDS = 0.01
 SLOW_ENCODE_SECONDS = 3.0
-_usleepHoldingGIL = ctypes.PyDLL(None).usleep
-"""A native call that keeps Python's lock: the worker's main thread cannot answer while it runs."""
+_sleepHoldingGIL = ctypes.PyDLL(None).sleep
+"""libc's sleep(seconds) through PyDLL: a native call that keeps Python's lock all along, so the
+worker's main thread cannot answer a ping while it runs (a hung worker)."""
 
 
 class FakeModel:
@@ -61,7 +62,7 @@ class FakeModel:
         if self.hangInGenerate:
             print("fake model: stuck in a native call, ignoring cancel", file=sys.stderr, flush=True)
             while True:
-                _usleepHoldingGIL(1_000_000)
+                _sleepHoldingGIL(3600)
         words = []
         for index in range(max_new_tokens or 32):
             if cancel is not None and cancel.is_set():
