@@ -469,7 +469,8 @@ def test_save_scene_keeps_the_report_in_a_text_node_of_the_volume(tmp_path, tiny
     volume = scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
     text = volume.GetNodeReference("CTMLLMResult")
     assert text is not None and text.IsA("vtkMRMLTextNode")
-    assert text.GetText().splitlines()[1].startswith("CT-MLLM results for abdomen_ct_3mm")  # after the review line
+    review, header = text.GetText().splitlines()[:2]
+    assert header.startswith("CT-MLLM results for abdomen_ct_3mm") and "reviewed" in review
     assert Path(volume.GetStorageNode().GetFileName()).resolve() == ABDOMEN_CT.resolve()
 
 

@@ -486,6 +486,8 @@ def test_a_volume_loaded_while_the_panel_is_open_is_shown_once_loaded(panel):
     assert panel.parameters.inputVolume is None
     volume = standIn.loadVolume(ABDOMEN_CT, "abdomen")
     assert panel.parameters.inputVolume is volume
-    panel.pump(lambda: standIn.logics["VolumeRendering"].GetFirstVolumeRenderingDisplayNode(volume), timeout=5)
+    panel.pump(
+        lambda: standIn.logics["VolumeRendering"].GetFirstVolumeRenderingDisplayNode(volume), timeout=5
+    )
     rendering = standIn.logics["VolumeRendering"].GetFirstVolumeRenderingDisplayNode(volume)
     assert rendering.GetVisibility() and volume.GetDisplayNode().GetWindow() == 2000.0  # the model's window
