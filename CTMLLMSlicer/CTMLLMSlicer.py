@@ -56,6 +56,7 @@ from CTMLLMSlicerLib.logic import (
     isRepoId,
 )
 from CTMLLMSlicerLib.scene_results import RESULT_REFERENCE_ROLE
+from model_core.dicom_sr import IDENTIFIER_KEYWORDS, MissingIdentifiersError
 
 MODE_REPORT = "Report"
 MODE_QUESTION = "Question"
@@ -158,6 +159,8 @@ class CTMLLMSlicerParameterNode:
 
     inputVolume - the CT volume to describe.
     mode - Report (one full report) or Question (a chat about the volume).
+    routeByPrompt - the model's task router picks the expert from each prompt (the default);
+        off, the mode's expert (report or question) reads the volume.
     modelSource, modelLocation - the demo model, a local model folder, or a Hugging Face repo id.
     device, precision - where and how the model runs.
     windowPreset - the HU window the model (and the slice views) see; "model default" keeps the
@@ -171,6 +174,7 @@ class CTMLLMSlicerParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     mode: Annotated[str, Choice([MODE_REPORT, MODE_QUESTION])] = MODE_REPORT
+    routeByPrompt: bool = True
     modelSource: Annotated[str, Choice([SOURCE_DEMO, SOURCE_FOLDER, SOURCE_HUB])] = SOURCE_DEMO
     modelLocation: str = ""
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
@@ -191,6 +195,13 @@ def _qtValue(widget, name):
 def _dialogPath(result):
     """``QFileDialog.getSaveFileName`` returns a path in PythonQt, ``(path, filter)`` in PySide6."""
     return result[0] if isinstance(result, tuple) else result
+
+
+def _dialogText(result):
+    """``QInputDialog.getText`` returns the text in PythonQt ("" when cancelled), ``(text, ok)`` in PySide6."""
+    if isinstance(result, tuple):
+        return result[0] if result[1] else ""
+    return result or ""
 
 
 #
@@ -241,6 +252,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveButton.clicked.connect(self.onSaveButton)
         self.ui.copyButton.clicked.connect(self.onCopyButton)
         self.ui.exportButton.clicked.connect(self.onExportButton)
+        self.ui.exportSRButton.clicked.connect(self.onExportSRButton)
         self.ui.newConversationButton.clicked.connect(self.onNewConversationButton)
         self.ui.cacheFolderLineEdit.setText(self.modelCacheFolder())
         self.ui.cacheFolderLineEdit.editingFinished.connect(self.onCacheFolderEdited)
@@ -337,6 +349,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.saveButton,
             self.ui.copyButton,
             self.ui.exportButton,
+            self.ui.exportSRButton,
             self.ui.newConversationButton,
         ):
             button.setEnabled(hasResults)
@@ -469,7 +482,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             request = self.modelRequest()
             self.logic.startJob(
                 node.inputVolume,
-                task,
+                None if node.routeByPrompt else task,  # None: the task router picks the expert
                 prompt,
                 request,
                 self.windowPreset(),
@@ -527,7 +540,9 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             reuse = "" if event.result.encoded else ", reused the encoded volume"
             state = "Cancelled" if turn.cancelled else "Done"
             notices = "".join(f" {notice}" for notice in event.result.notices)
-            self.showMessage(f"{state}: {turn.newTokens} tokens in {turn.seconds:.1f} s{reuse}.{notices}")
+            self.showMessage(
+                f"{state}: {turn.newTokens} tokens in {turn.seconds:.1f} s, {turn.expertNote}{reuse}.{notices}"
+            )
             node = self._parameterNode
             if showing and not self.windowPreset() and not node.keepWindowLevel:  # the model's own window
                 self.logic.applyWindowPreset(node.inputVolume, "", node.allowNonCT)
@@ -592,17 +607,14 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showMessage("Copied to the clipboard.")
 
     def onExportButton(self) -> None:
-        volume = self._parameterNode.inputVolume
-        path = _dialogPath(
-            qt.QFileDialog.getSaveFileName(
-                self.parent,
-                "Export CT-MLLM results",
-                f"{volume.GetName()}-ctmllm.md",
-                "Markdown (*.md);;JSON (*.json)",
-            )
-        )
+        path = self._askSavePath("Export CT-MLLM results", "-ctmllm.md", "Markdown (*.md);;JSON (*.json)")
         if path:
             self.exportResults(path)
+
+    def _askSavePath(self, title: str, nameSuffix: str, filters: str) -> str:
+        """The file picked in a save dialog offering the selected volume's name ("" when cancelled)."""
+        name = self._parameterNode.inputVolume.GetName() + nameSuffix
+        return _dialogPath(qt.QFileDialog.getSaveFileName(self.parent, title, name, filters))
 
     def exportResults(self, path: str) -> None:
         """Write the selected volume's conversation to ``path`` (.md or .json)."""
@@ -612,6 +624,39 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showError(error)
             return
         self.showMessage(f"Exported to {written}")
+
+    def onExportSRButton(self) -> None:
+        path = self._askSavePath("Export CT-MLLM results as DICOM SR", "-ctmllm-sr.dcm", "DICOM (*.dcm)")
+        if path:
+            self.exportSR(path)
+
+    def exportSR(self, path: str, identifiers=None) -> None:
+        """Write the selected volume's results as a DICOM SR; for a volume that did not come from
+        DICOM, ask for the identifiers the SR needs (a PACS files it under the patient's study)."""
+        try:
+            written, notices = self.logic.exportReportSR(self._parameterNode.inputVolume, path, identifiers)
+        except MissingIdentifiersError as error:
+            given = self.askIdentifiers(error.missing, identifiers or {})
+            if given is None:
+                self.showError(error)
+            else:
+                self.exportSR(path, given)
+            return
+        except Exception as error:
+            self.showError(error)
+            return
+        self.showMessage(" ".join([f"DICOM SR written to {written}.", *notices]))
+
+    def askIdentifiers(self, names, known):
+        """Ask for each missing identifier; None when the user leaves one empty or cancels."""
+        given = dict(known)
+        for name in names:
+            label = f"{IDENTIFIER_KEYWORDS[name]} (the volume did not come from DICOM):"
+            value = _dialogText(qt.QInputDialog.getText(self.parent, "DICOM SR", label)).strip()
+            if not value:
+                return None
+            given[name] = value
+        return given
 
     def onNewConversationButton(self) -> None:
         self.logic.clearConversation(self._parameterNode.inputVolume)
@@ -648,6 +693,7 @@ class CTMLLMSlicerLogic(ScriptedLoadableModuleLogic, CTMLLMLogicCore):
             volumesLogic=slicer.modules.volumes.logic(),
         )
         self.workerFolder = self.workFolder()
+        self.dicomDatabase = getattr(slicer, "dicomDatabase", None)
 
     @staticmethod
     def workFolder() -> str:
@@ -693,6 +739,8 @@ class CTMLLMSlicerTest(ScriptedLoadableModuleTest):
             rendering = logic.volumeRenderingLogic.GetFirstVolumeRenderingDisplayNode(volume)
             self.assertTrue(rendering is not None and rendering.GetVisibility())
             self.assertFalse(widget.ui.saveButton.isEnabled())  # nothing to save yet
+            self.assertFalse(widget.ui.exportSRButton.isEnabled())
+            self.assertTrue(widget._parameterNode.routeByPrompt)  # the task router decides by default
         finally:
             widget.cleanup()
         self.delayDisplay("Panel shows the sample CT")
@@ -738,13 +786,24 @@ class CTMLLMSlicerTest(ScriptedLoadableModuleTest):
 
         try:
             answers = []
-            for task, prompt in ((REPORT, None), (QUESTION, "Is there a lesion?"), (QUESTION, "Where?")):
+            jobsToRun = (
+                (REPORT, None),
+                (QUESTION, "Is there a lesion?"),
+                (QUESTION, "Where?"),
+                (None, "Is the liver enlarged?"),  # the panel's default: the task router picks the expert
+                (None, "Is the spleen enlarged?"),
+            )
+            for task, prompt in jobsToRun:
                 logic.startJob(volume, task, prompt, request, maxNewTokens=24)
                 end = logic.waitForJob(timeout=300, idle=idle)
                 self.assertEqual(end.kind, jobs.FINISHED, describeError(end.error) if end.error else "")
                 answers.append(end.result)
             self.assertTrue(answers[0].encoded and answers[1].encoded)  # a question uses the question expert
             self.assertFalse(answers[2].encoded)  # the follow-up reuses the encoded volume in the worker
+            first, second = answers[3].turn, answers[4].turn
+            self.assertTrue(first.routed and first.expert in (REPORT, QUESTION), first.expertNote)
+            # features are reused when the router picks the same expert for another prompt
+            self.assertEqual(answers[4].encoded, second.expert != first.expert)
             self.assertEqual(logic.conversation(volume).history()[0][0], "Is there a lesion?")
             textNode = logic.saveResultToTextNode(volume)
             self.assertIn("Q: Where?", textNode.GetText())

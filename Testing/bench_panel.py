@@ -5,7 +5,8 @@
 
 For each model (``demo``: the shipped demo model, real text of ~40 tokens; ``tiny``: the random
 test model, which always writes ``--max-new-tokens`` tokens, a long stream), with the same CT
-file, report prompt and greedy decoding:
+file, report prompt and greedy decoding, the task router picking the expert in every path but the
+last (the CLI's ``--task auto``, the panel's checkbox, ``task=None``):
 
 - ``cli``: ``python -m model_core generate`` in a fresh process per repeat.
 - ``panel``: the module's widget on the test stand-ins, its GUI thread idling while holding
@@ -53,7 +54,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Testing"))
 DEFAULT_VOLUME = REPO.parent / "shared" / "data" / "ct" / "abdomen_ct_3mm.nii.gz"
-CLI_LINE = re.compile(r"\[(\d+) tokens, ([\d.]+) tok/s")
+CLI_LINE = re.compile(r"(\d+) tokens, ([\d.]+) tok/s")
+"""The CLI's closing line on stderr: ``[expert report (chosen by the task router); 42 tokens, 196.3 tok/s, ...]``."""
 
 
 class StreamClock:
@@ -141,8 +143,8 @@ def interleaved_runs(
         """The same report through the Logic in this process (the batch script's path), warm."""
         libraryClock = StreamClock(countTokens)
         start = time.perf_counter()
-        result = inProcess.run(
-            node, "report", None, request, maxNewTokens=maxNewTokens, onText=libraryClock.add
+        result = inProcess.run(  # task None: the task router picks the expert, as in the CLI and the panel
+            node, None, None, request, maxNewTokens=maxNewTokens, onText=libraryClock.add
         )
         inProcess.clearConversation(node)
         return {"tokens": result.turn.newTokens, "model_tok_s": result.turn.newTokens / result.turn.seconds,

@@ -34,6 +34,61 @@ if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
 
+REPORT_PROMPTS = [
+    "Write a radiology report of the findings in this CT volume.",
+    "Describe the findings of this CT scan.",
+    "Write the report for this CT.",
+]
+QUESTIONS = [
+    "Where is the lesion located?",
+    "Is there a lesion? Choices: A. yes B. no",
+    "What kind of lesion is there?",
+]
+"""Prompts whose task the tiny task router learns (``train_task_router``)."""
+
+
+def randomise_experts(model, seed: int) -> None:
+    """Give every MoE LoRA B a nonzero value, as training would, so experts change the output."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.volume_adapter.moe.named_parameters():
+            if name.endswith("lora_B"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def train_task_router(model, steps: int = 25):
+    """Teach a TGH-MoE model's task router ``REPORT_PROMPTS`` from ``QUESTIONS`` (router loss alone);
+    returns the last training call's ``EncodedBatch``."""
+    import torch
+
+    torch.manual_seed(0)
+    prompts = REPORT_PROMPTS + QUESTIONS
+    labels = ["report"] * len(REPORT_PROMPTS) + ["vqa"] * len(QUESTIONS)
+    batch = torch.rand(len(prompts), 9, 32, 32, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam(model.volume_adapter.moe.task_router.parameters(), lr=1e-2)
+    for _ in range(steps):
+        encoded = model.encode(batch, prompts=prompts, labels=labels)
+        optimizer.zero_grad()
+        encoded.aux_losses["router"].backward()
+        optimizer.step()
+    return encoded
+
+
+@pytest.fixture(scope="session")
+def routed_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny TGH-MoE (hard) model whose task router tells reports from questions and whose two
+    task experts differ, saved once per session."""
+    from model_core.config import MoEConfig
+    from model_core.tiny import build_tiny_ctmllm
+
+    model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="tgh_hard", router_loss_weight=1.0))
+    train_task_router(model)
+    randomise_experts(model, seed=2)
+    return model.eval().save_pretrained(tmp_path_factory.mktemp("model") / "tiny-routed")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random InternVL-based ``CTMLLM`` saved once per session: fast, writes gibberish."""

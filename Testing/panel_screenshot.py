@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=120, help="length of the report and the answer")
     args = parser.parse_args(argv)
 
-    from model_core.hub import DEMO_MODEL_DIR
-    from model_core.model import CONFIG_FILE
+    from model_core.hub import CONFIG_FILE, DEMO_MODEL_DIR
 
     if args.model == "demo" and not (DEMO_MODEL_DIR / CONFIG_FILE).is_file():
         print(

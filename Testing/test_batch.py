@@ -127,7 +127,7 @@ def read_summary(output: Path) -> dict[str, dict[str, str]]:
 
 
 def leftovers(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.endswith(".partial")]
+    return [p for p in folder.rglob("*") if ".partial" in p.name]
 
 
 @pytest.fixture(autouse=True)
@@ -197,7 +197,9 @@ def test_mixed_folder_gives_three_outputs_and_two_clear_errors(tmp_path, tiny_mo
 
     assert rows["broken"]["status"] == FAILED and rows["broken"]["error_type"] == "UnreadableVolumeError"
     assert "broken.nii.gz" in rows["broken"]["error"] and "truncated" in rows["broken"]["error"]
-    assert rows["mr_head"]["status"] == FAILED and rows["mr_head"]["error_type"] == "NotCTVolumeError"
+    assert (
+        rows["mr_head"]["status"] == FAILED and rows["mr_head"]["error_type"] == "NotCTError"
+    )  # the verdict
     assert (
         "mr_head.nii.gz" in rows["mr_head"]["error"] and "does not look like a CT" in rows["mr_head"]["error"]
     )
@@ -256,7 +258,15 @@ def test_sigkill_mid_run_then_resume_completes_each_case_once(tmp_path, tiny_mod
     assert not leftovers(output)
 
 
-def test_ctrl_c_keeps_finished_cases_and_exits_130(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize(
+    ("stop", "status", "words"),
+    [(signal.SIGINT, 130, "interrupted (Ctrl-C)"), (signal.SIGTERM, 143, "interrupted (SIGTERM)")],
+    ids=["ctrl_c", "sigterm"],
+)
+def test_ctrl_c_or_sigterm_keeps_finished_cases_and_marks_the_run_interrupted(
+    tmp_path, tiny_model_dir, stop, status, words
+):
+    """SIGTERM (timeout, systemd, Slurm) ends the run as Ctrl-C does; its exit status says which."""
     inputs = tmp_path / "in"
     for index in range(4):
         link(ABDOMEN_CT, inputs / f"s{index}.nii.gz")
@@ -266,10 +276,10 @@ def test_ctrl_c_keeps_finished_cases_and_exits_130(tmp_path, tiny_model_dir):
         script_command(*args), cwd=tmp_path, stdout=subprocess.PIPE, text=True, encoding="utf-8"
     )
     wait_for_first_record(process, output)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     stdout, _ = process.communicate(timeout=60)
-    assert process.returncode == 130, stdout
-    assert "interrupted" in stdout
+    assert process.returncode == status, stdout
+    assert words in stdout
     manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["runs"][-1]["status"] == "interrupted"
     rows = read_summary(output)
@@ -413,6 +423,28 @@ def test_case_list_vqa_run_answers_per_case_questions_and_records_an_empty_serie
     assert "empty_series" in outcomes["p2"].error and "holds no DICOM image files" in outcomes["p2"].error
 
 
+def test_the_task_router_picks_each_requests_expert_unless_the_task_forces_it(tmp_path, routed_model_dir):
+    questions = tmp_path / "questions.txt"
+    questions.write_text(
+        "Where is the lesion located?\nWrite a radiology report of the findings in this CT volume.\n",
+        encoding="utf-8",
+    )
+    experts = {}
+    for routing in ("router", "task"):
+        output = tmp_path / routing
+        options = BatchOptions(
+            ABDOMEN_CT, output, model=str(routed_model_dir), device="cpu", max_new_tokens=2,
+            questions_file=questions, **({} if routing == "router" else {"routing": routing}),
+        )  # fmt: skip
+        assert run_batch(options, progress_stream=io.StringIO()).exit_code == 0
+        record = json.loads((output / "cases" / "abdomen_ct_3mm.json").read_text(encoding="utf-8"))
+        assert record["routing"] == routing and record["fingerprint"]["routing"] == routing
+        experts[routing] = [record["report_expert"], *(answer["expert"] for answer in record["answers"])]
+    assert experts == {"router": ["report", "vqa", "report"], "task": ["report", "vqa", "vqa"]}
+    with pytest.raises(ValueError, match="--routing 'oracle'"):
+        replace(options, routing="oracle").validate()
+
+
 def test_check_reusable_says_why_not(tmp_path):
     output = tmp_path / "out"
     assert check_reusable(output, "x", "abc", {}).reason == "no earlier result"
@@ -526,11 +558,12 @@ def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp
 
     from CTMLLMSlicerLib.batch_scene import load_case_volume, nodes_added_during, slicer_context
     from CTMLLMSlicerLib.logic import CTMLLMLogicCore, _ijkToRAS
-    from model_core.data import write_dicom_series
+    from model_core.data import CTImage, NotCTError, write_dicom_series
 
     folder = tmp_path / "study"
     write_dicom_from(ABDOMEN_CT, folder)
-    for path in write_dicom_series(tmp_path / "mr", np.full((5, 8, 9), 300), (1.0, 1.0, 2.0), modality="MR"):
+    mr = np.arange(5 * 8 * 9).reshape(5, 8, 9) % 300 + 100  # no air: an MR
+    for path in write_dicom_series(tmp_path / "mr", mr, (1.0, 1.0, 2.0), modality="MR"):
         path.rename(folder / f"mr_{path.name}")
     context = slicer_context(tmp_path / "slicer.log")
     logic = CTMLLMLogicCore(context.scene, volumesLogic=context.volumesLogic)
@@ -540,9 +573,14 @@ def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp
     with nodes_added_during(context.scene):
         series_node, _ = load_case_volume(logic, cases["abdomen"])
         nifti_node, _ = load_case_volume(logic, reference)
-        mr_node, _ = load_case_volume(logic, cases["MR"])
-        assert np.array_equal(arrayFromVolume(series_node), arrayFromVolume(nifti_node))
-        assert np.allclose(_ijkToRAS(series_node), _ijkToRAS(nifti_node), atol=1e-3)
+        with pytest.raises(NotCTError, match="Modality MR"):  # as read_ct refuses it
+            load_case_volume(logic, cases["MR"])
+        mr_node, _ = load_case_volume(logic, cases["MR"], allow_non_ct=True)
+        series, nifti = (
+            CTImage.from_ijk_to_ras(arrayFromVolume(n), _ijkToRAS(n)) for n in (series_node, nifti_node)
+        )  # the same voxels at the same places, whatever order each reader stores them in
+        assert np.array_equal(series.array, nifti.array)
+        assert np.allclose(series.ijk_to_ras(), nifti.ijk_to_ras(), atol=1e-3)
         assert arrayFromVolume(mr_node).shape == (5, 8, 9)
         count = context.scene.GetNumberOfNodes()
     assert context.scene.GetNumberOfNodes() < count  # the case's nodes are gone afterwards

@@ -11,7 +11,7 @@ import pytest
 
 from model_core.benchmark.__main__ import main
 from model_core.benchmark.anatomy import LABELS, finding_site_label
-from model_core.benchmark.build import BenchmarkConfig, make_study, read_findings
+from model_core.benchmark.build import BenchmarkConfig, make_study, organs_out_of_view, read_findings
 from model_core.benchmark.findings import LEVELS, ORGAN_KINDS, Finding, score_findings, size_bucket
 from model_core.benchmark.lesions import (
     MIN_CONTRAST_HU,
@@ -29,7 +29,7 @@ from model_core.benchmark.real_anatomy import (
     split_lungs,
     threshold_lungs,
 )
-from model_core.benchmark.text import SITES, make_questions, parse_report, write_report
+from model_core.benchmark.text import SITES, make_questions, organs_named, parse_report, write_report
 from model_core.data.formats import load_m3d_npy, read_m3d_cap, read_m3d_vqa
 from model_core.prompts import CHOICE_LETTERS
 
@@ -142,6 +142,26 @@ def test_score_matches_one_to_one_on_organ_kind_and_size_bucket() -> None:
         score_findings([[]], [[], []])
 
 
+def test_scores_from_10_mm_and_recall_per_kind_and_size() -> None:
+    small = Finding("lung", "lung nodule", 6.0, "right")
+    medium = Finding("liver", "cyst", 12.0)
+    large = Finding("kidney", "solid mass", 30.0, "left")
+    # the small nodule is missed, a small false calcification and an unsized false cyst are reported
+    predicted = [[medium, Finding("spleen", "calcification", 5.0), Finding("spleen", "cyst", None)], [large]]
+    scores = score_findings(predicted, [[small, medium], [large]])
+    ten = scores["from_10mm"]
+    assert ten["n_true"] == 2 and ten["recall"] == 1.0 and ten["precision"] == pytest.approx(2 / 3)
+    assert scores["recall"] == pytest.approx(2 / 3) and scores["precision"] == pytest.approx(2 / 4)
+    assert scores["recall_by_kind"]["lung nodule"] == {"recall": 0.0, "n": 1.0}
+    assert scores["recall_by_kind"]["cyst"] == {"recall": 1.0, "n": 1.0}
+    assert scores["recall_by_kind"]["calcification"] == {"recall": None, "n": 0.0}
+    assert scores["recall_by_size"] == {
+        "small": {"recall": 0.0, "n": 1.0},
+        "medium": {"recall": 1.0, "n": 1.0},
+        "large": {"recall": 1.0, "n": 1.0},
+    }
+
+
 def test_lesions_lie_inside_their_organ_third_and_change_hu_there() -> None:
     for seed in range(4):
         rng = np.random.default_rng(seed)
@@ -252,7 +272,25 @@ def test_build_cli_writes_m3d_files_whose_reports_parse_to_their_findings(tmp_pa
         main(["score", "--benchmark", str(out), "--samples", str(samples), "--out", str(tmp_path / "s.json")])
         == 0
     )
-    assert json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))["f1"] == 1.0
+    written = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    assert written["f1"] == 1.0 and written["organs_out_of_view"] == {
+        "rate": 0.0,
+        "n": float(len(splits["test"]) + len(splits["train"])),
+    }
+
+
+def test_reports_naming_organs_outside_the_field_of_view_are_counted() -> None:
+    assert organs_named("Both kidneys are unremarkable. No pulmonary nodule. Hepatic cyst (9 mm).") == {
+        "kidney",
+        "lung",
+        "liver",
+    }
+    views = {"chest": {"lung"}, "abdomen": {"liver", "spleen", "kidney", "lung"}}
+    predictions = {
+        "chest": "The lungs are clear. The liver is unremarkable.",
+        "abdomen": "The liver is normal.",
+    }
+    assert organs_out_of_view(predictions, views) == {"rate": 0.5, "n": 2.0}
 
 
 def test_bad_input_is_refused_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -303,3 +341,26 @@ def test_real_anatomy_studies_use_the_held_out_patient_for_test() -> None:
     assert train.source == "real:abdomen_ct_3mm" and test.source == "real:cardiac_cta_1p5mm"
     assert {organ for organ, _ in test.sites} == {"lung"}
     assert _same_findings(parse_report(test.report), test.findings)
+
+
+def test_shifted_fields_of_view_drop_organs_and_reports_name_only_organs_in_view() -> None:
+    """Framed towards the chest or the pelvis, a phantom loses kidneys or lungs; its report and its
+    questions (not their distractor choices) then speak only of the organs actually imaged."""
+    config = BenchmarkConfig(grid=(24, 64, 64), fov_shift_share=1.0)
+    organ_words = {"kidney": ("kidney", "renal"), "lung": ("lung", "pulmonary")}
+    missing_seen = set()
+    for index in range(40):
+        study = make_study("train", index, config)
+        in_view = {organ for organ, _ in study.sites}
+        for organ, words in organ_words.items():
+            if organ in in_view:
+                continue
+            missing_seen.add(organ)
+            assert not any(word in study.report.lower() for word in words), study.report
+            assert all(organ not in f"{row['Question']} {row['Answer']}".lower() for row in study.questions)
+            sides = [f"{organ}_left", f"{organ}_right"]
+            slices = [np.flatnonzero((study.labels == LABELS[s]).any(axis=(1, 2))).size for s in sides]
+            assert max(slices) < 3
+    assert missing_seen == {"kidney", "lung"}
+    unshifted = make_study("train", 0, BenchmarkConfig(grid=(24, 64, 64)))
+    assert len(unshifted.sites) == 6

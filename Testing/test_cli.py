@@ -30,7 +30,37 @@ def test_generate_streams_an_answer_for_an_m3d_volume(tiny_model_dir: Path, tmp_
         cache=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert "[6 tokens" in done.stderr and "model tiny" in done.stderr
+    assert "[no task experts; 6 tokens" in done.stderr and "model tiny" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("prompt", "task", "note"),
+    [
+        (
+            "Write a radiology report of the findings in this CT volume.",
+            None,
+            "expert report (chosen by the task router)",
+        ),
+        ("Where is the lesion located?", None, "expert vqa (chosen by the task router)"),
+        (None, None, "expert report (chosen by the task router)"),
+        (
+            "Write a radiology report of the findings in this CT volume.",
+            "vqa",
+            "expert vqa (forced by --task)",
+        ),
+    ],
+)
+def test_generate_lets_the_task_router_pick_the_expert_by_default(
+    routed_model_dir: Path, tmp_path: Path, prompt: str | None, task: str | None, note: str
+) -> None:
+    volume = tmp_path / "case.npy"
+    np.save(volume, np.random.default_rng(0).random((1, 9, 32, 32), dtype=np.float32))
+    args = ["generate", "--model", str(routed_model_dir), "--volume", str(volume), "--max-new-tokens", "3"]
+    args += ["--prompt", prompt] if prompt else []
+    args += ["--task", task] if task else []
+    done = run_model_core_cli(*args, "--device", "cpu", cache=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"[{note}; 3 tokens" in done.stderr
 
 
 def test_info_describes_the_model(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -89,7 +119,7 @@ def test_generate_reads_a_real_nifti_and_refuses_mr(tiny_model_dir: Path, tmp_pa
         cache=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert "[4 tokens" in done.stderr
+    assert "; 4 tokens" in done.stderr
     mr = run_model_core_cli(
         "generate",
         "--model",
@@ -98,7 +128,7 @@ def test_generate_reads_a_real_nifti_and_refuses_mr(tiny_model_dir: Path, tmp_pa
         str(NOT_CT_MR),
         cache=tmp_path,
     )
-    assert mr.returncode == 2 and "allow_non_ct" in mr.stderr
+    assert mr.returncode == 2 and "pass --allow-non-ct" in mr.stderr  # the flag this user has
 
 
 def test_a_repo_in_the_local_cache_loads_without_asking(

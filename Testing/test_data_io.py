@@ -21,10 +21,10 @@ from model_core.data import (
     TooFewSlicesError,
     UnreadableVolumeError,
     read_ct,
+    slabs,
     write_dicom_series,
 )
-from model_core.data import io as data_io
-from model_core.data.io import shrink_factors
+from model_core.data.slabs import shrink_factors
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -107,7 +107,7 @@ def test_mr_volume_is_refused_as_not_ct_and_accepted_with_override():
 
 @needs_shared_ct
 def test_huge_volume_is_block_averaged_while_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_io, "_MIN_SLAB_VOXELS", 0)  # slabs of 2 slices: many reads, as for a huge file
+    monkeypatch.setattr(slabs, "MIN_SLAB_VOXELS", 0)  # slabs of 2 slices: many reads, as for a huge file
     path = tmp_path / "torso.nii"  # uncompressed: each slab read seeks instead of decompressing again
     sitk.WriteImage(sitk.ReadImage(str(SHARED_CT / "torso_ct_3mm.nii.gz")), str(path))
     ct = read_ct(path, max_voxels=100_000)
@@ -234,7 +234,9 @@ def test_series_with_a_missing_slice_is_refused_with_what_was_found(dicom_ct):
 def test_series_mixing_image_sizes_is_refused(dicom_ct, tmp_path):
     folder, _ = dicom_ct
     uid = read_ct(folder).series_uid
-    write_dicom_series(tmp_path / "other", ct_like((3, 9, 9)), (1, 1, 2), series_uid=uid)
+    write_dicom_series(
+        tmp_path / "other", ct_like((3, 9, 9)), (1, 1, 2), (0, 0, 0), FLIPPED_XZ, series_uid=uid
+    )  # same orientation: a broken series, not a scout to split off
     shutil.copy(tmp_path / "other" / "slice_0000.dcm", folder / "stray.dcm")
     with pytest.raises(DicomSeriesError, match=r"mixed image sizes 6x7 \(5 file\(s\)\), 9x9 \(1 file\(s\)\)"):
         read_ct(folder)
@@ -249,7 +251,7 @@ def test_truncated_dicom_file_is_named(dicom_ct):
 
 
 def test_huge_dicom_series_is_read_in_bounded_slabs(dicom_ct, monkeypatch):
-    monkeypatch.setattr(data_io, "_MIN_SLAB_VOXELS", 0)  # slabs of 2, 2 and 1 files
+    monkeypatch.setattr(slabs, "MIN_SLAB_VOXELS", 0)  # slabs of 2, 2 and 1 files
     folder, _ = dicom_ct
     ct = read_ct(folder, max_voxels=100)
     assert ct.array.size <= 100 and ct.array.dtype == np.float32
@@ -350,3 +352,64 @@ def test_from_array_checks_like_a_file():
     ct = CTImage.from_array(ct_like((4, 5, 6)), (0.5, 0.6, 2.0), (1, 2, 3), FLIPPED_XZ, source="memory")
     assert ct.orientation == "LPS" and ct.spacing == (2.0, 0.6, 0.5) and ct.source == "memory"
     np.testing.assert_array_equal(ct.array, ct_like((4, 5, 6))[::-1, :, ::-1])
+
+
+# --- damage that readers let through silently ---------------------------------------------------------
+
+
+def test_gzip_damaged_in_the_middle_is_refused_not_read_with_blank_slices(tmp_path):
+    path = write_volume(tmp_path / "v.nii.gz", ct_like((30, 128, 128)))
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))  # the end of the file (size, CRC) stays intact
+    silent = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    assert (silent[-5:] == 0).all()  # what ITK (and Slicer) make of it: blank slices, no error
+    with pytest.raises(UnreadableVolumeError, match=r"v\.nii\.gz: the gzip stream is damaged"):
+        read_ct(path)
+
+
+def test_a_nii_gz_that_is_not_gzip_says_so(tmp_path):
+    plain = write_volume(tmp_path / "v.nii", ct_like((4, 10, 10)))
+    misnamed = plain.rename(tmp_path / "v.nii.gz")
+    with pytest.raises(
+        UnreadableVolumeError, match="not gzip-compressed; it is an uncompressed NIfTI: rename"
+    ):
+        read_ct(misnamed)
+    (tmp_path / "junk.nii.gz").write_bytes(b"not an image at all" * 40)
+    with pytest.raises(UnreadableVolumeError, match="not gzip-compressed; copy or export it again"):
+        read_ct(tmp_path / "junk.nii.gz")
+
+
+@pytest.mark.parametrize("name", ["nan.nii.gz", "nan.nii", "nan.nrrd", "nan.mha"])
+def test_nan_and_inf_voxels_get_the_same_verdict_in_every_format(tmp_path, name):
+    volume = ct_like((4, 10, 10)).astype(np.float32)
+    volume[1, 2, 3] = np.nan
+    volume[2, 2, 3] = -np.inf
+    with pytest.raises(InvalidValuesError, match=r"holds 1 NaN and 1 infinite voxel\(s\) out of 400"):
+        read_ct(write_volume(tmp_path / name, volume))
+
+
+def test_an_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
+    from model_core.data import files
+
+    path = write_volume(tmp_path / "v.nii.gz", ct_like((4, 10, 10)))
+
+    def denied(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(files, "open", denied, raising=False)  # root reads everything: simulate the OS
+    with pytest.raises(UnreadableVolumeError, match=r"v\.nii\.gz: cannot be read: permission denied"):
+        read_ct(path)
+
+
+def test_a_sheared_nifti_is_explained(tmp_path):
+    import struct
+
+    path = write_volume(tmp_path / "sheared.nii", ct_like((6, 20, 20)))
+    header = bytearray(path.read_bytes())
+    struct.pack_into("<2h", header, 252, 0, 1)  # qform_code 0, sform_code 1: only the sform counts
+    struct.pack_into("<12f", header, 280, -1, 0, 0.5, 0, 0, -1, 0, 0, 0, 0, 2, 0)  # x leans on z
+    path.write_bytes(bytes(header))
+    with pytest.raises(UnreadableVolumeError, match="voxel axes are not perpendicular"):
+        read_ct(path)

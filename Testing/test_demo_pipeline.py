@@ -19,21 +19,22 @@ import yaml
 from transformers import AutoTokenizer
 
 from model_core import demo_pipeline as dp
+from model_core import demo_results
 from model_core.benchmark.findings import Finding
 from model_core.benchmark.slabs import (
     FINDINGS_LIST_PROMPT,
     NO_FINDINGS_LIST,
     NORMAL_SLAB_TEXT,
     SLAB_PROMPT,
-    TOKEN_LESION_LABELS,
     SlabDataset,
     caption_names_lesion,
     findings_in_slab,
     findings_list,
     slab_items,
-    token_lesion_targets,
 )
 from model_core.benchmark.text import write_report
+from model_core.demo_card import write_model_card
+from model_core.demo_training import TowerBatches, benchmark_studies, crop_features, pretrain_2d
 from model_core.families import STATE_DICT_PREFIXES, map_2d_state_dict_name, map_ctmllm_state_dict_name
 from model_core.model import CTMLLM
 from model_core.tiny import train_bpe_tokenizer
@@ -56,6 +57,9 @@ def test_pipeline_writes_every_artifact(toy_run: tuple[Path, dict]) -> None:
         "bench/findings.jsonl",
         "tokenizer/tokenizer.json",
         "2d_random/config.json",
+        "2d_tower/config.json",
+        "2d_tower/tower_pretraining.json",
+        "tower_lesion_head.safetensors",
         "2d_checkpoint/config.json",
         "2d_checkpoint/model.safetensors",
         "2d_checkpoint/preprocessor_config.json",
@@ -80,7 +84,8 @@ def test_pipeline_writes_every_artifact(toy_run: tuple[Path, dict]) -> None:
     }
     tower = json.loads((out / "2d_checkpoint" / "tower_pretraining.json").read_text(encoding="utf-8"))
     assert tower["history"][-1]["step"] == TOY.tower_steps
-    assert set(tower["auc"]) == {*TOKEN_LESION_LABELS, "any"} and scores["tower_auc"] == tower["auc"]
+    assert tower["organ_matched_auc"]["all"]["lesions"] > 0
+    assert scores["tower_detection"] == tower["organ_matched_auc"]
     assert 0.0 <= scores["findings"]["f1"] <= 1.0
     assert scores["closed_accuracy"]["n"] > 0
 
@@ -109,11 +114,21 @@ def test_ship_model_stores_float16_that_loads_back(toy_run: tuple[Path, dict], t
 
 def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) -> None:
     out, scores = toy_run
-    page = dp.write_results(out, tmp_path / "RESULTS.md").read_text(encoding="utf-8")
-    assert f"| finding-level F1 (organ+side, kind, size bucket) | {scores['findings']['f1']:.3f} |" in page
-    assert f"{scores['closed_accuracy']['accuracy']:.3f} (n={scores['closed_accuracy']['n']})" in page
+    page = demo_results.write_results(out, tmp_path / "RESULTS.md").read_text(encoding="utf-8")
+    ten = scores["findings"]["from_10mm"]["f1"]
+    verdict = demo_results.verdict("finding_f1_10mm", ten)
+    assert (
+        f"| finding F1, lesions of 10 mm and up (organ+side, kind, size bucket) | {ten:.3f} | ≥ 0.80 | {verdict} |"
+        in page
+    )
+    assert f"| finding F1, all sizes | {scores['findings']['f1']:.3f} |" in page
+    assert (
+        f"| closed-VQA accuracy, the task router picks the expert | {scores['closed_accuracy']['accuracy']:.3f} |"
+        in page
+    )
     assert "| 3d_training |" in page and "| 2d_pretraining |" in page and "| tower_pretraining |" in page
-    assert "| " + " | ".join([*TOKEN_LESION_LABELS, "any"]) + " |" in page
+    assert "| " + " | ".join(scores["tower_detection"]) + " |" in page
+    assert ("Every target is met." in page) != ("Next lever:" in page)
     assert "Not run." in page  # no ablations in this run
     with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
         distinct = len({row["prediction"] for row in csv.DictReader(stream)})
@@ -121,6 +136,18 @@ def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) 
     check = scores["slab_check_2d"]
     assert check["slabs_with_lesion"] + check["slabs_without"] > 0
     assert f"on {check['reported_on_normal_slabs']} of {check['slabs_without']} without" in page
+
+
+def test_model_card_describes_the_model_and_its_scores(toy_run: tuple[Path, dict], tmp_path: Path) -> None:
+    out, scores = toy_run
+    card = write_model_card(out, Path(scores["model_dir"]), tmp_path / "CARD.md").read_text(encoding="utf-8")
+    model = CTMLLM.from_pretrained(scores["model_dir"])
+    assert f"{model.family.patch_size}-pixel patches on {TOY.grid[1]}-pixel slices" in card
+    assert f"the top **K = {model.config.volume.num_3d_blocks}** blocks" in card
+    assert f"{TOY.tower_steps} steps of {TOY.tower_batch} crops" in card
+    ten = scores["findings"]["from_10mm"]["f1"]
+    assert f"| finding F1, lesions of 10 mm and up | {ten:.3f} | ≥ 0.80 |" in card
+    assert "| tower_pretraining |" in card and "## History" in card
 
 
 def test_slab_dataset_reads_aligned_slabs_with_their_findings(toy_run: tuple[Path, dict]) -> None:
@@ -188,7 +215,7 @@ def test_captioning_after_tower_pretraining_keeps_the_tower(toy_run: tuple[Path,
     model = dp.as_2d_ctmllm(dp.build_2d_mllm(tokenizer, TOY, seed=0), tokenizer, TOY)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     dataset = SlabDataset(slab_items(out / "bench", "train", caption_style="findings_list"))
-    dp.pretrain_2d(model, dataset, 2, 2, 1e-2, 0, lambda _line: None, train_tower=False)
+    pretrain_2d(model, dataset, 2, 2, 1e-2, 0, lambda _line: None, train_tower=False)
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed and not any(name.startswith("vision_tower.") for name in changed)
     assert any(name.startswith("projector.") for name in changed)
@@ -211,24 +238,21 @@ def test_lesion_share_keeps_every_lesion_slab_and_drops_normal_ones(toy_run: tup
         slab_items(out / "bench", "train", min_lesion_share=0.0)
 
 
-def test_token_lesion_targets_mark_the_cell_holding_each_lesion_centre() -> None:
-    cyst = Finding("liver", "cyst", 6.0, center_voxel=(4, 10, 70))  # row cell 0, column cell 2
-    nodule = Finding("lung", "lung nodule", 25.0, side="left", center_voxel=(4, 95, 0))  # cell (2, 0)
-    targets = token_lesion_targets([cyst, nodule], (96, 96), cells=3)
-    assert targets.shape == (9, len(TOKEN_LESION_LABELS))
-    on = {(int(t), TOKEN_LESION_LABELS[int(k)]) for t, k in zip(*targets.nonzero(), strict=True)}
-    assert on == {(2, "cyst"), (2, "small"), (6, "lung nodule"), (6, "large")}
-    assert not token_lesion_targets([], (96, 96), cells=3).any()
-    with pytest.raises(ValueError, match="equal token cells"):
-        token_lesion_targets([cyst], (96, 96), cells=5)
-
-
-def test_roc_auc_ranks_positives_above_negatives_with_ties_as_half() -> None:
-    positive = torch.tensor([True, True, False, False])
-    assert dp.roc_auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), positive) == 1.0
-    assert dp.roc_auc(torch.tensor([0.1, 0.2, 0.9, 0.8]), positive) == 0.0
-    assert dp.roc_auc(torch.tensor([0.5, 0.5, 0.5, 0.5]), positive) == 0.5
-    assert dp.roc_auc(torch.tensor([0.9, 0.1]), torch.tensor([True, True])) is None
+def test_tower_crops_are_balanced_and_a_whole_grid_crop_is_the_full_slab(toy_run: tuple[Path, dict]) -> None:
+    out, _ = toy_run
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    model = dp.as_2d_ctmllm(dp.build_2d_mllm(tokenizer, TOY, seed=0), tokenizer, TOY).eval()
+    batches = TowerBatches(out / "bench", benchmark_studies(out / "bench", "train"), TOY.patch, seed=0)
+    batch = batches.draw(6)
+    cells = (TOY.grid[1] // TOY.patch) ** 2
+    assert batch.slabs.shape == (6, 3, *TOY.grid[1:]) and batch.patches.shape[1] <= cells
+    assert batch.targets[0::3, :, 0].sum(1).min() > 0  # every first-of-three crop holds a lesion patch
+    assert batch.weights.max() == 10.0 and batch.weights.min() == 1.0
+    whole = torch.arange(cells).expand(2, -1)
+    with torch.no_grad():
+        cropped = crop_features(model, batch.slabs[:2], whole)
+        full = model.volume_adapter(model.vision_tower, batch.slabs[:2])[0].flatten(1, 3)
+    assert torch.allclose(cropped, full, atol=1e-5)
 
 
 def test_findings_in_slab_uses_the_sphere_and_the_slice_spacing() -> None:
@@ -281,16 +305,18 @@ def test_ablation_table_gives_mean_and_spread_and_names_unrun_variants() -> None
         findings = {"f1": f1, "organ_f1": f1, "false_finding_rate_on_normals": 0.0}
         return {"seed": seed, "closed_accuracy": {"accuracy": accuracy}, "findings": findings}
 
-    name = next(iter(dp.ABLATIONS))
+    variants = dp.ablation_variants(dp.BUDGETS["ablation"])
+    assert len(variants) == len(dp.ABLATIONS) + 1
+    name = next(iter(variants))
     ablations = {name: [run(0, 0.5, 0.2), run(1, 0.7, 0.4)]}
-    row = dp._mean_spread([0.5, 0.7])
+    row = demo_results.mean_spread([0.5, 0.7])
     assert row == f"0.600 ± {math.sqrt(0.02):.3f} (n=2)"
-    table = dp.results_markdown(_minimal_scores(), {}, ablations)
+    table = demo_results.results_markdown(_minimal_scores(), {}, ablations)
     assert f"| {name} | {row} |" in table
     unrun = [line for line in table.splitlines() if line.endswith("| not run | not run |")]
-    assert len(unrun) == len(dp.ABLATIONS) - 1
+    assert len(unrun) == len(variants) - 1
     assert "does not yet tell the variants apart" not in table  # one run has F1 above 0
-    blind = dp.results_markdown(_minimal_scores(), {}, {name: [run(0, 0.5, 0.0), run(1, 0.6, 0.0)]})
+    blind = demo_results.results_markdown(_minimal_scores(), {}, {name: [run(0, 0.5, 0.0), run(1, 0.6, 0.0)]})
     assert "does not yet tell the variants apart" in blind
 
 
@@ -302,7 +328,7 @@ def test_budget_refuses_a_grid_the_pixel_shuffle_cannot_take() -> None:
 def _minimal_scores() -> dict:
     zero = {"f1": 0.0, "precision": 0.0, "recall": 0.0, "organ_f1": 0.0, "organ_kind_f1": 0.0}
     return {
-        "findings": {**zero, "false_finding_rate_on_normals": 0.0, "n_normal_studies": 1.0},
+        "findings": {**zero, "false_finding_rate_on_normals": 0.0, "n_normal_studies": 1.0, "n_studies": 2.0},
         "closed_accuracy": {"accuracy": 0.0, "n": 1, "per_type": {}},
         "report_metrics": {},
         "open_metrics": {},

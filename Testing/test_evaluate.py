@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ABDOMEN_CT, needs_shared_ct
 
-from model_core import evaluate, metrics
+from model_core import evaluate, evaluation_outputs, metrics
 from model_core.data import Sample
 from model_core.generation import GenerationResult
 
@@ -84,7 +85,7 @@ def test_report_run_writes_three_outputs(tiny_model_dir, fake_data, tmp_path) ->
     ]  # no temp files
 
     rows = _read_rows(out)
-    assert list(rows[0]) == list(evaluate.CSV_COLUMNS)
+    assert list(rows[0]) == list(evaluation_outputs.CSV_COLUMNS)
     assert [row["sample_id"] for row in rows] == ["ct_case/000001/Axial", "ct_case/000002/Axial"]
     assert [row["reference"] for row in rows] == ["The liver is normal in size.", "No focal lesion."]
     for row in rows:  # each metric of each sample, recomputed from the written texts
@@ -135,16 +136,28 @@ def test_vqa_run_scores_closed_by_letter_and_reruns_identically(tiny_model_dir, 
 
 
 class _ScriptedModel:
-    """Stands in for CTMLLM with known answers, to check accuracy against hand-counted outputs."""
+    """Stands in for CTMLLM with known answers, to check accuracy against hand-counted outputs.
+
+    Without ``routes`` it has no task experts; with them, ``routes[prompt]`` is the expert its task
+    router picks and ``answers[(prompt, expert)]`` what that expert answers."""
 
     model_id = "scripted"
 
-    def __init__(self, answers: dict[str, str]) -> None:
-        self.answers = answers
+    def __init__(self, answers: dict, routes: dict[str, str] | None = None) -> None:
+        self.answers, self.routes = answers, routes
+        self.calls: list[tuple[str, str | None]] = []
+
+    def forcing_keeps_features(self, routed_expert: str | None, task: str) -> bool:
+        return routed_expert is None or routed_expert == task
 
     def generate(self, volume, prompt, task=None, max_new_tokens=None, do_sample=None) -> GenerationResult:
         assert volume.shape == (6, 8, 8) and do_sample is False  # greedy, volume (D, H, W)
-        return GenerationResult(text=self.answers[prompt], new_tokens=3, cancelled=False, seconds=0.0)
+        self.calls.append((prompt, task))
+        if self.routes is None:
+            return GenerationResult(text=self.answers[prompt], new_tokens=3, cancelled=False, seconds=0.0)
+        expert = task or self.routes[prompt]
+        text = self.answers[(prompt, expert)]
+        return GenerationResult(text=text, new_tokens=3, cancelled=False, seconds=0.0, expert=expert)
 
 
 def test_closed_accuracy_per_question_type_from_known_outputs(tmp_path) -> None:
@@ -167,6 +180,89 @@ def test_closed_accuracy_per_question_type_from_known_outputs(tmp_path) -> None:
     assert "| Plane | 50.00 | 2 |" in (tmp_path / "summary.md").read_text(encoding="utf-8")
     with pytest.raises(ValueError, match="pass only 'report' samples"):
         evaluate.evaluate(model, samples, evaluate.EvalSettings(task="report", bertscore=False), tmp_path)
+
+
+def test_scores_are_routed_with_the_oracle_routed_ones_beside_them(tmp_path) -> None:
+    volume = np.zeros((6, 8, 8), dtype=np.float32)
+    meta = {"question_type_name": "Plane", "closed": True, "answer_choice": "A"}
+    samples = [
+        Sample(task="vqa", prompt=p, answer="A. x", volume=volume, meta={**meta, "sample_id": p})
+        for p in ("q1", "q2")
+    ]
+    # the router sends q2 to the report expert, which answers wrongly; the vqa expert is right on both
+    model = _ScriptedModel(
+        {("q1", "vqa"): "A. Axial", ("q2", "report"): "The liver.", ("q2", "vqa"): "A. Axial"},
+        routes={"q1": "vqa", "q2": "report"},
+    )
+    settings = evaluate.EvalSettings(task="vqa", bertscore=False, meteor=False)
+    summary = evaluate.evaluate(model, samples, settings, tmp_path, progress=False)
+    assert summary["closed_accuracy"]["accuracy"] == 0.5  # routed: as the model runs in use
+    assert summary["oracle"]["closed_accuracy"]["accuracy"] == 1.0
+    assert summary["routing"]["router_accuracy"] == 0.5 and summary["routing"]["experts"] == {
+        "report": 1,
+        "vqa": 1,
+    }
+    assert summary["routing"]["oracle_generations"] == 1 and model.calls == [
+        ("q1", None),
+        ("q2", None),
+        ("q2", "vqa"),
+    ]
+    rows = _read_rows(tmp_path)
+    assert [(r["expert"], r["prediction"], r["oracle_prediction"]) for r in rows] == [
+        ("vqa", "A. Axial", "A. Axial"),
+        ("report", "The liver.", "A. Axial"),
+    ]
+    assert [(r["correct"], r["oracle_correct"]) for r in rows] == [("True", "True"), ("False", "True")]
+    assert "| Closed-ended accuracy | 50.00 | 100.00 |" in (tmp_path / "summary.md").read_text(
+        encoding="utf-8"
+    )
+
+
+def test_a_routed_model_runs_end_to_end(routed_model_dir, fake_data, tmp_path) -> None:
+    out = tmp_path / "out"
+    assert (
+        _run(
+            routed_model_dir, str(fake_data / "M3D_VQA_test.csv"), "vqa", out, "--no-bertscore", "--no-meteor"
+        )
+        == 0
+    )
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["routing"]["task_router"] and set(summary["oracle"]) == set(evaluate.ORACLE_KEYS)
+    rows = _read_rows(out)
+    assert {row["expert"] for row in rows} <= {"report", "vqa"} and all(
+        row["oracle_prediction"] for row in rows
+    )
+    routed = [row for row in rows if row["expert"] == "vqa"]  # the router agreed: one text for both
+    assert all(row["oracle_prediction"] == row["prediction"] for row in routed)
+
+
+@needs_shared_ct
+def test_ct_files_are_prepared_as_the_model_was_trained(tmp_path, monkeypatch) -> None:
+    """A JSONL set of NIfTI files gets the model's recorded preprocessing, not the default grid."""
+    from model_core.model import CTMLLM
+    from model_core.tiny import build_tiny_ctmllm
+
+    model = build_tiny_ctmllm("internvl", num_3d_blocks=1)
+    model.config.preprocessing = {"target_shape": [6, 32, 32], "window": "lung"}
+    folder = model.save_pretrained(tmp_path / "model")
+    jsonl = tmp_path / "set.jsonl"
+    line = {"volume": str(ABDOMEN_CT), "task": "report", "answer": "Normal liver.", "id": "a"}
+    jsonl.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    shapes: list[tuple[int, ...]] = []
+    generate = CTMLLM.generate
+    monkeypatch.setattr(
+        CTMLLM,
+        "generate",
+        lambda self, volume, *a, **k: shapes.append(volume.shape) or generate(self, volume, *a, **k),
+    )
+    assert _run(folder, str(jsonl), "report", tmp_path / "out", "--no-bertscore", "--no-meteor") == 0
+    assert shapes == [(6, 32, 32)]  # the default would be (32, 256, 256) in the wide window
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["preprocessing"]["window"] == "lung" and summary["preprocessing"]["target_shape"] == [
+        6,
+        32,
+        32,
+    ]
 
 
 def test_jsonl_report_with_limit(tiny_model_dir, fake_data, tmp_path) -> None:

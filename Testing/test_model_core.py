@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from model_core.config import VolumeAdapterConfig
+from model_core.config import ConfigError, VolumeAdapterConfig
+from model_core.data import PreprocessConfig
 from model_core.families import map_2d_state_dict_name
 from model_core.model import CTMLLM, PromptTooLongError
 from model_core.projector import pooled_grid
@@ -32,7 +33,7 @@ def adapted(family: str, k: int, **kwargs) -> tuple[CTMLLM, torch.nn.Module]:
 
 def tower_features(model: CTMLLM, volume: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model.volume_adapter(model.vision_tower, volume)  # (B, G, h, w, C)
+        return model.volume_adapter(model.vision_tower, volume)[0]  # (B, G, h, w, C)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -175,6 +176,40 @@ def test_bad_volumes_get_a_clear_error(volume: torch.Tensor, message: str) -> No
     model = build_tiny_ctmllm("internvl", num_3d_blocks=1)
     with pytest.raises(VolumeInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         model.encode_volumes(volume)
+
+
+def test_too_deep_volumes_and_too_shallow_grids_are_refused_with_the_limit() -> None:
+    model = build_tiny_ctmllm("internvl", num_3d_blocks=1)
+    assert model.config.volume.max_slices == 256  # the documented default
+    with pytest.raises(
+        VolumeInputError, match=r"257 slices; this model reads at most 256 \(volume.max_slices\)"
+    ):
+        model.encode_volume(np.zeros((257, 8, 8), dtype=np.float32))
+    model.encode_volume(np.zeros((256, 8, 8), dtype=np.float32))  # at the limit: read
+    with pytest.raises(ConfigError, match="use a depth of at least 3"):
+        PreprocessConfig(target_shape=(2, 64, 64))
+    with pytest.raises(ConfigError, match="max_slices=2"):
+        VolumeAdapterConfig(max_slices=2)
+
+
+def test_slices_keep_their_aspect_ratio_and_shrink_without_aliasing() -> None:
+    model = build_tiny_ctmllm("internvl", num_3d_blocks=1)  # the tower reads 32 x 32
+    adapter = model.volume_adapter
+    mean, std = adapter.image_mean[0, :, 0, 0], adapter.image_std[0, :, 0, 0]
+
+    def unnormalised(groups: torch.Tensor) -> torch.Tensor:
+        return adapter.to_pixels(groups) * std[:, None, None] + mean[:, None, None]  # (n, 3, S, S)
+
+    tall = torch.rand(1, 1, 3, 32, 16, generator=torch.Generator().manual_seed(0))  # H = 2 W
+    pixels = unnormalised(tall)[0]
+    torch.testing.assert_close(pixels[:, :, 8:24], tall[0, 0])  # centred, not stretched
+    assert pixels[:, :, :8].abs().max() < 1e-6 and pixels[:, :, 24:].abs().max() < 1e-6  # padded with 0
+
+    checkerboard = ((torch.arange(96)[:, None] + torch.arange(96)[None, :]) % 2).float()
+    shrunk = unnormalised(checkerboard.expand(1, 1, 3, 96, 96))[..., 1:-1, 1:-1]  # 3x smaller
+    assert (shrunk - 0.5).abs().max() < 0.02  # averaged; plain bilinear picks single pixels: 0 or 1
+    wide = unnormalised(torch.ones(1, 1, 3, 48, 96))[0]  # shrunk to 16 x 32, centred
+    assert wide[:, 8:24].min() > 0.99 and wide[:, :8].abs().max() < 1e-6 and wide[:, 24:].abs().max() < 1e-6
 
 
 def test_numpy_integer_volume_and_long_prompt_are_refused() -> None:

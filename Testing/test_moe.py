@@ -2,37 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+from conftest import QUESTIONS, REPORT_PROMPTS, randomise_experts, train_task_router
 
 from model_core.config import MoEConfig
 from model_core.families import map_2d_state_dict_name
 from model_core.moe import MoERoutingError, load_balancing_loss, set_moe, top_k_gates
 from model_core.tiny import build_tiny_2d_mllm, build_tiny_ctmllm
-
-REPORT_PROMPTS = [
-    "Write a radiology report of the findings in this CT volume.",
-    "Describe the findings of this CT scan.",
-    "Write the report for this CT.",
-]
-QUESTIONS = [
-    "Where is the lesion located?",
-    "Is there a lesion? Choices: A. yes B. no",
-    "What kind of lesion is there?",
-]
+from model_core.training.stages import enable_gradient_checkpointing
 
 
 def volumes(batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 9, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def randomise_experts(model, seed: int) -> None:
-    """Give every LoRA B a nonzero value, as training would, so experts change the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.volume_adapter.moe.named_parameters():
-            if name.endswith("lora_B"):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
 
 
 @pytest.mark.parametrize("family", ["internvl", "llava"])
@@ -94,24 +78,28 @@ def test_top_k_gates_keep_k_experts_summing_to_one() -> None:
     assert torch.equal(gates.argmax(-1), probs.argmax(-1))
 
 
+def test_a_top1_router_learns_from_the_output_as_switch_does() -> None:
+    """With one expert per token the gate is the router's raw probability, not a constant 1."""
+    logits = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(0))
+    gates, probs = top_k_gates(logits, top_k=1)
+    assert torch.equal(gates.max(-1).values, probs.max(-1).values) and ((gates > 0).sum(-1) == 1).all()
+
+    model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="token", top_k=1)).train()
+    randomise_experts(model, seed=6)
+    model.encode_volumes(volumes(1)).square().mean().backward()  # no balance loss: the output alone
+    routers = [p for n, p in model.volume_adapter.moe.named_parameters() if ".routers." in n]
+    assert routers and all(p.grad is not None and p.grad.abs().max() > 0 for p in routers)
+
+
 def test_hard_router_learns_the_prompt_task_and_a_forced_task_overrides_it() -> None:
-    torch.manual_seed(0)
     model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="tgh_hard", router_loss_weight=1.0))
-    moe = model.volume_adapter.moe
     prompts = REPORT_PROMPTS + QUESTIONS
     labels = ["report"] * len(REPORT_PROMPTS) + ["vqa"] * len(QUESTIONS)
+    assert train_task_router(model).tasks == labels  # the argmax of the last forward
     batch = volumes(len(prompts))
-    optimizer = torch.optim.Adam(moe.task_router.parameters(), lr=1e-2)
-    for _ in range(25):
-        model.encode_volumes(batch, prompts=prompts, labels=labels)
-        loss = model.volume_adapter.auxiliary_losses()["router"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert model.volume_adapter.routed_tasks == labels  # the argmax of the last forward
     with torch.no_grad():
-        model.encode_volumes(batch, prompts=prompts)
-    assert model.volume_adapter.routed_tasks == labels
+        assert model.encode(batch, prompts=prompts).tasks == labels
+    assert [model.route(prompt) for prompt in prompts] == labels  # the router alone, no volume
 
     randomise_experts(model, seed=2)  # task experts now differ, so outputs tell which one ran
     volume = batch[0]
@@ -165,7 +153,7 @@ def test_moe_blocks_out_of_range_are_refused() -> None:
         build_tiny_ctmllm("internvl", moe=MoEConfig(mode="token", blocks=(7,)))
 
 
-@pytest.mark.parametrize("mode", ["token", "tgh_soft"])
+@pytest.mark.parametrize("mode", ["token", "tgh_soft", "tgh_hard"])
 def test_routing_survives_gradient_checkpointing(mode: str) -> None:
     """Recomputation in the backward pass must route exactly as the forward did."""
     grads = []
@@ -173,9 +161,7 @@ def test_routing_survives_gradient_checkpointing(mode: str) -> None:
         model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode=mode)).train()
         randomise_experts(model, seed=4)
         if checkpointing:
-            model.vision_tower.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_gradient_checkpointing(model)
         out = model.compute_loss(
             volumes(2), [REPORT_PROMPTS[0], QUESTIONS[1]], ["A cyst.", "A. yes"], ["report", "vqa"]
         )
@@ -186,3 +172,56 @@ def test_routing_survives_gradient_checkpointing(mode: str) -> None:
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_tower_checkpointing_without_the_routing_context_is_refused_clearly() -> None:
+    model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="tgh_hard")).train()
+    model.vision_tower.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False}
+    )
+    out = model.compute_loss(volumes(1), [QUESTIONS[0]], ["A. yes"], ["vqa"])
+    with pytest.raises(MoERoutingError, match="enable_gradient_checkpointing"):
+        out.loss.backward()
+
+
+def test_two_threads_encoding_at_once_each_get_their_own_expert() -> None:
+    """Routing is per call: concurrent encodes with different task experts never mix (the panel's
+    worker, ``CTMLLM.stream``'s thread and a batch may encode at the same time)."""
+    model = build_tiny_ctmllm("internvl", moe=MoEConfig(mode="tgh_hard"))
+    randomise_experts(model, seed=5)
+    volume = volumes(1)[0]
+    expected = {task: model.encode_volume(volume, task=task).tokens for task in ("report", "vqa")}
+    assert not torch.allclose(expected["report"], expected["vqa"])
+    start = threading.Barrier(2)
+    wrong: list[str] = []
+
+    def encode_many(task: str) -> None:
+        start.wait()
+        for _ in range(40):
+            features = model.encode_volume(volume, task=task)
+            if features.task != task or not torch.equal(features.tokens, expected[task]):
+                wrong.append(task)
+
+    workers = [threading.Thread(target=encode_many, args=(task,)) for task in ("report", "vqa")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert not wrong, f"{len(wrong)} of 80 concurrent encodes used another call's expert"
+
+
+def test_generate_lets_the_router_pick_the_expert_and_says_which(routed_model_dir) -> None:
+    from model_core.model import CTMLLM
+
+    model = CTMLLM.from_pretrained(routed_model_dir)
+    volume = volumes(1)[0]
+    report = model.generate(volume, max_new_tokens=4)  # no prompt: the report prompt, routed
+    answer = model.generate(volume, QUESTIONS[0], max_new_tokens=4)
+    forced = model.generate(volume, REPORT_PROMPTS[0], task="vqa", max_new_tokens=4)
+    assert (report.expert, answer.expert, forced.expert) == ("report", "vqa", "vqa")
+
+    features = model.encode_volume(volume, prompt=QUESTIONS[0])
+    assert model.generate(features, QUESTIONS[1], max_new_tokens=4).expert == "vqa"
+    with pytest.raises(ValueError, match="encoded by the 'vqa' expert, not 'report'"):
+        model.generate(features, REPORT_PROMPTS[0], task="report", max_new_tokens=4)
+    assert build_tiny_ctmllm("internvl").generate(volume, QUESTIONS[0], max_new_tokens=2).expert is None

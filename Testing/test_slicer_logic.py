@@ -126,11 +126,11 @@ def test_follow_up_questions_reuse_the_encoded_volume_and_the_conversation(mrml,
     core = CTMLLMLogicCore(mrml.scene)
     encodes = count_encodes(core, request_)
 
-    core.generateReport(volume, request_, maxNewTokens=4)
-    first = core.askQuestion(volume, "Is the liver enlarged?", request_, maxNewTokens=4)
+    core.generateReport(volume, request_, maxNewTokens=4, forceExpert=True)
+    first = core.askQuestion(volume, "Is the liver enlarged?", request_, maxNewTokens=4, forceExpert=True)
     snapshot = core.volumeSnapshot(volume, "", QUESTION, request_)
     stages: list[str] = []
-    second = core.askQuestion(snapshot, "Is there a lesion?", request_, maxNewTokens=4,
+    second = core.askQuestion(snapshot, "Is there a lesion?", request_, maxNewTokens=4, forceExpert=True,
                               progressCallback=lambda stage, *rest: stages.append(stage))  # fmt: skip
 
     assert encodes == [REPORT, QUESTION]  # the second question encoded nothing
@@ -144,8 +144,38 @@ def test_follow_up_questions_reuse_the_encoded_volume_and_the_conversation(mrml,
     ]
 
     volume.GetImageData().Modified()  # edited voxels: the cache must not be used
-    third = core.askQuestion(volume, "And now?", request_, maxNewTokens=2)
+    third = core.askQuestion(volume, "And now?", request_, maxNewTokens=2, forceExpert=True)
     assert third.encoded and encodes == [REPORT, QUESTION, QUESTION]
+
+
+def test_by_default_the_task_router_picks_each_turns_expert_and_the_turn_says_which(mrml, routed_model_dir):
+    """Automatic mode: the router reads each prompt; features are reused per expert it picks."""
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
+    core = CTMLLMLogicCore(mrml.scene)
+    request = ModelRequest(str(routed_model_dir), device="cpu")
+    encodes = count_encodes(core, request)
+
+    report = core.generateReport(volume, request, maxNewTokens=3)
+    first = core.askQuestion(volume, "Where is the lesion located?", request, maxNewTokens=3)
+    snapshot = core.volumeSnapshot(volume, "", None, request, prompt="What kind of lesion is there?")
+    second = core.askQuestion(snapshot, "What kind of lesion is there?", request, maxNewTokens=3)
+    forced = core.generateReport(volume, request, maxNewTokens=3, forceExpert=True)
+
+    turns = [report.turn, first.turn, second.turn, forced.turn]
+    assert [(t.task, t.expert, t.routed) for t in turns] == [
+        (REPORT, "report", True),
+        (QUESTION, "vqa", True),
+        (QUESTION, "vqa", True),
+        (REPORT, "report", False),
+    ]
+    assert encodes == [None, None, REPORT]  # the second question reused the vqa expert's features
+    assert snapshot.arrayKJI is None and not second.encoded
+    markdown = core.conversation(volume.GetID()).toMarkdown()
+    assert (
+        "expert vqa (chosen by the task router)" in markdown
+        and "expert report (forced by the mode)" in markdown
+    )
+    assert json.loads(core.conversation(volume.GetID()).toJSON())["turns"][1]["expert"] == "vqa"
 
 
 def test_a_different_window_or_model_setting_encodes_again(mrml, request_):
@@ -154,7 +184,7 @@ def test_a_different_window_or_model_setting_encodes_again(mrml, request_):
     encodes = count_encodes(core, request_)
     core.askQuestion(volume, "Any fluid?", request_, windowPreset="wide", maxNewTokens=2)
     core.askQuestion(volume, "Any fluid?", request_, windowPreset="lung", maxNewTokens=2)
-    assert encodes == [QUESTION, QUESTION]
+    assert encodes == [None, None]  # the task router's choice, once per window
     assert core.isModelCached(request_)
     other = ModelRequest(request_.spec, device="cpu", precision="float32")
     core.askQuestion(volume, "Any fluid?", other, windowPreset="lung", maxNewTokens=2)
@@ -196,7 +226,9 @@ def test_a_cancel_before_generation_raises_after_the_stage_in_progress(mrml, req
 def test_a_non_ct_volume_is_refused_naming_the_switch_and_accepted_with_it(mrml, request_):
     volume = mrml.load(NOT_CT_MR, "brain_mr")
     core = CTMLLMLogicCore(mrml.scene)
-    with pytest.raises(NotCTVolumeError, match=r"brain_mr: does not look like a CT") as refused:
+    with pytest.raises(
+        NotCTVolumeError, match=r"brain_mr \(.*not_ct_mr_3mm\.nii\.gz\): does not look like a CT"
+    ) as refused:
         core.generateReport(volume, request_, maxNewTokens=2)
     assert f"check '{ALLOW_NON_CT_LABEL}'" in str(refused.value)
     with pytest.raises(NoVolumeError, match="select a CT volume"):
@@ -342,7 +374,7 @@ def test_repo_ids_and_the_default_cache_folder(tmp_path, monkeypatch):
 def test_load_volume_file_reads_files_and_series_and_refuses_bad_input(mrml, tmp_path):
     import SimpleITK as sitk
 
-    from model_core.data import UnreadableVolumeError, write_dicom_series
+    from model_core.data import CTInputError, UnreadableVolumeError, write_dicom_series
 
     core = CTMLLMLogicCore(mrml.scene, volumesLogic=mrml.logics["Volumes"])
     volume = core.loadVolumeFile(ABDOMEN_CT)
@@ -365,7 +397,7 @@ def test_load_volume_file_reads_files_and_series_and_refuses_bad_input(mrml, tmp
         core.loadVolumeFile(tmp_path / "missing.nrrd")
     rgb = tmp_path / "rgb.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.float32), isVector=True), str(rgb))
-    with pytest.raises(UnreadableVolumeError, match="not a scalar CT volume"):
+    with pytest.raises(CTInputError, match="3 values per voxel"):  # read_ct's verdict, before Slicer's reader
         core.loadVolumeFile(rgb)
     assert mrml.scene.GetNumberOfNodes() == count  # refused input leaves nothing in the scene
     with pytest.raises(CTMLLMSlicerError, match="no volumes logic"):
@@ -447,13 +479,14 @@ def test_the_result_node_is_marked_placed_under_the_study_and_restores_the_chat(
     assert len(reopened.conversation(volumeAgain).turns) == 3  # the follow-up continues the saved chat
 
 
-def test_the_router_picks_the_expert_when_no_task_is_given(mrml):
-    """task=None (issue 12's routing mode) passes through: the result names the expert used."""
+def test_the_router_picks_the_expert_of_the_demo_model_when_no_task_is_given(mrml):
+    """task=None with the shipped demo model (task experts): the turn names the expert used."""
     core = CTMLLMLogicCore(mrml.scene)
     volume = mrml.load(ABDOMEN_CT, "abdomen")
     request = ModelRequest("demo", device="cpu")
     result = core.run(volume, None, "Is there a lesion in the liver?", request, maxNewTokens=4)
-    assert result.routedTask in (REPORT, QUESTION) and result.turn.task == result.routedTask
+    assert result.turn.expert in (REPORT, QUESTION) and result.turn.routed and result.turn.task == QUESTION
+    assert result.turn.expert == core.loadModel(request).route("Is there a lesion in the liver?")
     assert result.turn.prompt == "Is there a lesion in the liver?" and result.encoded
 
 

@@ -10,6 +10,7 @@ thread is ever blocked. The tiny random model writes gibberish; the tests check 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -27,7 +28,7 @@ from conftest import ABDOMEN_CT, NOT_CT_MR, REPO, needs_shared_ct, save_scene_wi
 from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
 
 import CTMLLMSlicer as module  # noqa: E402  (importable once the stand-ins are installed)
-from CTMLLMSlicerLib.conversation import REPORT, REVIEW_NOTICE  # noqa: E402
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT, REVIEW_NOTICE  # noqa: E402
 from CTMLLMSlicerLib.logic import RESULT_REFERENCE_ROLE  # noqa: E402
 from CTMLLMSlicerLib.worker_client import ModelWorker  # noqa: E402
 
@@ -217,8 +218,10 @@ def test_question_mode_adds_turns_and_a_follow_up_does_not_encode_again(panel, a
         panel.pump(lambda: not panel.busy())
         statuses.append(panel.ui.statusLabel.text())
 
-    assert "reused the encoded volume" not in statuses[0]  # the question expert encoded the volume once
-    assert "reused the encoded volume" in statuses[1]  # the follow-up reused it, kept in the worker
+    assert "reused the encoded volume" not in statuses[0]  # the volume was encoded once
+    # the task router's choice (no task experts in the tiny model): the follow-up reused the features
+    # kept in the worker, though its prompt differs
+    assert "no task experts, reused the encoded volume" in statuses[1]
     assert panel.parameters.lastPrompt == "Is there free fluid?"
     conversation = panel.widget.logic.conversation(abdomen)
     assert [turn.prompt for turn in conversation.turns] == ["Is the liver enlarged?", "Is there free fluid?"]
@@ -231,6 +234,35 @@ def test_question_mode_adds_turns_and_a_follow_up_does_not_encode_again(panel, a
     assert panel.window.grab().save(str(shot))
     image = QtGui.QImage(str(shot))
     assert image.width() >= 400 and image.height() >= 600
+
+
+def test_the_panel_shows_the_expert_the_router_chose_or_the_modes_when_forced(
+    panel, abdomen, routed_model_dir
+):
+    panel.ui.inputSelector.setCurrentNode(abdomen)
+    panel.useModel(routed_model_dir, maxNewTokens=3)
+    assert panel.ui.routeByPromptCheckBox.isChecked() and panel.parameters.routeByPrompt  # the default
+    panel.ui.generateButton.click()
+    panel.pump(lambda: not panel.busy())
+    assert "expert report (chosen by the task router)" in panel.ui.statusLabel.text()
+
+    panel.ui.modeComboBox.setCurrentText(module.MODE_QUESTION)
+    panel.ui.questionLineEdit.setText("Write a radiology report of the findings in this CT volume.")
+    panel.ui.askButton.click()
+    panel.pump(lambda: not panel.busy())
+    assert "expert report (chosen by the task router)" in panel.ui.statusLabel.text()
+
+    panel.ui.routeByPromptCheckBox.setChecked(False)
+    assert not panel.parameters.routeByPrompt
+    panel.ui.askButton.click()
+    panel.pump(lambda: not panel.busy())
+    assert "expert vqa (forced by the mode)" in panel.ui.statusLabel.text()
+    turns = panel.widget.logic.conversation(abdomen.GetID()).turns
+    assert [(turn.task, turn.expert, turn.routed) for turn in turns] == [
+        (REPORT, "report", True),
+        (QUESTION, "report", True),  # a question asking for a report: the router read it
+        (QUESTION, "vqa", False),
+    ]
 
 
 def test_results_are_saved_copied_and_exported(panel, abdomen, tiny_model_dir, tmp_path):
@@ -254,6 +286,38 @@ def test_results_are_saved_copied_and_exported(panel, abdomen, tiny_model_dir, t
 
     panel.ui.newConversationButton.click()
     assert panel.ui.historyView.toPlainText() == "" and not panel.ui.saveButton.isEnabled()
+
+
+def test_dicom_sr_export_asks_a_non_dicom_volume_for_its_identifiers(
+    panel, abdomen, tiny_model_dir, tmp_path, monkeypatch
+):
+    from model_core.dicom_sr import read_report_sr
+
+    panel.ui.inputSelector.setCurrentNode(abdomen)
+    panel.useModel(tiny_model_dir, maxNewTokens=6)
+    panel.ui.generateButton.click()
+    panel.pump(lambda: not panel.busy())
+    assert panel.ui.exportSRButton.isEnabled()
+
+    asked = []
+    monkeypatch.setattr(QtWidgets.QInputDialog, "getText", lambda *args: asked.append(args[2]) or ("", False))
+    panel.widget.exportSR(str(tmp_path / "cancelled.dcm"))
+    assert not (tmp_path / "cancelled.dcm").exists() and "patient_id" in panel.ui.statusLabel.text()
+
+    answers = iter(["PANEL-1", "1.2.826.0.1.3680043.10.11"])
+    monkeypatch.setattr(
+        QtWidgets.QInputDialog, "getText", lambda *args: asked.append(args[2]) or (next(answers), True)
+    )
+    panel.widget.exportSR(str(tmp_path / "report.dcm"))
+    assert asked[0].startswith("PatientID") and asked[-1].startswith("StudyInstanceUID")
+    assert "DICOM SR written to" in panel.ui.statusLabel.text()
+    read = read_report_sr(tmp_path / "report.dcm")
+    conversation = panel.widget.logic.conversation(abdomen.GetID())
+    assert read.identifiers["patient_id"] == "PANEL-1" and read.references == []
+    assert read.turns[0].answer == (conversation.turns[0].answer.strip() or "(no text)")
+    # the model that wrote it is loaded in the worker: the SR names its weights checksum
+    weights = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert read.device["Device Observer Serial Number"] == f"sha256:{weights}"
 
 
 def test_a_non_ct_volume_is_refused_until_the_checkbox_is_checked(panel, tiny_model_dir):

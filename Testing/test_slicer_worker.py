@@ -15,21 +15,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import slicer.util
+import vtk
+import worker_fakes
 
 from CTMLLMSlicerLib import jobs
 from CTMLLMSlicerLib import worker_protocol as protocol
 from CTMLLMSlicerLib.batch_scene import slicer_core_scene
 from CTMLLMSlicerLib.conversation import QUESTION, REPORT
-from CTMLLMSlicerLib.errors import ModelOutOfMemoryError, NoVolumeError, WorkerError
+from CTMLLMSlicerLib.errors import (
+    ModelOutOfMemoryError,
+    NotCTVolumeError,
+    NoVolumeError,
+    WorkerError,
+    describeError,
+)
 from CTMLLMSlicerLib.logic import (
+    ALLOW_NON_CT_LABEL,
+    PANEL_NON_CT_HINT,
     STAGE_ENCODING,
     STAGE_GENERATING,
     STAGE_LOADING,
+    STAGE_PREPROCESSING,
     CTMLLMLogicCore,
     ModelRequest,
 )
 from CTMLLMSlicerLib.worker_client import ModelWorker, WorkerProcess, workerCommand
+from model_core.data import CTImage
 
 TESTING = Path(__file__).resolve().parent
 
@@ -294,12 +307,104 @@ def test_the_worker_is_started_with_this_python_and_finds_its_code_from_any_fold
 
 
 def test_without_a_task_the_router_picks_the_expert_in_the_worker(mrml, tmp_path):
-    """task=None (the routing mode) passes through the worker; the result names the expert."""
+    """task=None (the routing mode) passes through the worker; the turn names the expert, and
+    features are reused per expert the router picks, not per prompt."""
     logic = fakeLogic(mrml, tmp_path, "working")
     volume = mrml.ct()
     _, asked = run(logic, volume, None, "Is there a lesion?", FAKE, maxNewTokens=2)
-    _, reported = run(logic, volume, None, "Describe the scan.", FAKE, maxNewTokens=2)
-    assert asked.result.routedTask == QUESTION and asked.result.turn.task == QUESTION
-    assert reported.result.routedTask == REPORT and reported.result.turn.task == REPORT
-    assert [q for q, _ in logic.conversation(volume).history()] == ["Is there a lesion?"]
+    _, described = run(logic, volume, None, "Describe the scan.", FAKE, maxNewTokens=2)
+    events, again = run(logic, volume, None, "Where is it?", FAKE, maxNewTokens=2)
+    _, reported = run(logic, volume, None, None, FAKE, maxNewTokens=2)
+    _, forced = run(logic, volume, QUESTION, "Describe the scan.", FAKE, maxNewTokens=2)
+    turns = [r.result.turn for r in (asked, described, again, reported, forced)]
+    assert [(t.task, t.expert, t.routed) for t in turns] == [
+        (QUESTION, QUESTION, True),
+        (QUESTION, REPORT, True),  # a prompt is a question turn, whichever expert the router picks
+        (QUESTION, QUESTION, True),
+        (REPORT, REPORT, True),
+        (QUESTION, QUESTION, False),
+    ]
+    assert "expert vqa (chosen by the task router)" == turns[0].expertNote
+    encoded = [r.result.encoded for r in (asked, described, again, reported, forced)]
+    assert encoded == [True, True, False, False, True]  # the forced expert is not the routed one's key
+    assert STAGE_PREPROCESSING not in {e.stage for e in events if e.kind == jobs.PROGRESS}
+    assert [q for q, _ in logic.conversation(volume).history()] == [
+        "Is there a lesion?",
+        "Describe the scan.",
+        "Where is it?",
+        "Describe the scan.",
+    ]
     logic.unloadModel()
+
+
+def test_the_voxels_are_sent_once_and_another_expert_reuses_the_prepared_input(mrml, tmp_path):
+    logic = fakeLogic(mrml, tmp_path, "working")
+    volume = mrml.ct()
+    sent = []
+    original = protocol.writeVolumeFile
+
+    def spy(array, folder, name):
+        sent.append(name)
+        return original(array, folder, name)
+
+    import CTMLLMSlicerLib.logic as logicModule
+
+    logicModule.writeVolumeFile = spy
+    try:
+        stages = []
+        for task, prompt in ((REPORT, None), (QUESTION, "Any fluid?"), (None, "Any fluid?")):
+            events, end = run(logic, volume, task, prompt, FAKE, maxNewTokens=1)
+            assert end.kind == jobs.FINISHED, end.error
+            stages.append([e.stage for e in events if e.kind == jobs.PROGRESS])
+    finally:
+        logicModule.writeVolumeFile = original
+        logic.unloadModel()
+    assert len(sent) == 1  # the voxels travel once; the worker keeps the prepared input
+    assert STAGE_PREPROCESSING in stages[0] and STAGE_ENCODING in stages[0]
+    for later in stages[1:]:  # another expert, forced or picked by the router, encodes the kept input
+        assert STAGE_PREPROCESSING not in later and STAGE_ENCODING in later
+
+
+def test_a_refused_volume_reaches_the_panel_with_its_input_verdict(mrml, tmp_path):
+    """The worker prepares volumes with model_core.data.prepare_input, as the CLI and the batch do:
+    the same refusal, the same words, and the verdict behind it, through the protocol."""
+    from model_core.data import prepare_input
+    from model_core.data.errors import CTInputError, InvalidValuesError, NotCTError, TooFewSlicesError
+
+    logic = fakeLogic(mrml, tmp_path, "working")
+    preprocessing = worker_fakes.FakeModel().config.preprocessing
+    cases = {
+        "mr": (np.random.default_rng(0).normal(300, 80, (12, 40, 40)).astype(np.float32), NotCTError),
+        "flat": (np.full((2, 40, 40), 40, np.int16), TooFewSlicesError),
+    }
+    try:
+        for name, (array, verdict) in cases.items():
+            node = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+            slicer.util.updateVolumeFromArray(node, array)
+            _, end = run(logic, node, REPORT, None, FAKE, maxNewTokens=1)
+            assert end.kind == jobs.FAILED and isinstance(end.error, NotCTVolumeError)
+            assert isinstance(end.error.__cause__, verdict), repr(end.error.__cause__)
+            matrix = vtk.vtkMatrix4x4()
+            node.GetIJKToRASMatrix(matrix)
+            ijkToRAS = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+            with pytest.raises(CTInputError) as direct:  # the CLI's and the batch's decision
+                prepare_input(CTImage.from_ijk_to_ras(array, ijkToRAS, source=name), preprocessing)
+            if verdict is NotCTError:  # the panel names its checkbox instead of allow_non_ct=True
+                assert describeError(end.error) == str(direct.value.with_hint(PANEL_NON_CT_HINT))
+                assert ALLOW_NON_CT_LABEL in describeError(end.error)
+            else:
+                assert describeError(end.error) == str(direct.value)
+
+        nan = mrml.ct("nan")
+        path = tmp_path / "nan.nii"
+        image = sitk.GetImageFromArray(np.where(np.arange(12 * 40 * 40).reshape(12, 40, 40) == 5, np.nan,
+                                                40.0).astype(np.float32))  # fmt: skip
+        sitk.WriteImage(image, str(path))
+        storage = mrml.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(path))
+        nan.SetAndObserveStorageNodeID(storage.GetID())
+        _, end = run(logic, nan, REPORT, None, FAKE, maxNewTokens=1)
+        assert end.kind == jobs.FAILED and isinstance(end.error.__cause__, InvalidValuesError)
+        assert str(path) in str(end.error)  # the source file's check ran in the worker
+    finally:
+        logic.unloadModel()

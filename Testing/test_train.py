@@ -171,6 +171,33 @@ def test_stage1_trains_moe_projector_and_lm_lora_only(tmp_path: Path) -> None:
     assert all(".experts.token." in name for name in trained if name.startswith("volume_adapter."))
 
 
+def test_stage1_trains_the_3d_blocks_only_when_asked(tmp_path: Path) -> None:
+    """``train_3d_blocks``: the tower's top K blocks (K=1 here, block 1 of 2) learn; its 2D block,
+    patch and position embeddings stay as the 2D checkpoint gave them."""
+    config = tiny_config(tmp_path, train_3d_blocks=True)
+    model = build_stage_model(config, 1, None).train()
+    trained = set_trainable(model, 1, config, config.stage_settings(1))
+    tower = {name for name in trained if name.startswith("vision_tower.")}
+    assert tower and all(name.startswith("vision_tower.encoder.layer.1.") for name in tower)
+    before = {name: value.clone() for name, value in model.vision_tower.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = fixed_batch()
+    model.compute_loss(batch["volumes"], batch["prompts"], batch["answers"], batch["tasks"]).loss.backward()
+    optimizer.step()
+    changed = {n for n, v in model.vision_tower.state_dict().items() if not torch.equal(before[n], v)}
+    assert changed and all(name.startswith("encoder.layer.1.") for name in changed)
+    frozen = tiny_config(tmp_path / "frozen")
+    assert not any(
+        n.startswith("vision_tower.")
+        for n in set_trainable(build_stage_model(frozen, 1, None), 1, frozen, frozen.stage_settings(1))
+    )
+    flat = TrainingConfig.from_dict(
+        {**config.to_dict(), "model": {**config.to_dict()["model"], "num_3d_blocks": 0}}
+    )
+    with pytest.raises(ValueError, match="no 3D blocks"):
+        set_trainable(build_stage_model(flat, 1, None), 1, flat, flat.stage_settings(1))
+
+
 def test_stage2_needs_a_task_level_moe(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="stage 2 trains task experts"):
         train(tiny_config(tmp_path, moe_mode="token"), 2, init=tmp_path, show_progress=False)

@@ -2,7 +2,8 @@
 
 ``test_slicer_worker.py`` starts real worker processes with ``--model-loader worker_fakes:NAME``.
 ``FakeModel`` has the part of ``CTMLLM``'s interface the worker calls (preprocessing settings,
-``encode_volume``, ``generate`` with streaming and cancel) and writes numbered words; each loader
+``feature_key``, ``encode_volume``, ``generate`` with streaming, cancel and the expert) and writes
+numbered words; each loader
 below breaks one thing: it hangs ignoring Cancel, crashes, is killed as by the system's
 out-of-memory killer, or runs out of memory while encoding, or encodes slowly without looking at Cancel (alive, but busy).
 """
@@ -47,13 +48,20 @@ class FakeModel:
     def tokenizer(text: str, add_special_tokens: bool = False) -> Any:
         return SimpleNamespace(input_ids=text.split())
 
+    @staticmethod
+    def route(prompt: str) -> str:
+        """A stand-in for the task router: questions go to the question expert."""
+        return "vqa" if (prompt or "").rstrip().endswith("?") else "report"
+
+    def feature_key(self, task: str | None, prompt: str) -> tuple:
+        return ("task", task) if task is not None else ("routed", self.route(prompt))
+
     def encode_volume(self, volume: Any, task: str | None = None, prompt: str | None = None) -> Any:
         if self.memoryErrorInEncode:
             raise MemoryError("simulated: cannot allocate the visual tokens")
         if self.slowEncode:
             time.sleep(SLOW_ENCODE_SECONDS)  # a long encoding that does not look at Cancel
-        routed = task or ("vqa" if (prompt or "").rstrip().endswith("?") else "report")  # a stand-in router
-        return SimpleNamespace(task=routed, shape=volume.shape)
+        return SimpleNamespace(task=task or self.route(prompt or ""), shape=volume.shape)
 
     def generate(
         self, features, prompt, task=None, history=(), max_new_tokens=None, on_text=None, cancel=None
@@ -75,6 +83,7 @@ class FakeModel:
             new_tokens=len(words),
             seconds=time.perf_counter() - start,
             cancelled=bool(cancel is not None and cancel.is_set()),
+            expert=features.task,
         )
 
 

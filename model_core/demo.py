@@ -16,7 +16,32 @@ from pathlib import Path
 import numpy as np
 
 DEMO_STUDY = ("test", 1)
-"""A held-out study with findings (study 0 of a split is normal)."""
+"""The demo's phantom: study 1 of the benchmark's test split (seed 0, held-out anatomy, phantoms
+only, at the model's grid and window); study 0 of a split is normal."""
+
+
+def findings_table(truth: list, reported: list) -> tuple[list[str], int]:
+    """Lines setting the study's true findings beside those parsed from the model's report, one
+    to one on the benchmark's match (organ and side, kind, size bucket); and how many matched."""
+    from model_core.benchmark.slabs import findings_list
+
+    unmatched = list(reported)
+    lines = [f"{'ground truth':<44} model"]
+    matched = 0
+    for finding in truth:
+        twin = next((f for f in unmatched if f.key() == finding.key()), None)
+        shown = f"{findings_list([finding])} ({finding.size_mm:g} mm)"
+        if twin is None:
+            lines.append(f"{shown:<44} -  (missed)")
+            continue
+        unmatched.remove(twin)
+        matched += 1
+        lines.append(f"{shown:<44} {findings_list([twin])}  (named correctly)")
+    lines += [
+        f"{'-':<44} {findings_list([f]) if f.size_mm else f'{f.site} {f.kind}'}  (not in the study)"
+        for f in unmatched
+    ]
+    return lines, matched
 
 
 def write_phantom_nifti(path: Path, hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> Path:
@@ -43,7 +68,9 @@ def pick_questions(rows: list[dict]) -> list[dict]:
 
 def run_demo(out_dir: Path, model_spec: str = "demo", say: Callable[[str], None] = print) -> int:
     from model_core.benchmark.build import BenchmarkConfig, make_study
+    from model_core.benchmark.text import parse_report
     from model_core.data import load_volume
+    from model_core.generation import expert_note
     from model_core.hub import load_model
     from model_core.prompts import closed_target, format_closed_question
 
@@ -74,22 +101,25 @@ def run_demo(out_dir: Path, model_spec: str = "demo", say: Callable[[str], None]
 
     volume, _ = load_volume(nifti, settings)
 
-    def stream(title: str, features, prompt: str) -> str:
+    def stream(title: str, prompt: str) -> str:
+        """Generate as in use: the task router picks the expert from the prompt, and says which."""
         say(f"\n== {title}\n> {prompt}")
-        result = model.generate(features, prompt, on_text=lambda chunk: print(chunk, end="", flush=True))
-        print(f"\n[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s]", flush=True)
+        result = model.generate(volume, prompt, on_text=lambda chunk: print(chunk, end="", flush=True))
+        note = expert_note(result.expert)
+        print(f"\n[{note}; {result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s]", flush=True)
         return result.text
 
-    report_features = model.encode_volume(volume, task="report")
-    stream("Report", report_features, model.default_prompt("report"))
+    report = stream("Report", model.default_prompt("report"))
     say(f"-- ground truth report:\n{study.report}")
+    lines, matched = findings_table(study.findings, parse_report(report))
+    say("-- findings (organ and side, kind, size bucket):\n" + "\n".join(lines))
+    say(f"-- {matched} of {len(study.findings)} finding(s) named correctly")
 
-    vqa_features = model.encode_volume(volume, task="vqa")  # encoded once for both questions
     closed, open_ = pick_questions(study.questions)
     choices = {letter: closed[f"Choice {letter}"] for letter in "ABCD"}
-    stream("Question (closed)", vqa_features, format_closed_question(closed["Question"], choices))
+    stream("Question (closed)", format_closed_question(closed["Question"], choices))
     say(f"-- ground truth: {closed_target(closed['Answer Choice'], closed['Answer'])}")
-    stream("Question (open)", vqa_features, open_["Question"])
+    stream("Question (open)", open_["Question"])
     say(f"-- ground truth: {open_['Answer']}")
     say(f"\ndone in {time.perf_counter() - start:.1f} s; outputs in {out_dir}")
     return 0

@@ -28,8 +28,6 @@ so an interrupted run continues):
 from __future__ import annotations
 
 import argparse
-import csv
-import itertools
 import json
 import math
 import os
@@ -37,7 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,8 +51,7 @@ TEMPLATE_3D = REPO_ROOT / "configs" / "demo_3d.yaml"
 MAX_SHIPPED_BYTES = 30 * 1024 * 1024
 COST_FILE = "cost.json"
 TOWER_FILE = "tower_pretraining.json"
-TOWER_AUC_SLABS = 240
-POSITIVE_WEIGHT = 10.0  # tower pretraining: weight of a lesion token label against the many empty ones
+LESION_HEAD_FILE = "tower_lesion_head.safetensors"
 
 
 @dataclass(frozen=True)
@@ -81,7 +78,11 @@ class DemoBudget:
     tower_steps: int = 0  # lesion-label pretraining of the tower before the captions (0: none)
     tower_batch: int = 32
     tower_lr: float = 1e-3
+    bf16: bool = False  # bfloat16 autocast in the tower and 2D steps (and the 3D stages' mixed precision)
+    train_3d_blocks: bool = False  # stage 1 also trains the tower's K cross-group blocks
     window: str = "soft_tissue"  # the benchmark's HU window, a WINDOW_PRESETS name
+    real_fraction: float = 0.0  # share of studies on the shared real CTs (0: phantoms only)
+    fov_shift_share: float = 0.0  # share of phantoms framed towards the chest or the pelvis
     stage1_steps: int = 1200
     stage2_steps: int = 200
     batch_size: int = 8
@@ -107,11 +108,17 @@ class DemoBudget:
 # (12 mm), the body window and the tower's lesion pretraining: see docs/MODEL_CARD.md for what each
 # changed.
 SMALL = DemoBudget(
-    grid=(36, 96, 96),
-    train=2000,
-    val=4,
+    grid=(36, 128, 128),
+    train=3000,
+    val=8,
+    test=120,
+    patch=8,
     window="body",
+    real_fraction=0.25,
+    fov_shift_share=0.3,
     tower_steps=3000,
+    tower_batch=48,
+    bf16=True,
     slab_steps=1500,
     slab_caption_style="findings_list",
     lesion_slab_share=0.5,
@@ -135,6 +142,8 @@ BUDGETS: dict[str, DemoBudget] = {
         text_layers=2,
         tower_steps=3,
         tower_batch=4,
+        bf16=False,
+        real_fraction=0.0,
         slab_steps=3,
         slab_batch=4,
         stage1_steps=3,
@@ -146,7 +155,8 @@ BUDGETS: dict[str, DemoBudget] = {
 }
 
 ABLATIONS: dict[str, dict[str, Any]] = {
-    # name -> (K, MoE mode, 2D source): one factor changed from the demo's recipe each time
+    # name -> (K, MoE mode, 2D source): one factor changed from the demo's recipe each time; the
+    # 3D blocks are trained or frozen as the recipe has them (``ablation_variants`` adds the flip)
     "K=2, TGH-MoE hard (demo recipe)": {"k": 2, "moe": "tgh_hard", "source": "2d_checkpoint"},
     "K=0 (2D only), TGH-MoE hard": {"k": 0, "moe": "tgh_hard", "source": "2d_checkpoint"},
     "K=2, no MoE": {"k": 2, "moe": "none", "source": "2d_checkpoint"},
@@ -156,17 +166,39 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
+def ablation_variants(budget: DemoBudget) -> dict[str, dict[str, Any]]:
+    """``ABLATIONS`` with each variant's 3D-block setting (the recipe's, none for K=0), plus the
+    recipe with its 3D blocks the other way (the frozen-vs-optimised encoder ablation)."""
+    variants = {
+        name: {**v, "train_3d_blocks": budget.train_3d_blocks and v["k"] > 0} for name, v in ABLATIONS.items()
+    }
+    flipped = "frozen" if budget.train_3d_blocks else "trained"
+    variants[f"K=2, TGH-MoE hard, 3D blocks {flipped}"] = {
+        **ABLATIONS["K=2, TGH-MoE hard (demo recipe)"],
+        "train_3d_blocks": not budget.train_3d_blocks,
+    }
+    return variants
+
+
 # ----------------------------------------------------------------------------------------------
 # Steps 1-2: data and tokenizer
 
 
 def build_data(bench_dir: Path, budget: DemoBudget, seed: int = 0) -> Path:
-    """The lesion benchmark at the budget's grid and window (phantoms only)."""
+    """The lesion benchmark at the budget's grid, window, real-CT share and framing."""
     from model_core.benchmark import BenchmarkConfig, build_benchmark
 
     if not (bench_dir / "benchmark.json").is_file():
         counts = {"train": budget.train, "validation": budget.val, "test": budget.test}
-        config = BenchmarkConfig(counts=counts, seed=seed, grid=budget.grid, window=budget.window)
+        config = BenchmarkConfig(
+            counts=counts,
+            seed=seed,
+            grid=budget.grid,
+            window=budget.window,
+            real_anatomy=budget.real_fraction > 0,
+            real_fraction=budget.real_fraction,
+            fov_shift_share=budget.fov_shift_share,
+        )
         build_benchmark(bench_dir, config)
     return bench_dir
 
@@ -191,6 +223,7 @@ def tokenizer_corpus(bench_dir: Path) -> list[str]:
         texts.append(f"{record.answer_choice}. {record.answer}")
     return [
         *texts,
+        " ".join(f"Frame{index}:" for index in range(1, 41)),  # InternVL's slice-group labels
         DEFAULT_REPORT_PROMPT,
         SLAB_PROMPT,
         NORMAL_SLAB_TEXT,
@@ -249,156 +282,6 @@ def as_2d_ctmllm(mllm, tokenizer, budget: DemoBudget):
     )
 
 
-def _optimise(
-    parameters: list[torch.nn.Parameter],
-    batches: Iterator[Any],
-    loss_of: Callable[[Any], torch.Tensor],
-    steps: int,
-    lr: float,
-    name: str,
-    log: Callable[[str], None],
-) -> list[dict[str, float]]:
-    """AdamW with linear warm-up and cosine decay over ``steps`` batches; returns the logged losses."""
-    from transformers import get_scheduler
-
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
-    scheduler = get_scheduler(
-        "cosine", optimizer, num_warmup_steps=max(1, steps // 20), num_training_steps=steps
-    )
-    history: list[dict[str, float]] = []
-    started = time.perf_counter()
-    for step in range(1, steps + 1):
-        loss = loss_of(next(batches))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps:
-            value = float(loss.detach())
-            history.append({"step": step, "loss": value, "seconds": time.perf_counter() - started})
-            log(f"{name} step {step}/{steps}: loss {value:.4f}")
-    return history
-
-
-def pretrain_2d(
-    model,
-    dataset,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    log: Callable[[str], None],
-    train_tower: bool = True,
-) -> list[dict[str, float]]:
-    """Train the K=0 CTMLLM on slab samples: every part, or (``train_tower`` False, for a tower
-    that was pretrained) the projector and language model only, which keeps what the tower learned."""
-    from model_core.training.data import make_loader
-
-    torch.manual_seed(seed)
-    model.train()
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(train_tower or not name.startswith("vision_tower."))
-    loader = make_loader(dataset, batch_size, seed)
-
-    def batches() -> Iterator[dict[str, Any]]:
-        for epoch in itertools.count():
-            loader.sampler.set_epoch(epoch)
-            yield from loader
-
-    def loss_of(batch: dict[str, Any]) -> torch.Tensor:
-        volumes = batch["volumes"].to(model.device)
-        return model.compute_loss(volumes, batch["prompts"], batch["answers"], batch["tasks"]).loss
-
-    trained = [p for p in model.parameters() if p.requires_grad]
-    return _optimise(trained, batches(), loss_of, steps, lr, "2D", log)
-
-
-def _token_grid(model, dataset) -> tuple[int, int]:
-    """The side of the square grid of visual tokens one slab gives, and their width."""
-    with torch.no_grad():
-        tokens = model.encode_volumes(torch.from_numpy(np.asarray(dataset[0].volume))[None].to(model.device))
-    return math.isqrt(tokens.shape[1]), tokens.shape[2]
-
-
-def _slab_batch(dataset, indices: Sequence[int], cells: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Volumes ``(B, 3, H, W)`` and token lesion targets ``(B, cells², labels)`` of slab samples."""
-    from model_core.benchmark.findings import Finding
-    from model_core.benchmark.slabs import token_lesion_targets
-
-    samples = [dataset[int(i)] for i in indices]
-    volumes = torch.stack([torch.from_numpy(np.asarray(s.volume, dtype=np.float32)) for s in samples])
-    targets = [
-        token_lesion_targets([Finding.from_dict(f) for f in s.meta["findings"]], volumes.shape[-2:], cells)
-        for s in samples
-    ]
-    return volumes, torch.from_numpy(np.stack(targets))
-
-
-def pretrain_tower(
-    model, dataset, steps: int, batch_size: int, lr: float, seed: int, log: Callable[[str], None]
-) -> tuple[list[dict[str, float]], torch.nn.Linear]:
-    """Teach the tower and projector where lesions are, before any caption (module docstring,
-    step 3): a linear head on each visual token predicts ``TOKEN_LESION_LABELS`` of its cell.
-
-    Positives are rare (a few tokens of a few slabs), so they weigh ``POSITIVE_WEIGHT`` in the loss.
-    Returns the logged losses and the head (for ``tower_lesion_auc``; the checkpoint drops it).
-    """
-    from model_core.benchmark.slabs import TOKEN_LESION_LABELS
-
-    torch.manual_seed(seed)
-    cells, hidden = _token_grid(model, dataset)
-    model.train()
-    head = torch.nn.Linear(hidden, len(TOKEN_LESION_LABELS)).to(model.device)
-    visual = [p for name, p in model.named_parameters() if not name.startswith("language_model.")]
-    rng = np.random.default_rng(seed)
-    weight = torch.tensor(POSITIVE_WEIGHT, device=model.device)
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield _slab_batch(dataset, rng.integers(0, len(dataset), batch_size), cells)
-
-    def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        volumes, targets = (tensor.to(model.device) for tensor in batch)
-        logits = head(model.encode_volumes(volumes))
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
-
-    history = _optimise([*visual, *head.parameters()], batches(), loss_of, steps, lr, "tower", log)
-    return history, head
-
-
-def tower_lesion_auc(model, head: torch.nn.Linear, dataset, batch_size: int = 32) -> dict[str, float | None]:
-    """Slab-level ROC AUC of each ``TOKEN_LESION_LABELS`` (highest token score against presence)
-    and of ``any`` lesion, on held-out slabs: does the pretrained tower see lesions?"""
-    from model_core.benchmark.findings import KINDS
-    from model_core.benchmark.slabs import TOKEN_LESION_LABELS
-
-    model.eval()
-    cells, _ = _token_grid(model, dataset)
-    scores, truth = [], []
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            indices = range(start, min(start + batch_size, len(dataset)))
-            volumes, targets = _slab_batch(dataset, indices, cells)
-            scores.append(torch.sigmoid(head(model.encode_volumes(volumes.to(model.device)))).amax(1).cpu())
-            truth.append(targets.amax(1))
-    score, present = torch.cat(scores), torch.cat(truth).bool()
-    result = {label: roc_auc(score[:, i], present[:, i]) for i, label in enumerate(TOKEN_LESION_LABELS)}
-    kinds = [TOKEN_LESION_LABELS.index(kind) for kind in KINDS]
-    result["any"] = roc_auc(score[:, kinds].amax(1), present.any(1))
-    return result
-
-
-def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float | None:
-    """Area under the ROC curve (ties count half); None when one class is missing."""
-    pos, neg = score[positive], score[~positive]
-    if not len(pos) or not len(neg):
-        return None
-    greater = (pos[:, None] > neg[None, :]).float().mean()
-    ties = (pos[:, None] == neg[None, :]).float().mean()
-    return round(float(greater + 0.5 * ties), 4)
-
-
 def export_2d_checkpoint(model, folder: Path) -> Path:
     """Write a K=0, MoE-free CTMLLM as a Hugging Face 2D checkpoint folder that
     ``CTMLLM.from_2d_pretrained`` converts (weights, tokenizer, ``preprocessor_config.json``)."""
@@ -424,13 +307,21 @@ def export_2d_checkpoint(model, folder: Path) -> Path:
 
 
 def make_2d_checkpoints(
-    out: Path, bench: Path, budget: DemoBudget, seed: int, log: Callable[[str], None], device: str = "cpu"
+    out: Path,
+    bench: Path,
+    budget: DemoBudget,
+    seed: int,
+    log: Callable[[str], None],
+    device: str = "cpu",
+    stop_after_tower: bool = False,
 ) -> None:
-    """``tokenizer/``, ``2d_random/`` (untrained) and ``2d_checkpoint/`` (slab-pretrained, trained on
-    ``device``)."""
-    from transformers import AutoTokenizer
+    """``tokenizer/``, ``2d_random/`` (untrained), ``2d_tower/`` (the tower after its lesion
+    pretraining, when the budget has one) and ``2d_checkpoint/`` (captioned on slabs), each trained
+    on ``device`` and skipped when it exists, so a long run continues where it stopped."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from model_core.benchmark.slabs import SlabDataset, slab_items
+    from model_core.demo_training import pretrain_2d
 
     if not (out / "tokenizer" / "tokenizer.json").is_file():
         train_bpe_tokenizer(tokenizer_corpus(bench), budget.vocab_size).save_pretrained(out / "tokenizer")
@@ -439,9 +330,22 @@ def make_2d_checkpoints(
         export_2d_checkpoint(
             as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget), out / "2d_random"
         )
-    if (out / "2d_checkpoint" / "config.json").is_file():
+    start_from = out / "2d_tower"
+    if budget.tower_steps:
+        if not (start_from / TOWER_FILE).is_file():
+            started = time.perf_counter()
+            model = as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget).to(device)
+            record = _tower_step(model, bench, budget, seed, log, out)
+            export_2d_checkpoint(model.to("cpu").eval(), start_from)
+            (start_from / TOWER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+            record_cost(out, "tower_pretraining", started, {"steps": budget.tower_steps}, device)
+    if stop_after_tower or (out / "2d_checkpoint" / "config.json").is_file():
         return
-    model = as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget).to(device)
+    model = as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget)
+    if budget.tower_steps:  # only the tower comes from the tower step: the tokenizer may be newer
+        pretrained = AutoModelForImageTextToText.from_pretrained(start_from, use_safetensors=True)
+        model.vision_tower.load_state_dict(model.family.split(pretrained).vision_tower.state_dict())
+    model = model.to(device)
     items = slab_items(
         bench,
         "train",
@@ -451,11 +355,6 @@ def make_2d_checkpoints(
         caption_style=budget.slab_caption_style,
     )
     dataset = SlabDataset(items)
-    tower_record = None
-    if budget.tower_steps:
-        started = time.perf_counter()
-        tower_record = _tower_step(model, dataset, bench, budget, seed, log)
-        record_cost(out, "tower_pretraining", started, {"steps": budget.tower_steps}, device)
     log(f"2D pretraining on {len(dataset)} slab samples, {budget.slab_steps} steps")
     started = time.perf_counter()
     history = pretrain_2d(
@@ -467,36 +366,37 @@ def make_2d_checkpoints(
         seed,
         log,
         train_tower=not budget.tower_steps,
+        bf16=budget.bf16,
     )
     export_2d_checkpoint(model.to("cpu").eval(), out / "2d_checkpoint")
     record_cost(out, "2d_pretraining", started, {"steps": budget.slab_steps, "samples": len(dataset)}, device)
     (out / "2d_checkpoint" / "pretraining_log.json").write_text(
         json.dumps(history, indent=1), encoding="utf-8"
     )
-    if tower_record is not None:
-        (out / "2d_checkpoint" / TOWER_FILE).write_text(json.dumps(tower_record, indent=1), encoding="utf-8")
+    if budget.tower_steps:
+        shutil.copy(start_from / TOWER_FILE, out / "2d_checkpoint" / TOWER_FILE)
 
 
 def _tower_step(
-    model, dataset, bench: Path, budget: DemoBudget, seed: int, log: Callable[[str], None]
+    model, bench: Path, budget: DemoBudget, seed: int, log: Callable[[str], None], folder: Path
 ) -> dict[str, Any]:
-    """Tower pretraining on the training slabs' captions (one sample per slab), then its lesion
-    AUC on held-out test slabs (half with a lesion)."""
-    from model_core.benchmark.slabs import SlabDataset, slab_items
+    """Dense lesion pretraining of the tower (``model_core.demo_training``), then its
+    organ-matched AUC on every slab of the held-out test studies. The lesion head is kept beside
+    the checkpoint (``LESION_HEAD_FILE``, for diagnostics; no model loads it)."""
+    from safetensors.torch import save_file
 
-    slabs = SlabDataset([item for item in dataset.items if item.task == "report"])
-    log(f"tower pretraining on {len(slabs)} slabs, {budget.tower_steps} steps")
+    from model_core.demo_training import held_out_detection, pretrain_tower
+
     history, head = pretrain_tower(
-        model, slabs, budget.tower_steps, budget.tower_batch, budget.tower_lr, seed, log
+        model, bench, budget.tower_steps, budget.tower_batch, budget.tower_lr, seed, log, budget.bf16
     )
-    held_out = slab_items(bench, "test", questions_per_slab=0, seed=seed, min_lesion_share=0.5)
-    auc = tower_lesion_auc(model, head, SlabDataset(held_out[:TOWER_AUC_SLABS]))
-    log(f"tower lesion AUC on held-out slabs: {auc}")
-    return {
-        "history": history,
-        "held_out_slabs": min(len(held_out), TOWER_AUC_SLABS),
-        "auc": auc,
-    }
+    detection = held_out_detection(model, head, bench, "test")
+    log(f"tower organ-matched AUC on held-out studies: {json.dumps(detection)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, folder / LESION_HEAD_FILE
+    )
+    return {"history": history, "organ_matched_auc": detection}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,10 +413,12 @@ def write_3d_config(
     num_3d_blocks: int = 2,
     moe_mode: str = "tgh_hard",
     device: str = "cpu",
+    train_3d_blocks: bool | None = None,
 ) -> Path:
     """``configs/demo_3d.yaml`` with this run's data, source, seed, K, MoE, step counts and device.
 
     Modes without task experts have no stage 2, so stage 1 gets both stages' steps (equal budget).
+    ``train_3d_blocks`` None: as the budget says.
     """
     config = yaml.safe_load(TEMPLATE_3D.read_text(encoding="utf-8"))
     task_level = moe_mode in ("tgh_hard", "tgh_soft")
@@ -545,6 +447,9 @@ def write_3d_config(
     stage1 = budget.stage1_steps + (0 if task_level else budget.stage2_steps)
     config["stage1"]["max_steps"] = stage1
     config["stage2"]["max_steps"] = budget.stage2_steps
+    blocks = budget.train_3d_blocks if train_3d_blocks is None else train_3d_blocks
+    config["stage1"]["train_3d_blocks"] = bool(blocks and num_3d_blocks)
+    config["train"]["mixed_precision"] = "bf16" if budget.bf16 else "no"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
@@ -723,15 +628,22 @@ def ship_model(model_dir: Path, target: Path) -> Path:
 # The whole run
 
 
+PIPELINE_STEPS: tuple[str, ...] = ("benchmark", "tower", "2d", "3d", "eval")
+"""What ``--stop-after`` takes: a long budget can be spread over several runs (each resumes)."""
+
+
 def run_pipeline(
     out: Path,
     budget_name: str = "small",
     seed: int = 0,
     log: Callable[[str], None] = print,
     device: str = "cpu",
-) -> dict[str, Any]:
+    stop_after: str = "eval",
+) -> dict[str, Any] | None:
     """Steps 1-5 for the demo recipe, training and evaluating on ``device``; returns the scores
-    (also in ``out/scores.json``)."""
+    (also in ``out/scores.json``), or None when told to stop after an earlier step."""
+    if stop_after not in PIPELINE_STEPS:
+        raise ValueError(f"stop_after={stop_after!r}: use one of {', '.join(PIPELINE_STEPS)}")
     budget = BUDGETS[budget_name]
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -739,11 +651,17 @@ def run_pipeline(
         build_data(out / "bench", budget)
         record_cost(out, "benchmark_build", started)
     bench = out / "bench"
-    make_2d_checkpoints(out, bench, budget, seed, log, device)
+    if stop_after == "benchmark":
+        return None
+    make_2d_checkpoints(out, bench, budget, seed, log, device, stop_after_tower=stop_after == "tower")
+    if stop_after in ("tower", "2d"):
+        return None
     config = write_3d_config(
         out / "3d" / "config.yaml", bench, out / "2d_checkpoint", out / "3d", budget, seed, device=device
     )
     final = train_3d(config, out / "3d", "tgh_hard", log, device)
+    if stop_after == "3d":
+        return None
     scores = evaluate_model(final, bench, out / "eval", budget, log, device=device)
     scores.update(budget=budget_name, budget_settings=asdict(budget), model_dir=str(final))
     scores["slab_check_2d"] = slab_lesion_check(
@@ -754,7 +672,7 @@ def run_pipeline(
     )
     tower = out / "2d_checkpoint" / TOWER_FILE
     if tower.is_file():
-        scores["tower_auc"] = json.loads(tower.read_text(encoding="utf-8"))["auc"]
+        scores["tower_detection"] = json.loads(tower.read_text(encoding="utf-8"))["organ_matched_auc"]
     (out / "scores.json").write_text(json.dumps(scores, indent=1), encoding="utf-8")
     return scores
 
@@ -776,12 +694,14 @@ def run_ablations(
     path = out / "ablations.json"
     if path.is_file():
         results = json.loads(path.read_text(encoding="utf-8"))
-    for name in names or list(ABLATIONS):
-        variant = ABLATIONS[name]
+    variants = ablation_variants(budget)
+    for name in names or list(variants):
+        variant = variants[name]
         for seed in seeds:
             if any(r["seed"] == seed for r in results.get(name, [])):
                 continue
-            slug = f"{variant['moe']}_k{variant['k']}_{variant['source']}_s{seed}"
+            blocks = "trained" if variant["train_3d_blocks"] else "frozen"
+            slug = f"{variant['moe']}_k{variant['k']}_{variant['source']}_{blocks}_s{seed}"
             run_dir = out / "ablations" / slug
             config = write_3d_config(
                 run_dir / "config.yaml",
@@ -793,6 +713,7 @@ def run_ablations(
                 variant["k"],
                 variant["moe"],
                 device,
+                train_3d_blocks=variant["train_3d_blocks"],
             )
             started = time.perf_counter()
             final = train_3d(config, run_dir, variant["moe"], log, device)
@@ -830,157 +751,6 @@ def router_accuracy(model_dir: Path, bench: Path, limit: int = 200) -> float:
     return float(np.mean([p == t for p, (_, t) in zip(picked, prompts, strict=True)]))
 
 
-# ----------------------------------------------------------------------------------------------
-# The results page, from the JSON outputs only
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    return (
-        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-    )
-
-
-def _mean_spread(values: Sequence[float | None]) -> str:
-    """``mean ± sd (n)`` over seeds; the spread is the sample standard deviation."""
-    present = [float(v) for v in values if v is not None]
-    if not present:
-        return "n/a"
-    spread = float(np.std(present, ddof=1)) if len(present) > 1 else float("nan")
-    return f"{np.mean(present):.3f} ± {_fmt(spread)} (n={len(present)})"
-
-
-def results_markdown(
-    scores: dict[str, Any], cost: dict[str, Any], ablations: dict[str, list[dict]], run_dir: str = "runs/demo"
-) -> str:
-    """docs/RESULTS.md: the demo model's held-out scores, training cost and the ablation table."""
-    findings, closed = scores["findings"], scores["closed_accuracy"]
-    report, open_m = scores["report_metrics"], scores["open_metrics"]
-    b = scores["budget_settings"]
-    lines = [
-        "# Results: the demo model on the lesion benchmark's held-out split",
-        "",
-        f"Written by `python -m model_core.demo_pipeline --out {run_dir} --budget small --ship "
-        "--ablations --results docs/RESULTS.md` from the JSON that `python -m model_core.evaluate` and "
-        "`python -m model_core.benchmark score` wrote; no number here is typed by hand. Greedy decoding.",
-        "",
-        f"Benchmark: grid {b['grid'][0]}x{b['grid'][1]}x{b['grid'][2]}, window `{b.get('window', 'soft_tissue')}`, "
-        f"{b['train']} training studies, "
-        f"{b['test']} held-out test studies (held-out body/organ-size bands; every 4th study normal).",
-        "",
-        "## Demo model (K=2, TGH-MoE hard, transferred from the slab-pretrained 2D model)",
-        "",
-        "| metric | value | target |",
-        "| --- | --- | --- |",
-        f"| finding-level F1 (organ+side, kind, size bucket) | {_fmt(findings['f1'])} | >= 0.80 |",
-        f"| finding precision / recall | {_fmt(findings['precision'])} / {_fmt(findings['recall'])} | |",
-        f"| organ-only F1 / organ+kind F1 | {_fmt(findings['organ_f1'])} / {_fmt(findings['organ_kind_f1'])} | |",
-        f"| false findings on normal studies (share with any) | {_fmt(findings['false_finding_rate_on_normals'])} "
-        f"of {int(findings['n_normal_studies'])} | <= 0.05 |",
-        f"| closed-VQA accuracy | {_fmt(closed.get('accuracy'))} (n={closed.get('n')}) | >= 0.90 |",
-        "",
-        "Closed-VQA accuracy per question type:",
-        "",
-        "| type | accuracy | n |",
-        "| --- | --- | --- |",
-    ]
-    for kind, entry in sorted(closed.get("per_type", {}).items()):
-        lines.append(f"| {kind} | {_fmt(entry['accuracy'])} | {entry['n']} |")
-    lines += [
-        "",
-        f"Text metrics (means over samples; BERTScore on {scores.get('bertscore_model')}):",
-        "",
-        "| | BLEU-1 | ROUGE-1 | METEOR | BERTScore F1 |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for label, values in (("report", report), ("open VQA", open_m)):
-        cells = [_fmt(values.get(name)) for name in ("bleu1", "rouge1", "meteor", "bertscore_f1")]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if "distinct_reports" in scores:
-        lines += [
-            "",
-            f"Distinct generated reports: {scores['distinct_reports']} for {scores['counts']['report']['samples']} "
-            "test studies (a model that reads the image writes different reports for different studies).",
-        ]
-    check = scores.get("slab_check_2d")
-    if check:
-        lines += [
-            "",
-            f"The 2D checkpoint on held-out test slabs: a finding reported on {check['reported_on_lesion_slabs']} of "
-            f"{check['slabs_with_lesion']} slabs with a lesion and on {check['reported_on_normal_slabs']} of "
-            f"{check['slabs_without']} without; {check['distinct_captions']} distinct caption(s).",
-        ]
-    tower_auc = scores.get("tower_auc")
-    if tower_auc:
-        lines += [
-            "",
-            "The tower after its lesion pretraining (step 3), on held-out test slabs: ROC AUC of its "
-            "highest token score for each label against the label's presence in the slab.",
-            "",
-            "| " + " | ".join(tower_auc) + " |",
-            "| " + " | ".join("---" for _ in tower_auc) + " |",
-            "| " + " | ".join(_fmt(value) for value in tower_auc.values()) + " |",
-        ]
-    lines += ["", "## Training cost", "", "| step | minutes | device |", "| --- | --- | --- |"]
-    for step, entry in cost.items():
-        lines.append(f"| {step} | {entry['minutes']} | {entry['device']} |")
-    lines += ["", "## Ablations (ablation budget, equal steps per variant; mean ± sd over seeds)", ""]
-    if not ablations:
-        lines.append("Not run.")
-    else:
-        ab = BUDGETS["ablation"]
-        lines += [
-            f"Each variant: {ab.stage1_steps} stage-1 + {ab.stage2_steps} stage-2 steps (variants without task "
-            f"experts: {ab.stage1_steps + ab.stage2_steps} stage-1 steps), batch {ab.batch_size}, from the same "
-            f"benchmark and 2D checkpoints; evaluated on {ab.test} other held-out studies (benchmark seed 1; closed VQA, reports). "
-            "Train minutes are wall-clock time on a shared CPU where other jobs ran at the same time.",
-            "",
-            "| variant | closed-VQA acc. | finding F1 | organ F1 | false findings on normals | task-router acc. "
-            "| train minutes |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for name in ABLATIONS:
-            runs = ablations.get(name, [])
-            if not runs:
-                lines.append(f"| {name} |" + " not run |" * 6)
-                continue
-            cells = [
-                _mean_spread([r["closed_accuracy"].get("accuracy") for r in runs]),
-                _mean_spread([r["findings"]["f1"] for r in runs]),
-                _mean_spread([r["findings"]["organ_f1"] for r in runs]),
-                _mean_spread([r["findings"]["false_finding_rate_on_normals"] for r in runs]),
-                _mean_spread([r.get("router_accuracy") for r in runs]),
-                _mean_spread([r.get("train_minutes") for r in runs]),
-            ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        f1s = [r["findings"]["f1"] for runs in ablations.values() for r in runs]
-        if f1s and max(f1s) == 0:
-            lines += [
-                "",
-                "No variant reports any lesion (finding F1 0 in every run), so the closed-VQA differences "
-                "come from the language prior, not the image: at this budget the ablation does not yet "
-                "tell the variants apart. The task-router accuracy is measured on the test prompts alone.",
-            ]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(out: Path, target: Path) -> Path:
-    """Render ``out/scores.json``, ``out/cost.json`` (+ the 3D run's) and ``out/ablations.json``."""
-    scores = json.loads((out / "scores.json").read_text(encoding="utf-8"))
-    with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
-        scores["distinct_reports"] = len({row["prediction"] for row in csv.DictReader(stream)})
-    cost = json.loads((out / COST_FILE).read_text(encoding="utf-8"))
-    three_d = out / "3d" / COST_FILE
-    if three_d.is_file():
-        cost.update(json.loads(three_d.read_text(encoding="utf-8")))
-    ablations = (
-        json.loads((out / "ablations.json").read_text(encoding="utf-8"))
-        if (out / "ablations.json").is_file()
-        else {}
-    )
-    target.write_text(results_markdown(scores, cost, ablations, str(out)), encoding="utf-8")
-    return target
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m model_core.demo_pipeline", description=__doc__.split("\n\n")[0]
@@ -988,6 +758,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/demo", help="run folder (every step's output)")
     parser.add_argument("--budget", default="small", choices=sorted(BUDGETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stop-after",
+        default="eval",
+        choices=PIPELINE_STEPS,
+        help="stop after this step (a later run continues from there)",
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy shared CPU)"
     )
@@ -1006,6 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablations", action="store_true", help="also run the ablations (ablation budget)")
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--results", default=None, help="write the results tables (Markdown) to this file")
+    parser.add_argument(
+        "--model-card", default=None, help="write the model card of the (shipped) model to this file"
+    )
     return parser
 
 
@@ -1018,26 +797,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         from model_core.hub import pick_device
 
         device = str(pick_device(args.device))
-        scores = run_pipeline(out, args.budget, args.seed, device=device)
+        scores = run_pipeline(out, args.budget, args.seed, device=device, stop_after=args.stop_after)
+        if scores is None:
+            print(f"stopped after step {args.stop_after!r}; run again without --stop-after to continue")
+            return 0
+        model_dir = Path(scores["model_dir"])
         if args.ship or args.ship_to:
             from model_core.hub import DEMO_MODEL_DIR
 
-            target = ship_model(
-                Path(scores["model_dir"]), Path(args.ship_to) if args.ship_to else DEMO_MODEL_DIR
-            )
-            print(f"shipped {target}")
+            model_dir = ship_model(model_dir, Path(args.ship_to) if args.ship_to else DEMO_MODEL_DIR)
+            print(f"shipped {model_dir}")
         if args.ablations:
             run_ablations(out, args.ablation_seeds, device=device)
         if args.results:
+            from model_core.demo_results import write_results
+
             print(f"wrote {write_results(out, Path(args.results))}")
+        if args.model_card:
+            from model_core.demo_card import write_model_card
+
+            print(f"wrote {write_model_card(out, model_dir, Path(args.model_card))}")
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(
-        json.dumps(
-            {"closed_accuracy": scores["closed_accuracy"].get("accuracy"), "f1": scores["findings"]["f1"]}
-        )
-    )
+    from model_core.demo_results import headline
+
+    print(json.dumps(headline(scores)))
     return 0
 
 

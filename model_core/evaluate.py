@@ -8,20 +8,26 @@ file is written under a temporary name and renamed, so a reader never sees half 
 
 Scoring follows M3D (see ``model_core.metrics`` and docs/EVALUATION.md): report samples and
 open VQA get the text metrics per sample, then means; closed VQA gets M3D's letter rule.
+
+Routing: the model runs as it does in use, its task router picking the expert from each prompt;
+those are the scores (``prediction``, ``metrics``, ``closed_accuracy``, ``by_question_type``).
+Beside them, the oracle-routed scores (``oracle_*`` columns, ``summary["oracle"]``) force the
+sample's own task's expert, and ``summary["routing"]`` says how often the router agreed. Where
+forcing gives the features routing gave (no task experts, or a hard router that agreed) the text
+is the same and is not generated twice.
+
+Volumes: CT files (NIfTI, NRRD, MHA, DICOM in JSONL sets) are prepared with the model's own
+``preprocess_config()``; ``.npy`` volumes are taken as already preprocessed (M3D's layout).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import math
-import os
 import random
-import secrets
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,21 +40,10 @@ from tqdm import tqdm
 from model_core import metrics
 from model_core.config import TASKS
 from model_core.data import Sample
+from model_core.evaluation_outputs import OUTPUT_FILES, summary_markdown, write_outputs
 
-CSV_COLUMNS: tuple[str, ...] = (
-    "sample_id",
-    "task",
-    "question_type",
-    "closed",
-    "prompt",
-    "reference",
-    "prediction",
-    "answer_choice",
-    "new_tokens",
-    *metrics.TEXT_METRICS,
-    "correct",
-)
-OUTPUT_FILES: tuple[str, ...] = ("samples.csv", "summary.json", "summary.md")
+ORACLE_KEYS: tuple[str, ...] = ("metrics", "closed_accuracy", "by_question_type")
+"""The summary's score keys, repeated under ``summary["oracle"]`` for the oracle-routed run."""
 DEFAULT_SEED = 42  # M3D's eval scripts seed everything with 42
 
 
@@ -80,15 +75,21 @@ def parse_data_spec(spec: str) -> DataSpec:
     return DataSpec(path=path, kind=kind, split=(split or "test") if kind == "m3d-cap" else None)
 
 
-def open_dataset(spec: DataSpec, image_root: str | Path | None = None, vqa_mode: str = "both") -> Any:
-    """The ``model_core.data`` dataset for ``spec`` (a sequence of ``Sample``)."""
+def open_dataset(
+    spec: DataSpec,
+    image_root: str | Path | None = None,
+    vqa_mode: str = "both",
+    preprocess_config: Any = None,
+) -> Any:
+    """The ``model_core.data`` dataset for ``spec`` (a sequence of ``Sample``); CT files are
+    prepared with ``preprocess_config`` (the model's own: ``CTMLLM.preprocess_config()``)."""
     from model_core import data
 
     if spec.kind == "m3d-cap":
         return data.M3DCapDataset(spec.path, spec.split, image_root=image_root)
     if spec.kind == "m3d-vqa":
         return data.M3DVQADataset(spec.path, image_root=image_root, mode=vqa_mode)
-    return data.JsonlDataset(spec.path)
+    return data.JsonlDataset(spec.path, preprocess_config=preprocess_config)
 
 
 def select_samples(dataset: Any, task: str, limit: int | None = None) -> list[Sample]:
@@ -139,18 +140,20 @@ def generate_predictions(
     max_new_tokens: int,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Greedy answers for every sample: one row dict per sample (ids, prompt, reference, text)."""
+    """Greedy answers for every sample, one row dict each: ``prediction`` with the expert the task
+    router picks (``expert``), ``oracle_prediction`` with the sample's own task's expert (the same
+    text, not generated again, where forcing that expert gives the routed features)."""
     rows = []
     bar = tqdm(samples, desc="evaluating", unit="sample", disable=not progress, file=sys.stderr)
     for index, sample in enumerate(bar):
         try:
-            result = model.generate(
-                sample.load_volume(),
-                sample.prompt,
-                task=sample.task,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-            )
+            volume = sample.load_volume()
+            routed = model.generate(volume, sample.prompt, max_new_tokens=max_new_tokens, do_sample=False)
+            oracle = routed
+            if not model.forcing_keeps_features(routed.expert, sample.task):
+                oracle = model.generate(
+                    volume, sample.prompt, task=sample.task, max_new_tokens=max_new_tokens, do_sample=False
+                )
         except Exception as err:
             raise RuntimeError(f"sample {_sample_id(sample, index)}: generation failed: {err}") from err
         rows.append(
@@ -161,10 +164,13 @@ def generate_predictions(
                 "closed": _is_closed(sample),
                 "prompt": sample.prompt,
                 "reference": sample.answer,
-                "prediction": result.text,
+                "prediction": routed.text,
+                "expert": routed.expert or "",
+                "oracle_prediction": oracle.text,
+                "oracle_generated": oracle is not routed,
                 "answer_choice": str(sample.meta.get("answer_choice", "")) if _is_closed(sample) else "",
-                "new_tokens": result.new_tokens,
-                "seconds": result.seconds,
+                "new_tokens": routed.new_tokens,
+                "seconds": routed.seconds + (oracle.seconds if oracle is not routed else 0.0),
             }
         )
     return rows
@@ -190,6 +196,39 @@ def score_rows(
                 raise ValueError(f"closed sample {row['sample_id']} has no answer_choice in its meta")
             row["correct"] = metrics.closed_vqa_correct(row["prediction"], row["answer_choice"])
     return rows
+
+
+def oracle_rows(
+    rows: Sequence[dict[str, Any]], bert_scorer: metrics.BertScorer | None, meteor: bool
+) -> list[dict[str, Any]]:
+    """The scored rows of the oracle-routed run (``oracle_prediction``), from scored routed rows:
+    only predictions that differ are scored again. Copies each oracle score into its routed row's
+    ``oracle_`` columns."""
+    oracle = [{**row, "prediction": row["oracle_prediction"]} for row in rows]
+    changed = [o for o, row in zip(oracle, rows, strict=True) if o["prediction"] != row["prediction"]]
+    if changed:
+        score_rows(changed, bert_scorer, meteor)
+    for row, scored in zip(rows, oracle, strict=True):
+        for name in (*metrics.TEXT_METRICS, "correct"):
+            if name in scored:
+                row[f"oracle_{name}"] = scored[name]
+    return oracle
+
+
+def routing_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How the task router chose: agreement with each sample's own task, experts used, and how
+    many samples needed a second (oracle) generation."""
+    routed = [row for row in rows if row["expert"]]
+    return {
+        "task_router": bool(routed),
+        "router_accuracy": sum(row["expert"] == row["task"] for row in routed) / len(routed)
+        if routed
+        else None,
+        "experts": dict(sorted(Counter(row["expert"] for row in routed).items())),
+        "oracle_generations": sum(bool(row.get("oracle_generated")) for row in rows),
+        "definition": "scores: the expert the task router picked from the prompt (as in use); oracle: the "
+        "sample's own task's expert forced",
+    }
 
 
 def _means(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -289,6 +328,7 @@ def evaluate(
     rows = score_rows(
         generate_predictions(model, samples, settings.max_new_tokens, progress), bert_scorer, settings.meteor
     )
+    oracle = summarise_rows(oracle_rows(rows, bert_scorer, settings.meteor))
     summary = {
         "task": settings.task,
         "model": {"id": getattr(model, "model_id", type(model).__name__)},
@@ -301,6 +341,8 @@ def evaluate(
         },
         "seed": settings.seed,
         **summarise_rows(rows),
+        "oracle": {key: oracle[key] for key in ORACLE_KEYS},
+        "routing": routing_summary(rows),
         "bertscore_model": bert_scorer.label if bert_scorer else None,
         "skipped_metrics": skipped,
         "metric_definitions": metrics.metric_definitions(bert_scorer),
@@ -311,129 +353,6 @@ def evaluate(
     }
     write_outputs(out_dir, rows, summary)
     return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place.
-
-    The temporary name is opened exclusively with normal permissions (umask applies), unlike
-    ``mkstemp``'s private 0600 files.
-    """
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp, "x", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def _json_ready(value: Any) -> Any:
-    """NaN (a mean over no samples) becomes null: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_ready(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(item) for item in value]
-    return value
-
-
-def samples_csv(rows: Sequence[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({column: row.get(column, "") for column in CSV_COLUMNS})
-    return buffer.getvalue()
-
-
-_LABELS = {
-    "bleu1": "BLEU-1 (M3D's BLEU)",
-    "bleu4": "BLEU-4 (sentence mean)",
-    "bleu4_corpus": "BLEU-4 (corpus)",
-    "rouge1": "ROUGE-1",
-    "rouge_l": "ROUGE-L",
-    "meteor": "METEOR",
-    "bertscore_f1": "BERTScore F1",
-}
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """Markdown tables of a summary: scores x100, as M3D's tables print them."""
-    counts = summary["counts"]
-    decoding = summary["decoding"]
-    lines = [
-        f"# Evaluation of {summary['model']['id']} ({summary['task']})",
-        "",
-        f"Data: {summary.get('data', {}).get('spec', '?')}; {counts['samples']} samples "
-        f"({counts['text_scored']} scored as text, {counts['closed']} closed-ended). "
-        f"Decoding: {decoding['strategy']}, max {decoding['max_new_tokens']} new tokens, seed {decoding['seed']}. "
-        "Scores are means of per-sample scores, x100.",
-        "",
-    ]
-    if counts["text_scored"]:
-        lines += ["| Metric | Score |", "| --- | ---: |"]
-        for name, value in summary["metrics"].items():
-            label = _LABELS.get(name, name)
-            if name == "bertscore_f1" and summary["bertscore_model"]:
-                label += f" ({summary['bertscore_model']})"
-            lines.append(f"| {label} | {_pct(value)} |")
-        for name, why in summary["skipped_metrics"].items():
-            lines.append(f"| {_LABELS.get(name, name)} | {why} |")
-        lines.append("")
-    accuracy = summary["closed_accuracy"]
-    if accuracy:
-        lines += [
-            "Closed-ended accuracy (M3D rule: the answer letter followed by '.' appears in the output)",
-            "",
-            "| Question type | Accuracy | n |",
-            "| --- | ---: | ---: |",
-        ]
-        for kind, entry in accuracy["per_type"].items():
-            lines.append(f"| {kind} | {_pct(entry['accuracy'])} | {entry['n']} |")
-        lines += [f"| all | {_pct(accuracy['accuracy'])} | {accuracy['n']} |", ""]
-    open_types = {kind: entry for kind, entry in summary["by_question_type"].items() if "open" in entry}
-    if open_types:
-        names = [name for name in metrics.TEXT_METRICS if name in next(iter(open_types.values()))["open"]]
-        lines += [
-            "Open-ended scores per question type",
-            "",
-            "| Question type | n | " + " | ".join(_LABELS[name] for name in names) + " |",
-            "| --- | ---: |" + " ---: |" * len(names),
-        ]
-        for kind, entry in open_types.items():
-            cells = " | ".join(_pct(entry["open"][name]) for name in names)
-            lines.append(f"| {kind} | {entry['open_n']} | {cells} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_outputs(
-    out_dir: str | Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any]
-) -> dict[str, Path]:
-    """Write samples.csv, summary.json and summary.md atomically; returns their paths."""
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    texts = {
-        "samples.csv": samples_csv(rows),
-        "summary.json": json.dumps(_json_ready(summary), indent=2, allow_nan=False) + "\n",
-        "summary.md": summary_markdown(summary),
-    }
-    paths = {}
-    for name in OUTPUT_FILES:
-        paths[name] = folder / name
-        _write_atomic(paths[name], texts[name])
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,13 +401,15 @@ def main(argv: Sequence[str] | None = None, notice: Callable[[str], None] | None
             limit=args.limit,
         )
         spec = parse_data_spec(args.data)
-        samples = select_samples(
-            open_dataset(spec, args.image_root, args.vqa_mode), args.task, settings.limit
-        )
-        prepare_scorers(settings)  # before the model: a missing metric fails fast
+        select_samples(open_dataset(spec, args.image_root, args.vqa_mode), args.task, settings.limit)
+        prepare_scorers(settings)  # before the model: bad data or a missing metric fails fast
         from model_core.hub import load_model
 
         model = load_model(args.model, device=args.device, dtype=args.precision, notice=say)
+        preprocessing = model.preprocess_config()  # how this model was trained to see CT files
+        samples = select_samples(
+            open_dataset(spec, args.image_root, args.vqa_mode, preprocessing), args.task, settings.limit
+        )
         run_info = {
             "model": {
                 "id": model.model_id,
@@ -497,6 +418,7 @@ def main(argv: Sequence[str] | None = None, notice: Callable[[str], None] | None
                 "dtype": str(model.dtype),
             },
             "data": {"spec": args.data, "format": spec.kind, "split": spec.split, "limit": args.limit},
+            "preprocessing": preprocessing.to_dict(),
         }
         summary = evaluate(model, samples, settings, args.out, run_info, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, metrics.MetricUnavailableError) as err:

@@ -18,14 +18,25 @@ from transformers import StoppingCriteria, TextStreamer
 
 @dataclass
 class GenerationResult:
+    """One answer; ``expert`` is the task expert that read the volume (chosen by the task router
+    unless a task was forced; None for a model without task experts)."""
+
     text: str
     new_tokens: int
     cancelled: bool
     seconds: float
+    expert: str | None = None
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def expert_note(expert: str | None, forced_by: str | None = None) -> str:
+    """Which task expert read the volume and who chose it: the task router, or ``forced_by``."""
+    if expert is None:
+        return "no task experts"
+    return f"expert {expert} ({f'forced by {forced_by}' if forced_by else 'chosen by the task router'})"
 
 
 class CancelOnEvent(StoppingCriteria):

@@ -2,7 +2,10 @@
 
 Downloads happen only when the caller says so (``allow_download``), into a user cache folder
 that survives upgrades (``$CTMLLM_CACHE`` or ``~/.cache/ctmllm``), and only safetensors and
-config/tokenizer files are fetched.
+config/tokenizer files are fetched. A spec that reads as a path (``./x``, ``models/ct3d`` when
+``models/`` exists, ``a/b/c``, ``~/x``) is never sent to the Hub: when it does not exist, the
+error says so. Importing this module needs neither torch nor transformers (the Slicer module's
+Logic asks ``looks_like_hub_repo_id`` before they are installed).
 """
 
 from __future__ import annotations
@@ -11,18 +14,22 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from model_core.model import CONFIG_FILE, CTMLLM, HUB_FILE_PATTERNS
+    from model_core.model import CTMLLM
 
 DEMO_SPEC = "demo"
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 """Where the bundled demo model is assembled (see docs/MODEL_CARD.md)."""
 
+CONFIG_FILE = "ctmllm_config.json"
+"""The file that makes a folder a CTMLLM model folder (``model_core.model`` writes it)."""
 
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-"""``owner/name``: what is not a local path and looks like this is looked up on the Hub."""
+"""``owner/name``: what is not a local path and looks like this may be looked up on the Hub."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -31,6 +38,16 @@ class ModelNotFoundError(FileNotFoundError):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CTMLLM_CACHE", Path.home() / ".cache" / "ctmllm"))
+
+
+def looks_like_hub_repo_id(spec: str | os.PathLike) -> bool:
+    """True when ``spec`` can only be a Hub repo id: ``owner/name``, not an existing path, and not
+    written as a path (leading ``.``, ``/`` or ``~``, backslashes, more than one ``/``, a trailing
+    ``/``, or a first part that is a local folder, as in ``models/ct3d`` beside a ``models`` folder)."""
+    text = str(spec)
+    if not HUB_REPO_ID.fullmatch(text) or os.path.exists(os.path.expanduser(text)):
+        return False
+    return not os.path.isdir(text.split("/", 1)[0])
 
 
 def tiny_fallback_dir(cache_dir: Path | None = None) -> Path:
@@ -67,33 +84,57 @@ def resolve_model_dir(
                 f"`python -m model_core convert`"
             )
         return folder
-    if folder.exists() or not HUB_REPO_ID.fullmatch(str(spec)):
-        raise ModelNotFoundError(f"model folder {folder} does not exist: check the path")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    if folder.exists():
+        raise ModelNotFoundError(f"model {folder} is a file; pass the model's folder")
+    if not looks_like_hub_repo_id(spec):
+        raise ModelNotFoundError(
+            f"model folder {folder} does not exist (looked in {folder.absolute().parent}): check the path"
+        )
+    return _from_hub(str(spec), cache or default_cache_dir(), allow_download)
 
-    fetch = dict(cache_dir=str(cache or default_cache_dir()), allow_patterns=HUB_FILE_PATTERNS)
+
+def _from_hub(repo_id: str, cache: Path, allow_download: bool) -> Path:
+    """A Hub repo from the local cache, or downloaded when allowed; errors say which and why."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from model_core.model import HUB_FILE_PATTERNS
+
+    fetch = dict(cache_dir=str(cache), allow_patterns=HUB_FILE_PATTERNS)
     try:  # a repo downloaded before loads offline, without asking again
-        return Path(snapshot_download(str(spec), local_files_only=True, **fetch))
+        return Path(snapshot_download(repo_id, local_files_only=True, **fetch))
     except LocalEntryNotFoundError:
         pass
     if not allow_download:
         raise ModelNotFoundError(
-            f"{spec!r} is not a local folder; downloading it from the Hugging Face Hub needs your "
-            f"agreement (allow_download=True / --allow-download)"
+            f"{repo_id!r} is not a local folder; downloading it from the Hugging Face Hub needs your "
+            f"agreement (allow_download=True / --allow-download). If you meant a folder, check the path."
         )
-    return Path(snapshot_download(str(spec), **fetch))
+    try:
+        return Path(snapshot_download(repo_id, **fetch))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(
+            f"{repo_id!r} could not be downloaded from the Hugging Face Hub ({first}): check the repo id and the "
+            "network, or pass a local model folder"
+        ) from error
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise RuntimeError("a GPU was requested but torch sees no CUDA device: choose CPU or auto")
+        raise ValueError("a GPU was requested but torch sees no CUDA device: choose cpu or auto")
+    if device not in ("gpu", "cuda", "cpu"):
+        raise ValueError(f"device {device!r}: choose auto, cpu or cuda")
     return torch.device("cuda" if device == "gpu" else device)
 
 
 def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -119,7 +160,14 @@ def load_model(
     allow_download: bool = False,
     notice: Callable[[str], None] = print,
 ) -> CTMLLM:
-    """Load a CTMLLM from ``spec`` on the chosen device and precision."""
+    """Load a CTMLLM from ``spec`` on the chosen device and precision.
+
+    Raises ``ModelNotFoundError`` (no such model), ``model_core.config.ConfigError`` (its config
+    file holds a wrong value) or ``model_core.model.ModelLoadError`` (weights or tokenizer missing,
+    unreadable or damaged), each naming the file or field and the fix.
+    """
+    from model_core.model import CTMLLM
+
     folder = resolve_model_dir(spec, cache_dir, allow_download, notice)
     target = pick_device(device)
     return CTMLLM.from_pretrained(folder, device=target, dtype=pick_dtype(dtype, target))

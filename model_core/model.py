@@ -3,14 +3,16 @@
 Named parts, in the order data flows: ``vision_tower`` (the 2D tower, unchanged) ->
 ``volume_adapter`` (slice groups, 3D blocks with depth RoPE, MoE experts) -> ``projector`` (the
 2D projector behind a token budget) -> ``language_model`` (the 2D model's causal LM). The glue is
-``encode_volumes``; prompts put the visual tokens where the chat template's user turn holds
-``IMAGE_PLACEHOLDER``, so any tokenizer with a chat template works without new special tokens.
+``encode``; prompts put the visual tokens where the chat template's first user turn holds the
+image (``model_core.chat``), each slice group framed as the 2D model frames an image
+(``model_core.framing``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -34,41 +36,68 @@ from transformers import (
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from model_core.config import TASKS, CTMLLMConfig, GenerationConfig, MoEConfig, VolumeAdapterConfig
+from model_core.chat import CHATML_TEMPLATE, History, chat_text_around_image
+from model_core.config import (
+    TASKS,
+    ConfigError,
+    CTMLLMConfig,
+    GenerationConfig,
+    MoEConfig,
+    VolumeAdapterConfig,
+    check_max_new_tokens,
+)
 from model_core.families import get_family
+from model_core.framing import VisualFraming, default_framing
 from model_core.generation import CallbackStreamer, CancelOnEvent, GenerationResult, iterate_in_thread
+from model_core.hub import CONFIG_FILE
 from model_core.projector import VolumeProjector
 from model_core.prompts import DEFAULT_REPORT_PROMPT
 from model_core.volume_encoder import VolumeAdapter, VolumeInputError
 
-CONFIG_FILE = "ctmllm_config.json"
 WEIGHTS_FILE = "model.safetensors"
-IMAGE_PLACEHOLDER = "<image>"
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
 """What a Hub download fetches: configs, safetensors weights, tokenizer files; never pickles or code."""
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-"""Used only when a tokenizer has no chat template of its own."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""A model folder holds at least one of these; ``save_pretrained`` writes the first two."""
 
-History = Sequence[tuple[str, str]]
-"""Earlier (question, answer) turns on the same volume, oldest first."""
+_TEXT_SLOT = "\ue000ctmllm-text-{}\ue000"
+_TEXT_SLOT_PATTERN = re.compile("\ue000ctmllm-text-(\\d+)\ue000")
+"""Stands in the chat template for a piece of user text (private-use characters nobody types), so
+that the template's own markers are tokenized as control tokens and the user's text never is."""
 
 
 class PromptTooLongError(ValueError):
     """The prompt and history exceed the configured prompt budget."""
 
 
+class ModelLoadError(Exception):
+    """A model folder is incomplete or damaged; the message names the file and the fix."""
+
+
 @dataclass
 class VisualFeatures:
     """Projected visual tokens of one volume, reusable for follow-up questions.
 
-    ``tokens``: ``(visual_tokens, llm_hidden)``; ``task``: the task expert that encoded them.
+    ``tokens``: ``(visual_tokens, llm_hidden)``, depth-major in ``groups`` equal slice groups
+    (each framed alone in the prompt); ``task``: the task expert that encoded them (None for a
+    model without task experts).
     """
 
     tokens: torch.Tensor
     task: str | None = None
+    groups: int = 1
+
+
+@dataclass
+class EncodedBatch:
+    """What one encoding call gives: ``tokens`` ``(B, visual_tokens, llm_hidden)`` (depth-major,
+    ``groups`` slice groups of equal size), the task expert each sample went through (``tasks``;
+    None without task experts) and the MoE's auxiliary losses of this call (empty without MoE)."""
+
+    tokens: torch.Tensor
+    groups: int
+    tasks: list[str] | None
+    aux_losses: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -80,7 +109,16 @@ class LossOutput:
 
 def mllm_config_from_dict(data: dict[str, Any]):
     """Rebuild a Hugging Face 2D MLLM config from its dict (no file, no remote code)."""
-    return CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    model_type = data.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(
+            f"mllm_config.model_type={model_type!r} is not a model type this transformers release knows; "
+            "supported 2D families are InternVL ('internvl') and LLaVA ('llava'): convert the checkpoint again"
+        )
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"mllm_config does not describe a {model_type} model ({error})") from error
 
 
 def read_image_normalisation(folder: Path, family_defaults: tuple) -> tuple[tuple, tuple]:
@@ -93,6 +131,49 @@ def read_image_normalisation(folder: Path, family_defaults: tuple) -> tuple[tupl
             if "image_mean" in data and "image_std" in data:
                 return tuple(data["image_mean"]), tuple(data["image_std"])
     return family_defaults
+
+
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The folder's own tokenizer; a missing or broken one is named as such (not "install sentencepiece")."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}): copy the whole model folder, "
+            "as save_pretrained wrote it"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as error:  # tokenizers, transformers and json raise many types for damaged files
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"{folder}: its tokenizer files cannot be loaded ({first}); copy the model folder again"
+        ) from error
+
+
+def _checked_weights_file(folder: Path) -> Path:
+    """``model.safetensors`` if it is there, readable and holds a safetensors header; else why not."""
+    from safetensors import SafetensorError, safe_open
+
+    from model_core.data.files import unreadable_reason
+
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelLoadError(f"{folder} has no {WEIGHTS_FILE}: copy the whole model folder, weights included")
+    reason = unreadable_reason(weights)
+    if reason:
+        raise ModelLoadError(
+            f"{weights}: cannot be read: {reason}. Ask for read access, or copy the model folder"
+        )
+    if weights.stat().st_size == 0:
+        raise ModelLoadError(f"{weights}: is empty (0 bytes); copy or download the model again")
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"{weights}: is not a complete safetensors file ({error}); it is corrupt or truncated: copy or "
+            "download the model again"
+        ) from error
+    return weights
 
 
 class CTMLLM(nn.Module):
@@ -114,6 +195,7 @@ class CTMLLM(nn.Module):
         self.tokenizer = tokenizer
         if tokenizer.chat_template is None:
             tokenizer.chat_template = CHATML_TEMPLATE
+        self.framing = VisualFraming(config.visual_framing, tokenizer)
         self.model_dir: Path | None = None
 
     # -- construction ------------------------------------------------------------------------
@@ -128,8 +210,13 @@ class CTMLLM(nn.Module):
         image_mean: tuple | None = None,
         image_std: tuple | None = None,
         source: str = "",
+        visual_framing: str | None = None,
     ) -> CTMLLM:
-        """Adapt an in-memory 2D MLLM; its modules move into the CTMLLM (no weight is copied)."""
+        """Adapt an in-memory 2D MLLM; its modules move into the CTMLLM (no weight is copied).
+
+        ``visual_framing`` None: the framing the 2D model was trained with (``default_framing``:
+        InternVL's ``<img>...</img>`` when its tokenizer has those special tokens).
+        """
         family = get_family(mllm.config)
         config = CTMLLMConfig(
             family=family.name,
@@ -140,6 +227,7 @@ class CTMLLM(nn.Module):
             moe=moe or MoEConfig(),
             generation=generation or GenerationConfig(),
             source=source,
+            visual_framing=visual_framing or default_framing(family.name, tokenizer),
         )
         parts = family.split(mllm)
         return cls(config, parts.vision_tower, parts.multi_modal_projector, parts.language_model, tokenizer)
@@ -161,6 +249,11 @@ class CTMLLM(nn.Module):
         folder = Path(path_or_repo_id)
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
+
+            from model_core.hub import looks_like_hub_repo_id
+
+            if not looks_like_hub_repo_id(path_or_repo_id):
+                raise ModelLoadError(f"2D checkpoint folder {folder} does not exist: check the path")
 
             folder = Path(
                 snapshot_download(
@@ -209,18 +302,26 @@ class CTMLLM(nn.Module):
         folder = Path(directory)
         config_path = folder / CONFIG_FILE
         if not config_path.is_file():
-            raise FileNotFoundError(
+            raise ModelLoadError(
                 f"{folder} has no {CONFIG_FILE}: it is not a CTMLLM folder (a 2D checkpoint converts "
-                f"with CTMLLM.from_2d_pretrained)"
+                f"with CTMLLM.from_2d_pretrained or `python -m model_core convert`)"
             )
         config = CTMLLMConfig.load(config_path)
-        mllm = AutoModelForImageTextToText.from_config(mllm_config_from_dict(config.mllm_config))
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        mllm_config = mllm_config_from_dict(config.mllm_config)
+        get_family(mllm_config)  # an unsupported family fails here, before any weight is read
+        tokenizer = _load_tokenizer(folder)
+        weights = _checked_weights_file(folder)
+        mllm = AutoModelForImageTextToText.from_config(mllm_config)
         parts = get_family(mllm.config).split(mllm)
         model = cls(config, parts.vision_tower, parts.multi_modal_projector, parts.language_model, tokenizer)
-        load_model(  # strict: a missing or unexpected tensor raises
-            model, str(folder / WEIGHTS_FILE), strict=True, device=str(device)
-        )
+        try:  # strict: a missing or unexpected tensor raises
+            load_model(model, str(weights), strict=True, device=str(device))
+        except RuntimeError as error:  # torch's state-dict mismatch, and safetensors' own errors
+            first = str(error).strip().splitlines()[0][:300]
+            raise ModelLoadError(
+                f"{weights}: does not match {CONFIG_FILE} or is damaged ({first}); copy the model folder again, "
+                "whole, from where it was saved"
+            ) from error
         model.to(device=device, dtype=dtype)
         model.model_dir = folder
         return model.eval()
@@ -288,11 +389,40 @@ class CTMLLM(nn.Module):
         pooled = []
         with torch.no_grad():
             for prompt in prompts:
-                ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+                ids = self.text_ids(prompt)
                 if not ids:
                     raise ValueError("the prompt is empty: type a question or use the report prompt")
                 pooled.append(table(torch.tensor(ids, device=self.device)).float().mean(dim=0))
         return torch.stack(pooled)
+
+    def encode(
+        self,
+        volumes: torch.Tensor,
+        tasks: Sequence[str] | None = None,
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> EncodedBatch:
+        """``(B, D, H, W)`` in [0, 1] -> visual tokens, with this call's routing and MoE losses.
+
+        With a task-level MoE, ``tasks`` force each sample's task expert; otherwise the task router
+        picks from ``prompts``. ``labels`` (true tasks) add the router's loss to ``aux_losses``.
+        Without one, tasks and prompts do not matter. Each call routes alone: concurrent calls from
+        several threads are safe.
+        """
+        moe = self.volume_adapter.moe
+        prompt_embeddings = None
+        if moe is not None and moe.config.task_level and prompts is not None:
+            prompt_embeddings = self.pooled_prompt_embeddings(prompts)
+        features, routing = self.volume_adapter(
+            self.vision_tower, volumes, tasks=tasks, prompt_embeddings=prompt_embeddings, labels=labels
+        )  # (B, G, h, w, C)
+        grouped = self.projector(features)  # (B, G', tokens_per_group, llm_hidden)
+        return EncodedBatch(
+            tokens=grouped.flatten(1, 2),
+            groups=grouped.shape[1],
+            tasks=routing.tasks if routing is not None else None,
+            aux_losses=routing.auxiliary_losses() if routing is not None else {},
+        )
 
     def encode_volumes(
         self,
@@ -301,20 +431,8 @@ class CTMLLM(nn.Module):
         prompts: Sequence[str] | None = None,
         labels: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """``(B, D, H, W)`` in [0, 1] -> visual tokens ``(B, tokens, llm_hidden)``.
-
-        With a task-level MoE, ``tasks`` force each sample's task expert; otherwise the task router
-        picks from ``prompts``. ``labels`` (true tasks) add the router's loss to
-        ``volume_adapter.auxiliary_losses()``. Without one, tasks and prompts do not matter.
-        """
-        moe = self.volume_adapter.moe
-        prompt_embeddings = None
-        if moe is not None and moe.config.task_level and prompts is not None:
-            prompt_embeddings = self.pooled_prompt_embeddings(prompts)
-        features = self.volume_adapter(
-            self.vision_tower, volumes, tasks=tasks, prompt_embeddings=prompt_embeddings, labels=labels
-        )  # (B, G, h, w, C)
-        return self.projector(features)
+        """``(B, D, H, W)`` in [0, 1] -> visual tokens ``(B, tokens, llm_hidden)`` (see ``encode``)."""
+        return self.encode(volumes, tasks, prompts, labels).tokens
 
     @torch.inference_mode()
     def encode_volume(
@@ -322,16 +440,55 @@ class CTMLLM(nn.Module):
     ) -> VisualFeatures:
         """Encode one volume ``(D, H, W)`` once, to reuse across questions.
 
-        ``task`` forces the task expert of a task-level MoE (the panel's Report / Question mode);
-        without it the router picks from ``prompt``. ``VisualFeatures.task`` says which was used.
+        ``task`` forces the task expert of a task-level MoE; without it the task router picks from
+        ``prompt``. ``VisualFeatures.task`` says which was used.
         """
         if task is not None and task not in TASKS:
             raise ValueError(f"task {task!r}: choose one of {', '.join(TASKS)}")
-        tokens = self.encode_volumes(
+        encoded = self.encode(
             self.as_volume_batch(volume), [task] if task else None, [prompt] if prompt else None
         )
-        routed = self.volume_adapter.routed_tasks
-        return VisualFeatures(tokens=tokens[0], task=routed[0] if routed else task)
+        return VisualFeatures(
+            tokens=encoded.tokens[0], task=encoded.tasks[0] if encoded.tasks else None, groups=encoded.groups
+        )
+
+    @property
+    def has_task_experts(self) -> bool:
+        """Whether a task router picks one of several task experts (a TGH-MoE model)."""
+        return self.config.moe.task_level
+
+    def feature_key(self, task: str | None, prompt: str) -> tuple:
+        """What a volume's visual features depend on besides the volume: equal keys, equal features.
+
+        A forced ``task``; else what the task router makes of ``prompt``: the expert it picks
+        (hard mode), the prompt itself (soft mode mixes the experts by it), nothing without task
+        experts. Lets callers reuse encoded features across prompts exactly when that is exact.
+        """
+        if task is not None:
+            return ("task", task)
+        if not self.has_task_experts:
+            return ("routed",)
+        if self.config.moe.mode == "tgh_soft":
+            return ("routed", "prompt", prompt)
+        return ("routed", self.route(prompt))
+
+    def forcing_keeps_features(self, routed_expert: str | None, task: str) -> bool:
+        """Whether forcing ``task`` gives the features that routing to ``routed_expert`` gave:
+        always without task experts, in hard mode when the router picked ``task``, never in soft
+        mode (the router's mix is not one expert). Lets evaluation skip a second generation."""
+        if routed_expert is None:
+            return True
+        return routed_expert == task and self.config.moe.mode == "tgh_hard"
+
+    @torch.inference_mode()
+    def route(self, prompt: str) -> str | None:
+        """The task expert the task router picks for ``prompt`` (its argmax; in soft mode the expert
+        that weighs most), without encoding a volume; None for a model without task experts."""
+        moe = self.volume_adapter.moe
+        if not self.has_task_experts or moe is None:
+            return None
+        logits = moe.task_router(self.pooled_prompt_embeddings([prompt]))  # (1, tasks)
+        return moe.set_names[int(logits.argmax(dim=-1))]
 
     # -- language ----------------------------------------------------------------------------
     @property
@@ -340,37 +497,72 @@ class CTMLLM(nn.Module):
         vocab = self.tokenizer.get_vocab()
         return "<|im_end|>" if "<|im_end|>" in vocab else self.tokenizer.eos_token
 
-    def chat_segments(self, prompt: str, history: History = ()) -> tuple[list[int], list[int]]:
-        """Token ids before and after the visual tokens for a user turn (with earlier turns)."""
+    @property
+    def image_token(self) -> str:
+        """The 2D model's image token: what a typed-content chat template writes for an image."""
+        return self.tokenizer.convert_ids_to_tokens(self.family.mllm_config.image_token_id)
+
+    def chat_segments(
+        self, prompt: str, history: History = (), framing_tokens: int = 0
+    ) -> tuple[list[int], list[int]]:
+        """Token ids before and after the visual tokens for a user turn (with earlier turns).
+
+        ``framing_tokens`` (the framing's ids around the slice groups) count toward the prompt limit.
+        """
         if not prompt or not prompt.strip():
             raise ValueError("the prompt is empty: type a question or use the report prompt")
-        turns = [*history, (prompt, None)]
-        messages: list[dict[str, str]] = []
-        for index, (question, answer) in enumerate(turns):
-            content = f"{IMAGE_PLACEHOLDER}\n{question}" if index == 0 else question
-            messages.append({"role": "user", "content": content})
-            if answer is not None:
-                messages.append({"role": "assistant", "content": answer})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        before, after = text.split(IMAGE_PLACEHOLDER, 1)
-        ids_before = self.tokenizer(before, add_special_tokens=False).input_ids
-        ids_after = self.tokenizer(after, add_special_tokens=False).input_ids
+        texts: list[str] = []
+
+        def slot(text: str) -> str:
+            texts.append(text)
+            return _TEXT_SLOT.format(len(texts) - 1)
+
+        slotted = [(slot(question), slot(answer)) for question, answer in history]
+        before, after = chat_text_around_image(self.tokenizer, slot(prompt), slotted, self.image_token)
+        ids_before, ids_after = self._template_ids(before, texts), self._template_ids(after, texts)
         limit = self.config.generation.max_prompt_tokens
-        if len(ids_before) + len(ids_after) > limit:
+        count = len(ids_before) + len(ids_after) + framing_tokens
+        if count > limit:
             raise PromptTooLongError(
-                f"the prompt and conversation are {len(ids_before) + len(ids_after)} tokens; the limit is "
+                f"the prompt and conversation are {count} tokens; the limit is "
                 f"{limit}: shorten the question or start a new conversation"
             )
         return ids_before, ids_after
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of user text (questions, reports, answers) as plain text: typed control markers
+        such as ``<|im_start|>`` become ordinary characters, never the template's special tokens."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    def _template_ids(self, rendered: str, texts: Sequence[str]) -> list[int]:
+        """Ids of a rendered chat template whose user text sits in slots: the template's own text is
+        tokenized with its control tokens, each slot's text with ``text_ids``."""
+        ids: list[int] = []
+        for index, piece in enumerate(_TEXT_SLOT_PATTERN.split(rendered)):
+            if index % 2:
+                ids += self.text_ids(texts[int(piece)])
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False).input_ids
+        return ids
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         table = self.language_model.get_input_embeddings()
         return table(torch.tensor(ids, dtype=torch.long, device=self.device))
 
-    def prompt_embeddings(self, visual: torch.Tensor, prompt: str, history: History = ()) -> torch.Tensor:
-        """``(tokens, llm_hidden)`` visual tokens -> ``(sequence, llm_hidden)`` prompt embeddings."""
-        before, after = self.chat_segments(prompt, history)
-        return torch.cat([self._embed_ids(before), visual.to(self.dtype), self._embed_ids(after)], dim=0)
+    def prompt_embeddings(
+        self, visual: torch.Tensor, prompt: str, history: History = (), groups: int = 1
+    ) -> torch.Tensor:
+        """``(tokens, llm_hidden)`` visual tokens of ``groups`` slice groups (depth-major) ->
+        ``(sequence, llm_hidden)`` prompt embeddings, each group framed (``self.framing``)."""
+        if visual.shape[0] % groups:
+            raise ValueError(f"{visual.shape[0]} visual tokens do not split into {groups} equal slice groups")
+        separators = self.framing.separators(groups)
+        before, after = self.chat_segments(prompt, history, sum(len(ids) for ids in separators))
+        pieces = [self._embed_ids(before + separators[0])]
+        for group, separator in zip(visual.to(self.dtype).chunk(groups), separators[1:], strict=True):
+            pieces += [group, self._embed_ids(separator)]
+        pieces.append(self._embed_ids(after))
+        return torch.cat(pieces, dim=0)
 
     def compute_loss(
         self,
@@ -386,11 +578,13 @@ class CTMLLM(nn.Module):
         In soft mode the router's mix is used, so the generation loss trains the router too.
         """
         forced = tasks if self.config.moe.mode == "tgh_hard" else None
-        visual = self.encode_volumes(volumes, forced, prompts, labels=tasks)  # (B, tokens, llm_hidden)
+        encoded = self.encode(volumes, forced, prompts, labels=tasks)
+        visual = encoded.tokens  # (B, tokens, llm_hidden)
         sequences, labels = [], []
         for index, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-            prefix = self.prompt_embeddings(visual[index], prompt)
-            answer_ids = self.tokenizer(answer + self.end_of_turn, add_special_tokens=False).input_ids
+            prefix = self.prompt_embeddings(visual[index], prompt, groups=encoded.groups)
+            end_of_turn = self.tokenizer(self.end_of_turn, add_special_tokens=False).input_ids
+            answer_ids = self.text_ids(answer) + end_of_turn
             sequences.append(torch.cat([prefix, self._embed_ids(answer_ids)], dim=0))
             labels.append([-100] * prefix.shape[0] + answer_ids)
         longest = max(seq.shape[0] for seq in sequences)
@@ -403,7 +597,7 @@ class CTMLLM(nn.Module):
             mask[row, : seq.shape[0]] = 1
             label_tensor[row, : len(lab)] = torch.tensor(lab, device=self.device)
         lm_loss = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=label_tensor).loss
-        aux = self.volume_adapter.auxiliary_losses()
+        aux = encoded.aux_losses
         return LossOutput(
             loss=lm_loss + sum(aux.values(), torch.zeros((), device=self.device)),
             lm_loss=lm_loss,
@@ -417,7 +611,7 @@ class CTMLLM(nn.Module):
         stop_ids.discard(None)
         sample = settings.do_sample if do_sample is None else do_sample
         return HFGenerationConfig(
-            max_new_tokens=max_new_tokens or settings.max_new_tokens,
+            max_new_tokens=settings.max_new_tokens if max_new_tokens is None else max_new_tokens,
             do_sample=sample,
             temperature=settings.temperature if sample else None,
             top_p=settings.top_p if sample else None,
@@ -439,19 +633,28 @@ class CTMLLM(nn.Module):
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
-        """Answer ``prompt`` about a volume (or its cached features).
+        """Answer ``prompt`` about a volume (or its cached features); no prompt: write a report.
 
-        Greedy by default. ``on_text`` receives text chunks as they are decoded; setting
-        ``cancel`` from another thread stops after the token in progress.
+        ``task`` forces the task expert that reads the volume; None (the default) lets the task
+        router pick it from the prompt (cached features keep the expert that encoded them, and a
+        forced task that differs from theirs is refused). ``GenerationResult.expert`` says which
+        expert read the volume. Greedy by default. ``on_text`` receives text chunks as they are
+        decoded; setting ``cancel`` from another thread stops after the token in progress.
         """
         start = time.perf_counter()
-        task = task or (volume_or_features.task if isinstance(volume_or_features, VisualFeatures) else None)
-        prompt = prompt or self.default_prompt(task or "report")
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         if isinstance(volume_or_features, VisualFeatures):
             features = volume_or_features
-        else:
+            if task is not None and features.task is not None and task != features.task:
+                raise ValueError(
+                    f"these features were encoded by the {features.task!r} expert, not {task!r}: encode the "
+                    f"volume again with task={task!r} (CTMLLM.encode_volume) or leave task out"
+                )
+            task = task or features.task
+        prompt = prompt or self.default_prompt(task or "report")
+        if not isinstance(volume_or_features, VisualFeatures):
             features = self.encode_volume(volume_or_features, task=task, prompt=prompt)
-        embeds = self.prompt_embeddings(features.tokens, prompt, history).unsqueeze(0)
+        embeds = self.prompt_embeddings(features.tokens, prompt, history, features.groups).unsqueeze(0)
         cancel = cancel or threading.Event()
         streamer = CallbackStreamer(self.tokenizer, on_text or (lambda _text: None))
         output = self.language_model.generate(
@@ -467,6 +670,7 @@ class CTMLLM(nn.Module):
             new_tokens=int(output.shape[1]),
             cancelled=cancel.is_set(),
             seconds=time.perf_counter() - start,
+            expert=features.task,
         )
 
     def stream(

@@ -4,7 +4,7 @@ Two levels, both attached to the tower by hooks so its state-dict names stay tho
 checkpoint (every new tensor lives under ``volume_adapter.moe.*``):
 
 - Token level (``TokenMoE``): in each chosen block, a router scores every visual token from the
-  block's input and mixes its top-k of E experts; expert e is a rank-r LoRA
+  block's input and mixes its top-k of E experts (``top_k_gates``); expert e is a rank-r LoRA
   (``delta_e(x) = alpha / r * B_e A_e x``) on the block's MLP (and optionally attention) linears.
   B starts at zero, so a new MoE adds exactly nothing. A Switch/GShard load-balancing loss keeps
   the experts in use.
@@ -20,16 +20,23 @@ State-dict layout (``<set>`` is ``token`` in mode ``token``, else each task name
     volume_adapter.moe.experts.<set>.lora.<block>_<linear>.lora_B       (E, out, r)
     volume_adapter.moe.task_router.*                                    (task-level modes)
 
-Routing state (which task expert each sample uses, and each block's token gates) is set once per
-forward and kept until the next one, so recomputation under gradient checkpointing sees the same
-routing as the forward pass did.
+Routing is per call: each tower forward gets its own ``Routing`` (which task expert each sample
+uses, each block's token gates, the router outputs for the losses), made active for that call
+only through a context variable, so two threads encoding at once never see each other's routing.
+Gradient checkpointing recomputes a block in the backward pass, after the forward call has
+returned: ``recompute_with_same_routing`` (the ``context_fn`` that
+``model_core.training.stages.enable_gradient_checkpointing`` passes to ``torch.utils.checkpoint``)
+makes the forward's ``Routing`` active again for that recomputation, so it routes exactly alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -78,12 +85,16 @@ def load_balancing_loss(probs: torch.Tensor, top_k: int) -> torch.Tensor:
 def top_k_gates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits ``(n, T, E)`` -> (gates, probs), both ``(n, T, E)`` float32.
 
-    ``probs`` is the softmax over all experts; ``gates`` keeps each token's top-k probabilities,
-    renormalised to sum to 1, and zero elsewhere.
+    ``probs`` is the softmax over all experts; ``gates`` keeps each token's top-k probabilities
+    and zero elsewhere: renormalised to sum to 1 for k > 1 (GShard), the raw probability for
+    k = 1 (Switch), since one renormalised gate is always exactly 1 and the router would get no
+    gradient from the output.
     """
     probs = logits.float().softmax(dim=-1)
     values, indices = probs.topk(top_k, dim=-1)
-    gates = torch.zeros_like(probs).scatter(-1, indices, values / values.sum(dim=-1, keepdim=True))
+    if top_k > 1:
+        values = values / values.sum(dim=-1, keepdim=True)
+    gates = torch.zeros_like(probs).scatter(-1, indices, values)
     return gates, probs
 
 
@@ -164,6 +175,60 @@ class _SetRoute:
     gates: torch.Tensor  # (rows, T, E)
 
 
+@dataclasses.dataclass
+class Routing:
+    """The routing of one tower forward, made for that call alone (``TGHMoE.plan``).
+
+    ``sample_weights`` ``(B, sets)``: how much each sample goes through each expert set (None: a
+    token-level MoE, every row through its one set); ``tasks``: the task expert each sample went
+    through (the argmax in soft mode; None without task experts). The block hooks fill ``routes``
+    (per block, the expert sets' gates for its rows) and ``probs`` (router probabilities, for the
+    balance loss).
+    """
+
+    moe: TGHMoE
+    sample_weights: torch.Tensor | None = None
+    tasks: list[str] | None = None
+    task_logits: torch.Tensor | None = None  # (B, sets) when the router read prompts
+    task_labels: torch.Tensor | None = None  # (B,) true task indices, for the router's loss
+    routes: dict[int, list[_SetRoute]] = dataclasses.field(default_factory=dict)
+    probs: dict[tuple[int, int], torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """Weighted losses of this call: ``balance`` (mean over expert sets and blocks) and, when
+        labels were given, ``router`` (cross-entropy of the task router)."""
+        config = self.moe.config
+        losses: dict[str, torch.Tensor] = {}
+        if self.probs:
+            balance = [load_balancing_loss(p, config.top_k) for p in self.probs.values()]
+            losses["balance"] = config.balance_loss_weight * torch.stack(balance).mean()
+        if self.task_labels is not None and self.task_logits is not None:
+            ce = F.cross_entropy(self.task_logits.float(), self.task_labels)
+            losses["router"] = config.router_loss_weight * ce
+        return losses
+
+
+_ACTIVE_ROUTING: ContextVar[Routing | None] = ContextVar("ctmllm_active_routing", default=None)
+"""The routing of the tower forward running in this thread (contexts are per thread)."""
+
+
+@contextlib.contextmanager
+def routing_active(routing: Routing | None) -> Iterator[None]:
+    """Make ``routing`` the one the MoE hooks read, for the duration of the block."""
+    token = _ACTIVE_ROUTING.set(routing)
+    try:
+        yield
+    finally:
+        _ACTIVE_ROUTING.reset(token)
+
+
+def recompute_with_same_routing() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): called when a block is
+    checkpointed in the forward, it returns a context that makes that forward's routing active
+    again when the block is recomputed in the backward pass."""
+    return contextlib.nullcontext(), routing_active(_ACTIVE_ROUTING.get())
+
+
 class TGHMoE(nn.Module):
     """The MoE of a vision tower: expert sets keyed by name, the task router, and the hooks."""
 
@@ -193,12 +258,6 @@ class TGHMoE(nn.Module):
         self.experts = nn.ModuleDict({name: TokenMoE(config, linears, hidden) for name in self.set_names})
         self.task_router = TaskRouter(prompt_dim, len(self.set_names)) if config.task_level else None
         self._hooks: list = []
-        self._sample_weights: torch.Tensor | None = None  # (B, sets), per forward
-        self._routes: dict[int, list[_SetRoute]] = {}
-        self._probs: dict[tuple[int, int], torch.Tensor] = {}
-        self._task_logits: torch.Tensor | None = None
-        self._task_labels: torch.Tensor | None = None
-        self.last_tasks: list[str] | None = None
 
     def _target_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         sites: dict[str, nn.Linear] = {}
@@ -227,14 +286,24 @@ class TGHMoE(nn.Module):
             handle.remove()
         self._hooks = []
 
+    def _active_routing(self) -> Routing:
+        routing = _ACTIVE_ROUTING.get()
+        if routing is None or routing.moe is not self:
+            raise MoERoutingError(
+                "the MoE has no routing for this call: encode through CTMLLM.encode_volumes (or the "
+                "VolumeAdapter), not the tower directly; under gradient checkpointing enable it with "
+                "model_core.training.stages.enable_gradient_checkpointing, which keeps the routing"
+            )
+        return routing
+
     def _on_block(self, block: int, module: nn.Module, args: tuple) -> None:
-        self._route_block(block, args[0])
+        self._route_block(self._active_routing(), block, args[0])
 
     def _on_linear(
         self, block: int, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor
     ) -> torch.Tensor:
         x = inputs[0]
-        for route in self._routes.get(block, ()):
+        for route in self._active_routing().routes.get(block, ()):
             lora = self.experts[self.set_names[route.index]].lora[f"{block}_{name}"]
             delta = lora(x if route.rows is None else x[route.rows], route.gates)
             if route.row_weight is not None:
@@ -243,17 +312,10 @@ class TGHMoE(nn.Module):
             output = output + delta if route.rows is None else output.index_add(0, route.rows, delta)
         return output
 
-    def _route_block(self, block: int, hidden: torch.Tensor) -> None:
+    def _route_block(self, routing: Routing, block: int, hidden: torch.Tensor) -> None:
         """Compute the gates of every active expert set for this block call ``(n, T, C)``."""
         n = hidden.shape[0]
-        weights = self._sample_weights
-        if weights is None:
-            if self.config.task_level:
-                raise MoERoutingError(
-                    "the task-level MoE has no routing for this call: encode through "
-                    "CTMLLM.encode_volumes (with tasks or prompts), not the tower directly"
-                )
-            weights = hidden.new_ones(1, 1)
+        weights = routing.sample_weights if routing.sample_weights is not None else hidden.new_ones(1, 1)
         if n % weights.shape[0]:
             raise MoERoutingError(f"block input has {n} rows for {weights.shape[0]} samples")
         row_weights = weights.repeat_interleave(n // weights.shape[0], dim=0)  # (n, sets)
@@ -269,8 +331,8 @@ class TGHMoE(nn.Module):
             exact_one = bool((weight == 1).all())
             gates, probs = self.experts[self.set_names[index]].route(block, selected)
             routes.append(_SetRoute(index, rows, None if exact_one else weight.view(-1, 1, 1), gates))
-            self._probs[(index, block)] = probs
-        self._routes[block] = routes
+            routing.probs[(index, block)] = probs
+        routing.routes[block] = routes
 
     # -- task routing --------------------------------------------------------------------------
     def task_index(self, task: str) -> int:
@@ -280,58 +342,45 @@ class TGHMoE(nn.Module):
             )
         return self.set_names.index(task)
 
-    def begin_forward(
+    def plan(
         self,
         batch: int,
         device: torch.device,
         tasks: Sequence[str] | None = None,
         prompt_embeddings: torch.Tensor | None = None,
         labels: Sequence[str] | None = None,
-    ) -> None:
-        """Decide each sample's task-expert weights ``(B, sets)`` for the coming tower forward.
+    ) -> Routing:
+        """The routing of one coming tower forward: each sample's task-expert weights ``(B, sets)``.
 
         ``tasks`` forces the experts; otherwise the router reads ``prompt_embeddings``
         ``(B, llm_hidden)``: hard mode takes its argmax, soft mode its softmax. ``labels`` (the true
         tasks) give the router's cross-entropy loss.
         """
-        self._routes, self._probs = {}, {}
-        self._task_logits = self._task_labels = None
+        routing = Routing(moe=self)
         if not self.config.task_level:
-            self._sample_weights, self.last_tasks = None, None
-            return
+            return routing
         if prompt_embeddings is not None:
-            self._task_logits = self.task_router(prompt_embeddings)  # (B, sets)
-        if labels is not None and self._task_logits is not None:
-            self._task_labels = torch.tensor([self.task_index(t) for t in labels], device=device)
+            routing.task_logits = self.task_router(prompt_embeddings)  # (B, sets)
+        if labels is not None and routing.task_logits is not None:
+            routing.task_labels = torch.tensor([self.task_index(t) for t in labels], device=device)
         if tasks is not None:
             if len(tasks) != batch:
                 raise MoERoutingError(f"got {len(tasks)} tasks for a batch of {batch} volumes")
             chosen = torch.tensor([self.task_index(t) for t in tasks], device=device)
             weights = F.one_hot(chosen, len(self.set_names)).float()
-        elif self._task_logits is None:
+        elif routing.task_logits is None:
             raise MoERoutingError(
                 "TGH-MoE picks its task expert from the prompt: pass prompt=... or force task='report'/'vqa'"
             )
         elif self.config.mode == "tgh_hard":
-            chosen = self._task_logits.argmax(dim=-1)
+            chosen = routing.task_logits.argmax(dim=-1)
             weights = F.one_hot(chosen, len(self.set_names)).float()
         else:
-            weights = self._task_logits.float().softmax(dim=-1)
+            weights = routing.task_logits.float().softmax(dim=-1)
             chosen = weights.argmax(dim=-1)
-        self._sample_weights = weights
-        self.last_tasks = [self.set_names[int(i)] for i in chosen]
-
-    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
-        """Weighted losses of the last forward: ``balance`` (mean over expert sets and blocks) and,
-        when labels were given, ``router`` (cross-entropy of the task router)."""
-        losses: dict[str, torch.Tensor] = {}
-        if self._probs:
-            balance = [load_balancing_loss(p, self.config.top_k) for p in self._probs.values()]
-            losses["balance"] = self.config.balance_loss_weight * torch.stack(balance).mean()
-        if self._task_labels is not None:
-            ce = F.cross_entropy(self._task_logits.float(), self._task_labels)
-            losses["router"] = self.config.router_loss_weight * ce
-        return losses
+        routing.sample_weights = weights
+        routing.tasks = [self.set_names[int(i)] for i in chosen]
+        return routing
 
 
 def build_moe(

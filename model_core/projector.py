@@ -33,7 +33,8 @@ def pooled_grid(groups: int, height: int, width: int, budget: int) -> tuple[int,
 
 
 class VolumeProjector(nn.Module):
-    """``(B, G, h, w, C)`` tower features -> ``(B, tokens, llm_hidden)`` visual tokens."""
+    """``(B, G, h, w, C)`` tower features -> ``(B, G', tokens_per_group, llm_hidden)`` visual tokens,
+    ``G'`` the groups left after pooling (``G`` unless even one token per group is too many)."""
 
     def __init__(self, family: Family, multi_modal_projector: nn.Module, max_visual_tokens: int) -> None:
         super().__init__()
@@ -50,5 +51,6 @@ class VolumeProjector(nn.Module):
         if target != (g, h2, w2):
             pooled = F.adaptive_avg_pool3d(grid.permute(0, 4, 1, 2, 3), target)  # (B, C', G', h'', w'')
             grid = pooled.permute(0, 2, 3, 4, 1)
+        groups = grid.shape[1]
         tokens = grid.reshape(b, -1, c2)  # (B, tokens, C'), depth-major
-        return self.multi_modal_projector(tokens)
+        return self.multi_modal_projector(tokens).unflatten(1, (groups, -1))  # (B, G', t, llm_hidden)

@@ -24,11 +24,18 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from model_core.chat import CHATML_TEMPLATE
 from model_core.config import GenerationConfig, MoEConfig, VolumeAdapterConfig
 from model_core.families import FAMILY_CLASSES
-from model_core.model import CHATML_TEMPLATE, CTMLLM
+from model_core.framing import INTERNVL_FRAMING_TOKENS
+from model_core.model import CTMLLM
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", *INTERNVL_FRAMING_TOKENS]
+"""ChatML's control tokens, the image placeholder and InternVL's image framing (``<img>``,
+``</img>``), so models built on this tokenizer frame their slice groups as InternVL does."""
+
+FRAME_TEXT = " ".join(f"Frame{index}:" for index in range(1, 65))
+"""The text the framing adds around slice groups, learnt by the tokenizer like the prompts' words."""
 
 CORPUS = """
 user assistant system image volume slice axial coronal sagittal plane phase arterial venous delayed
@@ -45,7 +52,8 @@ bone spine vertebra pancreas stomach gallbladder bladder colon bowel chest abdom
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts`` (deterministic), with ChatML specials and template."""
+    """A byte-level BPE tokenizer trained on ``texts`` and the framing text (deterministic), with
+    ChatML's and InternVL's special tokens and ChatML's template."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -55,7 +63,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    tokenizer.train_from_iterator([*texts, FRAME_TEXT], trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",

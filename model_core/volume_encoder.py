@@ -1,8 +1,10 @@
 """The 2D -> 3D transfer of a vision tower.
 
-A volume ``(D, H, W)`` in [0, 1] is cut into ``ceil(D / 3)`` groups of 3 adjacent slices (the last
-group padded by repeating the edge slice); each group is a 3-channel image for the tower's own
-patch embedding and position embeddings. The lower blocks run per group, as in 2D. The top K
+A volume ``(D, H, W)`` in [0, 1], ``3 <= D <= max_slices``, is cut into ``ceil(D / 3)`` groups of
+3 adjacent slices (the last group padded by repeating the edge slice); each group is a 3-channel
+image for the tower's own patch embedding and position embeddings, resized to the tower's side
+with its aspect ratio kept (antialiased when shrinking; a non-square slice is centred and padded
+with 0, the window's floor). The lower blocks run per group, as in 2D. The top K
 blocks run on the concatenated tokens of all groups of a volume, with rotary encoding of the group
 index on queries and keys (``model_core.depth_rope``). The tower's modules and tensors are used as
 they are; the adapter adds forward hooks, never replaces a module, so state-dict names stay those
@@ -18,20 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_core.config import CTMLLMConfig
+from model_core.config import SLICES_PER_GROUP, CTMLLMConfig
 from model_core.depth_rope import DepthRoPE
 from model_core.families import Family
-from model_core.moe import TGHMoE, build_moe
-
-SLICES_PER_GROUP = 3
-"""Adjacent slices per group: the 3 input channels of the 2D patch embedding."""
+from model_core.moe import Routing, TGHMoE, build_moe, routing_active
 
 
 class VolumeInputError(ValueError):
     """The tensor given to the encoder is not a preprocessed volume; the message says why."""
 
 
-def check_volume_tensor(volumes: torch.Tensor) -> None:
+def check_volume_tensor(volumes: torch.Tensor, max_slices: int | None = None) -> None:
     """Refuse what the encoder cannot read, naming the problem and the fix."""
     if not isinstance(volumes, torch.Tensor):
         raise VolumeInputError(f"expected a torch.Tensor volume, got {type(volumes).__name__}")
@@ -48,6 +47,12 @@ def check_volume_tensor(volumes: torch.Tensor) -> None:
         raise VolumeInputError(f"expected (batch, D, H, W), got shape {tuple(volumes.shape)}")
     if volumes.shape[1] < SLICES_PER_GROUP:
         raise VolumeInputError(f"volume has {volumes.shape[1]} slice(s); a CT series needs at least 3")
+    if max_slices is not None and volumes.shape[1] > max_slices:
+        raise VolumeInputError(
+            f"volume has {volumes.shape[1]} slices; this model reads at most {max_slices} "
+            f"(volume.max_slices): prepare the CT with model_core.data.preprocess and the model's "
+            f"preprocess_config(), which resizes it to the grid the model was trained on"
+        )
     if not torch.isfinite(volumes).all():
         raise VolumeInputError("volume contains NaN or infinite values; fix or re-export the image")
 
@@ -76,6 +81,7 @@ class VolumeAdapter(nn.Module):
                 f"num_3d_blocks={self.num_3d_blocks} but the tower feeds the projector from "
                 f"{self.num_blocks} blocks: use at most {self.num_blocks}"
             )
+        self.max_slices = config.volume.max_slices
         self.image_size = config.volume.image_size or family.native_image_size
         if self.image_size % family.patch_size:
             raise ValueError(
@@ -103,15 +109,6 @@ class VolumeAdapter(nn.Module):
         if moe is not None:
             moe.attach(self._vision_tower[0])
 
-    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
-        """The MoE's load-balancing and task-router losses of the last forward (none without MoE)."""
-        return self.moe.auxiliary_losses() if self.moe is not None else {}
-
-    @property
-    def routed_tasks(self) -> list[str] | None:
-        """The task expert each sample of the last forward went through (task-level MoE only)."""
-        return self.moe.last_tasks if self.moe is not None else None
-
     def blocks_3d(self, vision_tower: nn.Module) -> list[nn.Module]:
         blocks = self.family.blocks(vision_tower)
         return list(blocks[self.num_blocks - self.num_3d_blocks : self.num_blocks])
@@ -123,13 +120,24 @@ class VolumeAdapter(nn.Module):
         return self.rope.apply(output, depth)
 
     def to_pixels(self, groups: torch.Tensor) -> torch.Tensor:
-        """``(B, G, 3, H, W)`` in [0, 1] -> ``(B * G, 3, S, S)`` normalised as the tower expects."""
+        """``(B, G, 3, H, W)`` in [0, 1] -> ``(B * G, 3, S, S)`` normalised as the tower expects.
+
+        The longer side becomes ``S`` and the aspect ratio is kept (antialiased when shrinking, so
+        fine structures average instead of aliasing); a non-square slice is centred on a square of
+        0, the window's floor (air in a CT window).
+        """
         b, g, c, h, w = groups.shape
         images = groups.reshape(b * g, c, h, w)
-        if (h, w) != (self.image_size, self.image_size):
-            images = F.interpolate(
-                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-            )
+        side = self.image_size
+        if (h, w) != (side, side):
+            scale = side / max(h, w)
+            size = (max(1, min(side, round(h * scale))), max(1, min(side, round(w * scale))))
+            if size != (h, w):
+                images = F.interpolate(
+                    images, size=size, mode="bilinear", align_corners=False, antialias=scale < 1
+                )
+            top, left = (side - size[0]) // 2, (side - size[1]) // 2
+            images = F.pad(images, (left, side - size[1] - left, top, side - size[0] - top))
         return (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
 
     def forward(
@@ -141,16 +149,27 @@ class VolumeAdapter(nn.Module):
         tasks: Sequence[str] | None = None,
         prompt_embeddings: torch.Tensor | None = None,
         labels: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        """Encode ``(B, D, H, W)`` volumes into tower features ``(B, G, h, w, C)``.
+    ) -> tuple[torch.Tensor, Routing | None]:
+        """Encode ``(B, D, H, W)`` volumes into tower features ``(B, G, h, w, C)``, with the MoE
+        routing of this call (None without MoE: its ``tasks`` and ``auxiliary_losses()``).
 
         With a task-level MoE, ``tasks`` force each sample's task expert, else the task router reads
         ``prompt_embeddings`` ``(B, llm_hidden)``; ``labels`` give the router's training loss.
         """
-        check_volume_tensor(volumes)
+        check_volume_tensor(volumes, self.max_slices)
+        routing = None
         if self.moe is not None:
-            self.moe.begin_forward(volumes.shape[0], volumes.device, tasks, prompt_embeddings, labels)
-        run_block = run_block or self.family.run_block
+            routing = self.moe.plan(volumes.shape[0], volumes.device, tasks, prompt_embeddings, labels)
+        with routing_active(routing):
+            features = self._run_tower(vision_tower, volumes, run_block or self.family.run_block)
+        return features, routing
+
+    def _run_tower(
+        self,
+        vision_tower: nn.Module,
+        volumes: torch.Tensor,
+        run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         groups = slice_groups(volumes)  # (B, G, 3, H, W)
         b, g = groups.shape[:2]
         pixels = self.to_pixels(groups).to(next(vision_tower.parameters()).dtype)

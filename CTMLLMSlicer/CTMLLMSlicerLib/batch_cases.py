@@ -1,8 +1,11 @@
 """What a batch run works on: the cases found in a folder, a volume file, or a CSV/JSONL list.
 
 - A volume file (``VOLUME_SUFFIXES``) is one case.
-- A folder is searched recursively: each volume file is a case, and each DICOM series (files
-  grouped by SeriesInstanceUID, wherever they lie under the folder) is a case.
+- A folder is searched recursively: each volume file is a case, and each DICOM series (grouped as
+  ``model_core.data.scan_dicom_folder`` groups them: by SeriesInstanceUID, or by the series'
+  attributes when it is blank; files with or without an extension, wherever they lie under the
+  folder) is a case. Localizer scouts are not cases: the cases of their folder note them.
+- One DICOM file (or a DICOMDIR) is the case of its whole series (of the folder it indexes).
 - A list (``.csv`` or ``.jsonl``) names one case per row: ``path`` (or ``volume``/``image``), an
   optional ``id``, ``series_uid`` (to pick one series of a DICOM folder), and ``question``
   (JSONL may give a ``questions`` list). Rows with the same id (or path) add their questions to
@@ -19,16 +22,14 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from CTMLLMSlicerLib.batch_files import sha256_file, sha256_files
+from model_core.data.dicom import DicomSeries, is_dicomdir, looks_like_dicom
+from model_core.data.io import VOLUME_SUFFIXES, volume_suffix
+from model_core.dicom_sr import IDENTIFIER_KEYWORDS
 
-if TYPE_CHECKING:
-    from model_core.data.dicom import DicomSeries
-
-VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LIST_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl")
 FILE = "file"
 DICOM = "dicom"
@@ -53,6 +54,9 @@ class Case:
     for a DICOM entry of a list (``resolve_series`` finds them when the case runs).
     ``origin``: where the case came from (file, series, list line), for messages. ``problem``:
     why a discovered series cannot be read as one volume (the case then fails with it).
+    ``identifiers``: a case list's ``patient_id``, ``study_instance_uid``... columns (see ``batch_sr``).
+    ``series``: the discovered series itself; ``notes``: what discovery wants its record to say
+    (scouts skipped beside it).
     """
 
     case_id: str
@@ -63,12 +67,16 @@ class Case:
     questions: tuple[str, ...] = ()
     origin: str = ""
     problem: str = ""
+    series: DicomSeries | None = field(default=None, compare=False, repr=False)
+    notes: tuple[str, ...] = ()
+    identifiers: tuple[tuple[str, str], ...] = ()
+    """Patient and study identifiers a case list gives for the ``--sr`` export (name, value)."""
 
     def input_files(self) -> list[Path]:
         """Every file whose content makes this case's input (for the resume checksum)."""
         if self.kind == FILE:
             return [self.path, *detached_data_files(self.path)]
-        return list(self.files) if self.files else list(resolve_series(self)[0].files)
+        return list(self.files) if self.files else list(resolve_series(self, allow_non_ct=True)[0].files)
 
     def input_checksum(self) -> str:
         """The sha256 of a single volume file (as ``sha256sum`` prints it); for a series or a header
@@ -78,12 +86,6 @@ class Case:
             return sha256_file(files[0])
         base = self.path if self.path.is_dir() else self.path.parent
         return sha256_files(files, [os.path.relpath(f, base) for f in files])
-
-
-def volume_suffix(path: Path) -> str | None:
-    """The volume suffix ``path`` ends with (``.nii.gz`` before ``.nii``), or None."""
-    name = path.name.lower()
-    return next((suffix for suffix in VOLUME_SUFFIXES if name.endswith(suffix)), None)
 
 
 def detached_data_files(header: Path) -> list[Path]:
@@ -144,8 +146,15 @@ def discover_cases(
         cases = read_case_list(path)
     elif volume_suffix(path):
         cases = [Case(safe_case_id(_strip_volume_suffix(path.name)), path, FILE, origin=str(path))]
-    elif _is_dicom(path):
+    elif is_dicomdir(path):
+        cases = _folder_cases(path.parent, [Path(e).resolve() for e in exclude])
+    elif looks_like_dicom(path):
         cases = _dicom_cases(path.parent, path.parent, only_file=path)
+        if not cases:
+            raise CaseListError(
+                f"input {path} is a DICOM file without a readable image: pass an image file of the series, or "
+                "its folder"
+            )
     else:
         raise CaseListError(
             f"input {path} is neither a volume file ({', '.join(VOLUME_SUFFIXES)}), a DICOM file, nor a "
@@ -159,15 +168,6 @@ def discover_cases(
 def _strip_volume_suffix(name: str) -> str:
     suffix = volume_suffix(Path(name))
     return name[: -len(suffix)] if suffix else name
-
-
-def _is_dicom(path: Path) -> bool:
-    from pydicom.misc import is_dicom
-
-    try:
-        return is_dicom(path)
-    except OSError:
-        return False
 
 
 def _folder_cases(folder: Path, exclude: Sequence[Path]) -> list[Case]:
@@ -197,7 +197,8 @@ def _folder_cases(folder: Path, exclude: Sequence[Path]) -> list[Case]:
 def _dicom_cases(
     folder: Path, base: Path, candidates: Iterable[Path] | None = None, only_file: Path | None = None
 ) -> list[Case]:
-    """One case per DICOM series among ``candidates`` (default: the files of ``folder``)."""
+    """One case per DICOM series among ``candidates`` (default: the files of ``folder``); localizer
+    scouts are noted on the cases of their folder instead of being cases."""
     from model_core.data.dicom import scan_dicom_folder
 
     series_list = scan_dicom_folder(folder, recursive=candidates is not None)
@@ -206,16 +207,25 @@ def _dicom_cases(
         series_list = [s for s in series_list if any(f in wanted for f in s.files)]
     if only_file is not None:
         series_list = [s for s in series_list if only_file in s.files]
-    by_folder: dict[Path, int] = {}
+    scouts: dict[Path, list[DicomSeries]] = {}
     for series in series_list:
+        if series.localizer:
+            scouts.setdefault(series.files[0].parent, []).append(series)
+    volumes = [s for s in series_list if not s.localizer]
+    by_folder: dict[Path, int] = {}
+    for series in volumes:
         by_folder[series.files[0].parent] = by_folder.get(series.files[0].parent, 0) + 1
     cases = []
-    for series in series_list:
+    for series in volumes:
         parent = series.files[0].parent
         relative = os.path.relpath(parent, base)
         name = "dicom" if relative == "." else relative
         if by_folder[parent] > 1:
             name += "/" + (series.description or series.modality or "series") + "_" + series.uid[-8:]
+        notes = tuple(
+            f"{parent}: skipped localizer (scout) series {scout.summary()}"
+            for scout in scouts.get(parent, [])
+        )
         cases.append(
             Case(
                 safe_case_id(name),
@@ -225,6 +235,8 @@ def _dicom_cases(
                 files=tuple(series.files),
                 origin=f"{parent} (series {series.uid})",
                 problem="; ".join(series.problems),
+                series=series,
+                notes=notes,
             )
         )
     return cases
@@ -251,6 +263,7 @@ def read_case_list(path: Path) -> list[Case]:
                 "series": None,
                 "questions": [],
                 "where": where,
+                "identifiers": {},
             },
         )
         if entry["target"] != target:
@@ -259,6 +272,9 @@ def read_case_list(path: Path) -> list[Case]:
             )
         entry["series"] = str(row.get("series_uid") or "").strip() or entry["series"]
         entry["questions"] += _row_questions(row, where)
+        entry["identifiers"].update(
+            (name, str(row[name]).strip()) for name in IDENTIFIER_KEYWORDS if str(row.get(name) or "").strip()
+        )
     cases = []
     for entry in grouped.values():
         target = entry["target"]
@@ -272,6 +288,7 @@ def read_case_list(path: Path) -> list[Case]:
                 series_uid=entry["series"],
                 questions=tuple(entry["questions"]),
                 origin=entry["where"],
+                identifiers=tuple(entry["identifiers"].items()),
             )
         )
     if not cases:
@@ -328,25 +345,28 @@ def _jsonl_rows(path: Path) -> list[tuple[str, dict]]:
     return rows
 
 
-def resolve_series(case: Case) -> tuple[DicomSeries, list[str]]:
+def resolve_series(case: Case, *, allow_non_ct: bool = False) -> tuple[DicomSeries, list[str]]:
     """The DICOM series a case reads, and warnings saying which one it is when there was a choice.
 
     A case found in a folder knows its series; a list entry names a folder (the CT series with the
-    most slices, or ``series_uid``) or one file (its series). A folder without a CT series gives
-    its largest series of another modality: as for series found in a folder, the Logic's intensity
-    check then decides, refusing non-CT input unless ``--allow-non-ct`` is given. Raises
-    ``model_core.data``'s typed errors (no series, broken series) with messages naming the input.
+    most slices, or ``series_uid``) or one file (its series), chosen by ``model_core.data``'s
+    ``select_series`` exactly as ``read_ct`` chooses: a series whose Modality is not CT is refused
+    unless ``allow_non_ct``. Raises ``model_core.data``'s typed errors (no series, broken series,
+    not CT) with messages naming the input.
     """
-    from model_core.data.dicom import scan_dicom_folder, select_series
+    from model_core.data.dicom import scan_dicom_folder, select_series, series_of_file
 
     if case.kind != DICOM:
         raise ValueError(f"case {case.case_id} is a volume file, not a DICOM series")
+    if case.series is not None:
+        return case.series, []
     folder = case.path if case.path.is_dir() else case.path.parent
     series = scan_dicom_folder(folder, recursive=case.path.is_dir())
     uid = case.series_uid
     if uid is None and case.path.is_file():
-        uid = next((s.uid for s in series if case.path in s.files), None)
-    return select_series(series, source=str(case.path), series_uid=uid, allow_non_ct=True)
+        own = series_of_file(series, case.path)
+        uid = own.uid if own is not None else None
+    return select_series(series, source=str(case.path), series_uid=uid, allow_non_ct=allow_non_ct)
 
 
 def read_questions_file(path: str | os.PathLike) -> list[str]:

@@ -27,9 +27,13 @@ class OutputFolderBusyError(RuntimeError):
     """Another batch run is writing into the same output folder."""
 
 
-def partial_path(path: Path) -> Path:
-    """The temporary name for ``path``: hidden, in the same folder (so the rename is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+def partial_path(path: Path, keep_suffix: bool = False) -> Path:
+    """The temporary name for ``path``: hidden, in the same folder (so the rename is atomic).
+
+    ``keep_suffix`` ends it with ``path``'s suffix too, for writers that pick the format by it.
+    """
+    suffix = path.suffix if keep_suffix else ""
+    return path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}{suffix}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -85,7 +89,7 @@ def remove_partial_files(folders: Iterable[Path]) -> list[Path]:
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            if path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX) and path.is_file():
+            if path.name.startswith(".") and PARTIAL_SUFFIX in path.name and path.is_file():
                 path.unlink()
                 removed.append(path)
     return removed

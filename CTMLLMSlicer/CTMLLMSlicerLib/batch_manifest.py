@@ -30,15 +30,20 @@ CASES_FOLDER = "cases"
 RUNNING = "running"
 FINISHED = "finished"
 INTERRUPTED = "interrupted"
+STOPPED = "stopped"
+"""A run-level error (full disk, output folder no longer writable) ended the run."""
 
 
 def case_paths(output: Path, case_id: str) -> dict[str, Path]:
-    """Where a case's outputs go: ``json`` (the completion record), ``markdown``, ``scene``."""
+    """Where a case's outputs go: ``json`` (the completion record), ``markdown``, ``scene``, ``sr`` (the
+    DICOM SR), and for a DICOM case's scene its ``volume``."""
     folder = output / CASES_FOLDER
     return {
         "json": folder / f"{case_id}.json",
         "markdown": folder / f"{case_id}.md",
         "scene": folder / f"{case_id}.mrml",
+        "sr": folder / f"{case_id}.sr.dcm",
+        "volume": folder / f"{case_id}.nrrd",
     }
 
 
@@ -129,7 +134,7 @@ class Manifest:
         self.save()
 
     def end_run(self, run_id: str, status: str, **details: Any) -> None:
-        """Mark the run ``finished`` or ``interrupted`` with its counts and end time."""
+        """Mark the run ``finished``, ``interrupted`` or ``stopped`` with its counts and end time."""
         for run in self.runs:
             if run["run_id"] == run_id:
                 run.update(status=status, **details)

@@ -5,8 +5,9 @@ module's logic, so volumes load exactly as with "Add data". With plain Python on
 wheel there is no ``slicer.app`` or ``slicer.mrmlScene``: the scene, the application logic, the
 Colors logic (volume loading needs it) and the Volumes logic are built here.
 
-Reading a case's files into the scene is the Logic's (``CTMLLMLogicCore.loadVolumeFile``, on
-the Volumes logic found here); this module only says which files a case reads.
+Reading a case into the scene is the Logic's: ``loadVolumeFile`` (on the Volumes logic found
+here) for a volume file, ``addVolumeFromCT`` for a DICOM series read by ``model_core.data``;
+this module only says which a case needs.
 """
 
 from __future__ import annotations
@@ -96,28 +97,49 @@ def _route_vtk_messages(log_file: Path | None) -> None:
         vtk.vtkLogger.LogToFile(str(log_file), vtk.vtkLogger.APPEND, vtk.vtkLogger.VERBOSITY_WARNING)
 
 
-def load_case_volume(logic: CTMLLMLogicCore, case: Case) -> tuple[Any, list[str]]:
+def load_case_volume(
+    logic: CTMLLMLogicCore, case: Case, *, allow_non_ct: bool = False
+) -> tuple[Any, list[str]]:
     """Load the case's volume into the Logic's scene; returns the scalar volume node and warnings
-    about the series choice.
+    (which series was read, how its files were grouped, what was skipped or corrected).
 
-    Raises ``model_core.data``'s ``UnreadableVolumeError`` (missing, truncated or corrupt input) or
-    ``DicomSeriesError`` (no usable series) with a message that names the input.
+    A volume file goes through the Logic's ``loadVolumeFile`` (Slicer's reader, after the checks
+    ``read_ct`` makes). A DICOM series is read by ``model_core.data.read_dicom_series``, as the
+    command line reads it: files grouped without relying on SeriesInstanceUID alone, compressed
+    pixels decoded, a tilted gantry corrected, the Modality checked. Raises ``model_core.data``'s
+    typed errors (``UnreadableVolumeError``, ``DicomSeriesError``, ``NotCTError``...) naming the input.
     """
-    if case.kind != DICOM:
-        return logic.loadVolumeFile(case.path, case.case_id), []
-    files, warnings = _series_files(case)
-    return logic.loadVolumeFile(files, case.case_id), warnings
-
-
-def _series_files(case: Case) -> tuple[list[Path], list[str]]:
+    from model_core.data import read_dicom_series
     from model_core.data.errors import DicomSeriesError
 
-    if case.files:
-        if case.problem:
-            raise DicomSeriesError(f"{case.origin}: cannot be read as one volume: {case.problem}")
-        return list(case.files), []
-    series, warnings = resolve_series(case)
-    return list(series.files), warnings
+    if case.kind != DICOM:
+        return logic.loadVolumeFile(case.path, case.case_id), list(case.notes)
+    if case.problem:
+        raise DicomSeriesError(f"{case.origin}: cannot be read as one volume: {case.problem}")
+    series, warnings = resolve_series(case, allow_non_ct=allow_non_ct)
+    ct = read_dicom_series(
+        series, source=str(case.path), allow_non_ct=allow_non_ct, warnings=[*case.notes, *warnings]
+    )
+    return logic.addVolumeFromCT(ct, case.case_id), list(ct.warnings)
+
+
+def save_volume(node: Any, path: Path) -> Path:
+    """Write a node's voxels (``.nrrd``) atomically: a DICOM case's scene points at this file."""
+    storage = node.GetStorageNode() or node.CreateDefaultStorageNode()
+    if node.GetStorageNode() is None:
+        node.GetScene().AddNode(storage)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+    temporary = partial_path(path, keep_suffix=True)  # the writer picks NRRD by the suffix
+    storage.SetFileName(str(temporary))
+    try:
+        if not storage.WriteData(node) or not temporary.is_file():
+            raise OSError(f"Slicer did not write the volume {path}: check that the output folder is writable")
+        commit_partial(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    storage.SetFileName(str(path))
+    return path
 
 
 @contextmanager

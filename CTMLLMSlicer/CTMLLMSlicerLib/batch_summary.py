@@ -24,6 +24,8 @@ EXIT_OK = 0
 EXIT_CASES_FAILED = 1
 EXIT_SETUP_FAILED = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+"""128 + SIGTERM: the run was stopped by ``timeout``, systemd or Slurm, and ended like Ctrl-C."""
 
 SUMMARY_COLUMNS = (
     "case_id",
@@ -55,7 +57,9 @@ class CaseOutcome:
     answers: int = 0
     warnings: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
-    """Output kind (``json``, ``markdown``, ``scene``) -> path relative to the output folder."""
+    """Output kind (``json``, ``markdown``, ``scene``, ``volume``) -> path relative to the output folder."""
+    failed_questions: int = 0
+    """Questions of an ``ok`` case that got an error instead of an answer (listed in its record)."""
 
     def row(self) -> dict[str, Any]:
         return {
@@ -92,7 +96,10 @@ class BatchSummary:
     ended: float | None = None
     outcomes: list[CaseOutcome] = field(default_factory=list)
     interrupted: bool = False
+    interrupted_by: str = "Ctrl-C"
     setup_error: str = ""
+    """Why the run could not start, or (``run_error``) why it stopped: exit status 2 either way."""
+    run_error: str = ""
 
     @property
     def seconds(self) -> float:
@@ -114,11 +121,12 @@ class BatchSummary:
     @property
     def exit_code(self) -> int:
         """0 only when every case succeeded (reused or computed); see docs/BATCH.md for the others."""
-        if self.setup_error:
+        if self.setup_error or self.run_error:
             return EXIT_SETUP_FAILED
         if self.interrupted:
-            return EXIT_INTERRUPTED
-        return EXIT_OK if self.outcomes and all(o.status == OK for o in self.outcomes) else EXIT_CASES_FAILED
+            return EXIT_TERMINATED if self.interrupted_by == "SIGTERM" else EXIT_INTERRUPTED
+        complete = all(o.status == OK and not o.failed_questions for o in self.outcomes)
+        return EXIT_OK if self.outcomes and complete else EXIT_CASES_FAILED
 
     def status_line(self) -> str:
         reused = sum(1 for o in self.outcomes if o.reused)
@@ -126,9 +134,14 @@ class BatchSummary:
             f"{self.count(OK)} ok ({reused} reused from an earlier run), {self.count(FAILED)} failed, "
             f"{self.count(NOT_RUN)} not run, of {len(self.outcomes)} case(s)"
         )
+        unanswered = sum(o.failed_questions for o in self.outcomes)
+        if unanswered:
+            text += f"; {unanswered} question(s) got an error instead of an answer"
         if self.setup_error:
             return f"run could not start: {self.setup_error}"
-        return text + (" - interrupted" if self.interrupted else "")
+        if self.run_error:
+            return f"run stopped: {self.run_error} ({text})"
+        return text + (f" - interrupted ({self.interrupted_by})" if self.interrupted else "")
 
 
 def write_summaries(summary: BatchSummary, *, running: bool) -> tuple[Path, Path]:
@@ -149,6 +162,8 @@ def _cell(text: str) -> str:
 
 def _markdown(summary: BatchSummary, running: bool) -> str:
     state = "running" if running else ("interrupted" if summary.interrupted else "finished")
+    if summary.setup_error or summary.run_error:
+        state = "failed"
     lines = [
         "# CT-MLLM batch run",
         "",

@@ -25,7 +25,12 @@ def _now() -> str:
 
 @dataclass
 class Turn:
-    """One request and its answer; ``cancelled`` answers are partial and kept out of the history."""
+    """One request and its answer; ``cancelled`` answers are partial and kept out of the history.
+
+    ``task``: the kind of request (a report or a question); ``expert``: the model's task expert
+    that read the volume (None for a model without task experts), chosen by the task router from
+    the prompt when ``routed``, else forced by the request's kind.
+    """
 
     task: str
     prompt: str
@@ -34,10 +39,21 @@ class Turn:
     newTokens: int = 0
     seconds: float = 0.0
     time: str = field(default_factory=_now)
+    expert: str | None = None
+    routed: bool = False
 
     @property
     def tokensPerSecond(self) -> float:
         return self.newTokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def expertNote(self) -> str:
+        """Which expert read the volume and who chose it, for the panel and the exports."""
+        if self.expert is None:
+            return "no task experts"
+        return (
+            f"expert {self.expert} ({'chosen by the task router' if self.routed else 'forced by the mode'})"
+        )
 
 
 @dataclass
@@ -88,7 +104,10 @@ class Conversation:
                 lines += [f"**Q:** {turn.prompt.strip()}", "", f"**A:** {turn.answer.strip()}", ""]
             else:
                 lines += [turn.answer.strip(), ""]
-            lines += [f"_{turn.newTokens} tokens in {turn.seconds:.1f} s, {turn.time}_", ""]
+            lines += [
+                f"_{turn.newTokens} tokens in {turn.seconds:.1f} s, {turn.expertNote}, {turn.time}_",
+                "",
+            ]
         return "\n".join(lines).rstrip() + "\n"
 
     def toDict(self) -> dict[str, Any]:

@@ -17,6 +17,15 @@ Conversations are kept per volume, keyed by a unique id stored on the volume nod
 (``scene_results.VolumeIds``), never by its node ID, which MRML reuses after a scene close;
 ``forgetVolume`` and ``forgetAll`` drop a removed volume's (or a closed scene's) conversations and
 cached features. A saved result text node restores the conversation when a scene is reopened.
+
+Task experts: a request of task None lets the model's task router pick the expert from the
+prompt (the default of ``generateReport`` and ``askQuestion``, and of the panel); ``report`` or
+``vqa`` force the expert of that task. The turn records the expert and whether the router chose
+it. The turn's own kind is the request's: a question when a prompt is given, else a report.
+
+Input: files are checked before Slicer's reader (``loadVolumeFile``), and every volume is
+prepared by ``model_core.data.prepare_input``, the decision the command line and the batch take;
+refusals are ``NotCTVolumeError`` caused by the input verdict, in the worker too.
 """
 
 from __future__ import annotations
@@ -53,9 +62,10 @@ from CTMLLMSlicerLib.session import (  # noqa: F401  (names the module and the b
     PreparedVolume,
     ProgressCallback,
     VolumeSnapshot,
+    checkedMaxNewTokens,
     checkTask,
     defaultModelCacheFolder,
-    featureKey,
+    inputKey,
     isRepoId,
     needsDownloadConsent,
     noProgress,
@@ -71,15 +81,14 @@ CT_RENDERING_PRESET = display.CT_RENDERING_PRESET
 
 @dataclass
 class RunResult:
-    """The finished (or cancelled) turn, whether the encoder ran, notices for the user, and the
-    expert that answered (``routedTask``: the router's pick when the task was None)."""
+    """The finished (or cancelled) turn (``turn.expert`` read the volume), whether the encoder
+    ran, and notices for the user."""
 
     volumeNodeID: str
     turn: Turn
     encoded: bool
     modelId: str
     notices: list[str] = field(default_factory=list)
-    routedTask: str | None = None
 
 
 @dataclass
@@ -89,6 +98,7 @@ class _PendingJob:
     volumeUID: str
     volumeName: str
     nodeID: str
+    kind: str
     task: str | None
     prompt: str
     request: ModelRequest
@@ -98,13 +108,19 @@ class _PendingJob:
     """Its volume left the scene (removed, scene closed): the result is not recorded."""
 
 
-def _promptText(task: str | None, prompt: str | None) -> str:
-    """The text the model is asked: the question, or the default report prompt."""
+def _promptText(prompt: str | None) -> str:
+    """The text the model is asked: the question, or the report prompt when there is none."""
+    return (prompt or "").strip() or DEFAULT_REPORT_PROMPT
+
+
+def _request(task: str | None, prompt: str | None) -> tuple[str, str]:
+    """``(kind, text)``: the turn's kind (a question when a prompt is given or the question expert
+    is forced, else a report) and the text the model is asked (``_promptText``)."""
     checkTask(task)
-    text = (prompt or "").strip()
-    if task == QUESTION and not text:
+    given = bool((prompt or "").strip())
+    if task == QUESTION and not given:
         raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
-    return text or DEFAULT_REPORT_PROMPT
+    return task or (QUESTION if given else REPORT), _promptText(prompt)
 
 
 class CTMLLMLogicCore:
@@ -122,6 +138,9 @@ class CTMLLMLogicCore:
     ``nonCTHint`` ends the refusal of a non-CT volume: how this caller's user turns ``allowNonCT``
     on (the panel's checkbox by default; the batch script passes its command-line flag).
     """
+
+    dicomDatabase: Any = None
+    """Slicer's DICOM database (``slicer.dicomDatabase``), where volumes from the DICOM module find their files."""
 
     def __init__(
         self,
@@ -179,10 +198,14 @@ class CTMLLMLogicCore:
 
     def modelWindow(self) -> Any:
         """The HU window of the loaded model (here or in the worker), or None while none is loaded."""
-        window = self.session.modelWindow()
-        if window is None and self.worker is not None and self.worker.isRunning():
-            window = self.worker.modelInfo.get("window")
-        return window
+        return self.loadedModelInfo().get("window")
+
+    def loadedModelInfo(self) -> dict[str, Any]:
+        """The model loaded here, else the worker's (``ModelSession.modelInfo``); {} while none is."""
+        info = self.session.modelInfo()
+        if not info and self.worker is not None and self.worker.isRunning():
+            info = self.worker.modelInfo
+        return info
 
     # -- volume ------------------------------------------------------------------------------
     def loadVolumeFile(
@@ -198,7 +221,8 @@ class CTMLLMLogicCore:
         ``UnreadableVolumeError`` naming the input.
         """
         from model_core.data.errors import UnreadableVolumeError
-        from model_core.data.io import check_file_complete
+        from model_core.data.files import check_readable
+        from model_core.data.io import check_volume_file, volume_suffix
 
         if self.volumesLogic is None:
             raise CTMLLMSlicerError("no volumes logic: create the Logic with one to load volume files")
@@ -213,11 +237,11 @@ class CTMLLMLogicCore:
             if len(files) == 1
             else f"the DICOM series of {len(files)} files in {files[0].parent}"
         )
-        missing = next((f for f in files if not f.is_file()), None)
-        if missing is not None:
-            raise UnreadableVolumeError(f"{missing}: does not exist (any more): check the path")
-        if len(files) == 1:
-            check_file_complete(files[0])
+        for file in files:
+            check_readable(file)
+        if len(files) == 1 and volume_suffix(files[0]):
+            check_volume_file(files[0])  # the verdict read_ct gives, before Slicer's reader
+            self.session.rememberChecked(files[0])
         name = name or (files[0].parent.name if len(files) > 1 else _volumeName(files[0]))
         node = _addArchetypeVolume(self.volumesLogic, files, name)
         if node is None:
@@ -236,6 +260,22 @@ class CTMLLMLogicCore:
             raise UnreadableVolumeError(
                 f"{what}: was read as a {node.GetClassName()}, not a scalar CT volume: pass a single-channel CT"
             )
+        return node
+
+    def addVolumeFromCT(self, ct: Any, name: str) -> Any:
+        """A scalar volume node holding a ``model_core.data.CTImage`` (read by ``read_ct`` or
+        ``read_dicom_series``: DICOM as scanners export it), with its geometry in RAS."""
+        import vtk
+        from slicer.util import updateVolumeFromArray
+
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        matrix = vtk.vtkMatrix4x4()
+        for row, values in enumerate(ct.ijk_to_ras()):
+            for column, value in enumerate(values):
+                matrix.SetElement(row, column, float(value))
+        node.SetIJKToRASMatrix(matrix)
+        updateVolumeFromArray(node, np.ascontiguousarray(ct.array))
+        node.CreateDefaultDisplayNodes()
         return node
 
     def volumeUID(self, volumeNode: Any) -> str:
@@ -261,12 +301,14 @@ class CTMLLMLogicCore:
         uid = self.volumeUID(volumeNode)
         key = self._volumeKey(volumeNode, uid)
         array = None
-        if request is None or not isCached(featureKey(request, key, settings)):
+        if request is None or not isCached(inputKey(request, key, settings)):
             from slicer.util import arrayFromVolume
 
             array = np.array(arrayFromVolume(volumeNode), copy=True)  # (slices, rows, columns)
+        storage = volumeNode.GetStorageNode()
+        source = (storage.GetFileName() or "") if storage is not None else ""
         return VolumeSnapshot(
-            uid, volumeNode.GetName(), key, _ijkToRAS(volumeNode), array, volumeNode.GetID()
+            uid, volumeNode.GetName(), key, _ijkToRAS(volumeNode), array, volumeNode.GetID(), source
         )
 
     def volumeSnapshot(
@@ -280,13 +322,13 @@ class CTMLLMLogicCore:
     ) -> VolumeSnapshot:
         """Copy what the model needs from ``volumeNode`` (GUI thread) for ``run``.
 
-        The voxels are skipped when ``request``'s model is loaded in this process and has the
-        features cached for these settings (``prompt`` matters only for ``task=None``).
+        The voxels are skipped when ``request``'s model is loaded in this process and holds this
+        volume's input prepared for these settings (any expert can then encode it).
         """
-        settings = EncodeSettings(windowPreset, allowNonCT, task, prompt if task is None else None)
+        settings = EncodeSettings(windowPreset, allowNonCT, task, _promptText(prompt))
         cached = request is not None and self.session.isModelCached(request)
         return self._snapshot(
-            volumeNode, settings, request, lambda key: cached and self.session.hasFeatures(key)
+            volumeNode, settings, request, lambda key: cached and self.session.hasInput(key)
         )
 
     # -- running the model in this process ---------------------------------------------------
@@ -304,18 +346,20 @@ class CTMLLMLogicCore:
         cancel: threading.Event | None = None,
         allowNonCT: bool = False,
     ) -> RunResult:
-        """Report (``task="report"``), answer (``task="vqa"``), or let the model's router pick the
-        expert from the prompt (``task=None``; ``RunResult.routedTask`` says which), about a volume
-        node or snapshot, in this process.
+        """Report (``task="report"``) or answer (``task="vqa"``) about a volume node or snapshot,
+        in this process.
 
-        ``allowNonCT`` accepts a volume that does not look like CT (see ``session``).
+        ``task`` None: the model's task router picks the expert from the prompt (``turn.expert``
+        says which); the turn is a question when a prompt is given, else a report with the
+        report prompt. ``allowNonCT`` accepts a volume that does not look like CT (see ``session``).
 
         Text reaches ``onText`` as it is generated; setting ``cancel`` stops after the token in
         progress and returns the partial answer (``turn.cancelled``); set before generation
         starts, it raises ``OperationCancelled`` after the stage in progress. The turn is added to the
         volume's conversation; questions see the earlier complete question turns as history.
         """
-        text = _promptText(task, prompt)
+        kind, text = _request(task, prompt)
+        maxNewTokens = checkedMaxNewTokens(maxNewTokens)
         progress = progressCallback or noProgress
         notices: list[str] = []
 
@@ -325,36 +369,44 @@ class CTMLLMLogicCore:
                 noticeCallback(message)
 
         cancel = cancel or threading.Event()
-        settings = EncodeSettings(windowPreset, allowNonCT, task, text if task is None else None)
+        settings = EncodeSettings(windowPreset, allowNonCT, task, text)
         snapshot = volume
         if not isinstance(volume, VolumeSnapshot):
             snapshot = self.volumeSnapshot(volume, windowPreset, task, request, allowNonCT, text)
         model = self.session.loadModel(request, progress, notice)
         raiseIfCancelled(cancel)
         key, entry, encoded = self.session.encode(request, snapshot, settings, progress)
-        for message in entry.notices:
+        for message in entry.input.notices:
             notice(message)
         raiseIfCancelled(cancel)
         conversation = self.conversation(snapshot.volumeUID, snapshot.name)
-        history = conversation.history() if task in (QUESTION, None) else []
+        history = conversation.history() if kind == QUESTION else []
         outcome = self.session.generate(
             request, key, text, task, history, maxNewTokens, onText, progress, cancel
         )
         turn = self._recordTurn(
-            conversation, model.model_id, request, settings, entry.preprocessing, maxNewTokens,
-            Turn(task or outcome.routedTask or REPORT, text, outcome.text, outcome.cancelled,
-                 outcome.newTokens, outcome.seconds),
+            conversation, model.model_id, request, settings, entry.input.preprocessing, maxNewTokens,
+            _turn(kind, task, text, outcome.text, outcome.cancelled, outcome.newTokens, outcome.seconds,
+                  outcome.expert),
             snapshot.nodeID,
         )  # fmt: skip
-        return RunResult(snapshot.nodeID, turn, encoded, model.model_id, notices, outcome.routedTask)
+        return RunResult(snapshot.nodeID, turn, encoded, model.model_id, notices)
 
-    def generateReport(self, volume: Any, request: ModelRequest, **kwargs: Any) -> RunResult:
-        """A full report of the volume with the model's default report prompt."""
-        return self.run(volume, REPORT, None, request, **kwargs)
+    def generateReport(
+        self, volume: Any, request: ModelRequest, forceExpert: bool = False, **kwargs: Any
+    ) -> RunResult:
+        """A full report of the volume with the model's default report prompt; the task router
+        picks the expert, or with ``forceExpert`` the report expert reads the volume."""
+        return self.run(volume, REPORT if forceExpert else None, None, request, **kwargs)
 
-    def askQuestion(self, volume: Any, question: str, request: ModelRequest, **kwargs: Any) -> RunResult:
-        """One more question turn on the volume, reusing its encoded features and the conversation."""
-        return self.run(volume, QUESTION, question, request, **kwargs)
+    def askQuestion(
+        self, volume: Any, question: str, request: ModelRequest, forceExpert: bool = False, **kwargs: Any
+    ) -> RunResult:
+        """One more question turn on the volume, reusing its encoded features and the conversation;
+        the task router picks the expert, or with ``forceExpert`` the question expert."""
+        if not (question and question.strip()):
+            raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
+        return self.run(volume, QUESTION if forceExpert else None, question, request, **kwargs)
 
     def _recordTurn(
         self,
@@ -409,31 +461,33 @@ class CTMLLMLogicCore:
     ) -> None:
         """Start a report or an answer in the model worker and return at once (GUI thread: the
         volume is read here). ``pollJob`` then hands over its events; exactly one of finished,
-        failed or cancelled ends it. Same arguments as ``run``."""
+        failed or cancelled ends it. Same arguments as ``run`` (``task`` None: the router decides).
+        The voxels are copied and handed over only when the worker does not hold this volume's
+        input prepared for these settings; it reuses the features of the expert it picks."""
         if self._job is not None:
             raise JobBusyError("a model job is still running: wait for it or cancel it first")
-        text = _promptText(task, prompt)
+        kind, text = _request(task, prompt)
+        maxNewTokens = checkedMaxNewTokens(maxNewTokens)
         worker = self.modelWorker()
-        settings = EncodeSettings(windowPreset, allowNonCT, task, text if task is None else None)
-        snapshot = self._snapshot(volumeNode, settings, request, worker.hasFeatures)
-        key = featureKey(request, snapshot.volumeKey, settings)
-        encode, cleanup = None, []
+        settings = EncodeSettings(windowPreset, allowNonCT, task, text)
+        snapshot = self._snapshot(volumeNode, settings, request, worker.hasInput)
+        key = inputKey(request, snapshot.volumeKey, settings)
+        volume = {
+            "name": snapshot.name,
+            "volumeUID": snapshot.volumeUID,
+            "volumeKey": snapshot.volumeKey,
+            "ijkToRAS": snapshot.ijkToRAS.tolist(),
+            "sourceFile": snapshot.sourceFile,
+        }
+        cleanup = []
         if snapshot.arrayKJI is not None:
             worker.folder.mkdir(parents=True, exist_ok=True)
             path = writeVolumeFile(snapshot.arrayKJI, worker.folder, f"volume-{uuid.uuid4().hex}")
             cleanup.append(path)
-            encode = {
-                "volume": {
-                    "path": str(path),
-                    "name": snapshot.name,
-                    "volumeUID": snapshot.volumeUID,
-                    "volumeKey": snapshot.volumeKey,
-                    "ijkToRAS": snapshot.ijkToRAS.tolist(),
-                },
-                "settings": settings.toDict(),
-            }
+            volume["path"] = str(path)
+        encode = {"volume": volume, "settings": settings.toDict()}
         conversation = self.conversation(volumeNode)
-        history = conversation.history() if task in (QUESTION, None) else []
+        history = conversation.history() if kind == QUESTION else []
         try:
             worker.startJob(request, text, task, key, encode, history, maxNewTokens, cleanup)
         except BaseException:
@@ -441,7 +495,15 @@ class CTMLLMLogicCore:
                 path.unlink(missing_ok=True)
             raise
         self._job = _PendingJob(
-            snapshot.volumeUID, snapshot.name, snapshot.nodeID, task, text, request, settings, maxNewTokens
+            snapshot.volumeUID,
+            snapshot.name,
+            snapshot.nodeID,
+            kind,
+            task,
+            text,
+            request,
+            settings,
+            maxNewTokens,
         )
 
     def pollJob(self) -> list[jobs.JobEvent]:
@@ -483,13 +545,13 @@ class CTMLLMLogicCore:
         turn = self._recordTurn(
             conversation, result.get("modelId", ""), job.request, job.settings, result.get("preprocessing", {}),
             job.maxNewTokens,
-            Turn(job.task or result.get("routedTask") or REPORT, job.prompt, result.get("text", ""),
-                 bool(result.get("cancelled")), int(result.get("newTokens", 0)), float(result.get("seconds", 0.0))),
+            _turn(job.kind, job.task, job.prompt, result.get("text", ""), bool(result.get("cancelled")),
+                  int(result.get("newTokens", 0)), float(result.get("seconds", 0.0)), result.get("expert")),
             job.nodeID,
         )  # fmt: skip
         return RunResult(
             job.nodeID, turn, bool(result.get("encoded")), result.get("modelId", ""),
-            list(result.get("notices", [])), result.get("routedTask"),
+            list(result.get("notices", [])),
         )  # fmt: skip
 
     # -- conversations and results in the scene ----------------------------------------------
@@ -599,6 +661,29 @@ class CTMLLMLogicCore:
         target.write_text(content, encoding="utf-8")
         return target
 
+    def exportReportSR(
+        self, volumeNode: Any, path: str | os.PathLike, identifiers: dict[str, str] | None = None
+    ) -> tuple[Path, list[str]]:
+        """Write the volume's conversation as a DICOM SR (``sr_export``); returns the file and notices.
+
+        The SR's observer device is the model that wrote the conversation, loaded here or in the
+        worker (its weights checksum when it is still loaded). Raises ``MissingIdentifiersError``
+        (its ``missing`` names them) for a volume that did not come from DICOM, until
+        ``identifiers`` gives a patient ID and a Study Instance UID.
+        """
+        from CTMLLMSlicerLib.sr_export import exportVolumeSR
+
+        if volumeNode is None:
+            raise NoVolumeError("no input volume: select the volume whose results should be exported")
+        return exportVolumeSR(
+            volumeNode,
+            self.peekConversation(volumeNode),
+            self.loadedModelInfo(),
+            path,
+            identifiers,
+            self.dicomDatabase,
+        )
+
     # -- display -----------------------------------------------------------------------------
     def windowRange(self, windowPreset: str = "") -> tuple[float, float]:
         """The HU range (low, high) the model reads: the preset's, or for "" the loaded model's own
@@ -629,6 +714,21 @@ class CTMLLMLogicCore:
         from CTMLLMSlicerLib.resources import SAMPLE_CT_NAME, sampleCTPath
 
         return self.loadVolumeFile(sampleCTPath(), SAMPLE_CT_NAME)
+
+
+def _turn(
+    kind: str,
+    task: str | None,
+    prompt: str,
+    answer: str,
+    cancelled: bool,
+    newTokens: int,
+    seconds: float,
+    expert: str | None,
+) -> Turn:
+    """The turn of a request of ``kind``; ``routed`` when the task router picked the ``expert``."""
+    return Turn(kind, prompt, answer, cancelled, newTokens, seconds, expert=expert,
+                routed=task is None and expert is not None)  # fmt: skip
 
 
 def _volumeName(path: Path) -> str:

@@ -1,29 +1,36 @@
 """The model side of the module, without MRML and without Qt: load, preprocess, encode, generate.
 
-``ModelSession`` keeps one loaded model and the visual features of the last few encoded volumes,
-so a follow-up question skips the encoder. It runs where the model runs: inside the model worker
-process that the panel starts (``CTMLLMSlicerLib.worker``), or in the caller's process for the
-batch script and for scripts (``CTMLLMLogicCore.run``). Its input is a ``VolumeSnapshot``: the
-voxel array and geometry copied from a volume node on the GUI thread, never the node itself.
+``ModelSession`` keeps one loaded model, the prepared input of the last few volumes and their
+visual features, so a follow-up question skips the encoder and another expert skips the
+preprocessing. It runs where the model runs: inside the model worker process that the panel
+starts (``CTMLLMSlicerLib.worker``), or in the caller's process for the batch script and for
+scripts (``CTMLLMLogicCore.run``). Its input is a ``VolumeSnapshot``: the voxel array and geometry
+copied from a volume node on the GUI thread, never the node itself.
+
+Input: every volume goes through ``model_core.data.prepare_input``, the decision the command line
+and the Python API take (same checks, window and preprocessing); the file a node was read from is
+checked for damage that readers let through (``model_core.data.files``), here, off the GUI thread.
 
 Non-CT input: volumes whose intensities do not look like CT in Hounsfield units (MR, normalised
 images) are refused unless the caller turns on ``allowNonCT``; accepted, they are scaled by their
 own 0.5-99.5th percentiles (``model_core.data``'s ``"percentile"`` window), not an HU window.
 
-Task routing: ``task=None`` lets the model's text-guided router pick the expert from the prompt;
-``GenerationOutcome.routedTask`` and ``EncodedVolume.routedTask`` say which one it picked.
+Task routing: ``task=None`` lets the model's task router pick the expert from the prompt;
+``EncodedVolume.expert`` and ``GenerationOutcome.expert`` say which expert read the volume.
+Features are reused exactly when ``CTMLLM.feature_key`` says they are the same (the router picks
+the same expert for another prompt), so the caller keys volumes by ``inputKey`` alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,8 +46,6 @@ from CTMLLMSlicerLib.errors import (
     OperationCancelled,
     isOutOfMemory,
 )
-from model_core.data.checks import ct_intensity_verdict
-from model_core.data.preprocess import PERCENTILE_WINDOW  # torch-free: offered before torch is installed
 
 DEMO_MODEL = "demo"
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,16 +69,17 @@ ProgressCallback = Callable[[str, "float | None", "float | None"], None]
 """``(stage, fraction or None when unknown, tokens per second or None)``."""
 NoticeCallback = Callable[[str], None]
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
 
 def noProgress(stage: str, fraction: float | None = None, tokensPerSecond: float | None = None) -> None:
     return None
 
 
 def isRepoId(spec: str) -> bool:
-    """``owner/name`` that is not an existing path: a Hugging Face repo id."""
-    return bool(_REPO_ID.match(spec)) and not os.path.exists(os.path.expanduser(spec))
+    """``owner/name`` that is not a path: a Hugging Face repo id (``model_core.hub``'s rule, so a
+    mistyped relative folder is never mistaken for a repo to download)."""
+    from model_core.hub import looks_like_hub_repo_id  # torch-free
+
+    return looks_like_hub_repo_id(spec)
 
 
 def defaultModelCacheFolder() -> str:
@@ -84,7 +90,17 @@ def defaultModelCacheFolder() -> str:
 
 def checkTask(task: str | None) -> None:
     if task not in TASKS:
-        raise ValueError(f"task {task!r}: use 'report', 'vqa' or None (the router picks from the prompt)")
+        raise ValueError(f"task {task!r}: use 'report', 'vqa', or None to let the task router decide")
+
+
+def checkedMaxNewTokens(value: int | None) -> int | None:
+    """None (the model's default) or at least 1, as everywhere (``model_core.config``); 0 is refused."""
+    from model_core.config import ConfigError, check_max_new_tokens
+
+    try:
+        return check_max_new_tokens(value, "maximum new tokens")
+    except ConfigError as error:
+        raise CTMLLMSlicerError(str(error)) from error
 
 
 @dataclass(frozen=True)
@@ -136,7 +152,8 @@ class VolumeSnapshot:
     ``CTMLLMLogicCore.volumeUID``); ``arrayKJI`` is the voxel array ``(slices, rows, columns)`` as
     MRML stores it, or None when the features for this volume are cached and no copy is needed;
     ``ijkToRAS`` is 4x4. ``nodeID`` is the node's ID when the snapshot was taken (MRML reuses
-    IDs after a scene close: never key anything by it).
+    IDs after a scene close: never key anything by it). ``sourceFile``: the file the node was read
+    from (its storage node), checked for damage that readers let through silently; "" when none.
     """
 
     volumeUID: str
@@ -145,17 +162,20 @@ class VolumeSnapshot:
     ijkToRAS: np.ndarray
     arrayKJI: np.ndarray | None = None
     nodeID: str = ""
+    sourceFile: str = ""
 
 
 @dataclass(frozen=True)
 class EncodeSettings:
-    """Everything besides the voxels that changes the visual features of a volume."""
+    """Everything besides the voxels that changes the visual features of a volume: the window and
+    the non-CT switch change the model's input; the task (None: the router reads the prompt)
+    picks the expert."""
 
     windowPreset: str = ""
     allowNonCT: bool = False
     task: str | None = REPORT
-    prompt: str | None = None
-    """Read only when ``task`` is None (the router picks the expert from it)."""
+    prompt: str = ""
+    """The prompt the model gets; with ``task`` None the task router picks the expert from it."""
 
     def toDict(self) -> dict[str, Any]:
         return {
@@ -166,13 +186,20 @@ class EncodeSettings:
         }
 
 
-def featureKey(request: ModelRequest, volumeKey: str, settings: EncodeSettings) -> str:
-    """One string per (model, voxels and geometry, window, non-CT switch, expert): the cache key.
+def inputKey(request: ModelRequest, volumeKey: str, settings: EncodeSettings) -> str:
+    """One string per model input (model, voxels and geometry, window, non-CT switch): what the
+    caller needs to know to send the voxels only once. The expert is added by ``ModelSession``
+    (``CTMLLM.feature_key``), which alone knows what the router makes of a prompt."""
+    return json.dumps([list(request.key), volumeKey, settings.windowPreset, settings.allowNonCT])
 
-    With ``task=None`` the router's choice depends on the prompt, so the prompt is part of the key.
-    """
-    routing = settings.task if settings.task is not None else ["router", settings.prompt or ""]
-    return json.dumps([list(request.key), volumeKey, settings.windowPreset, settings.allowNonCT, routing])
+
+def keyVolumeUID(key: str) -> str | None:
+    """The volume's unique id inside an ``inputKey`` (its volume key starts with it, see
+    ``worker_client.volumeKey``)."""
+    try:
+        return json.loads(json.loads(key)[1])[0]
+    except (ValueError, IndexError, TypeError):
+        return None
 
 
 @dataclass
@@ -187,24 +214,23 @@ class PreparedVolume:
 
 @dataclass
 class EncodedVolume:
-    """A cache entry: the visual features, their volume, preprocessing, notices and expert."""
+    """A cache entry: the visual features, the expert that encoded them (None for a model without
+    task experts), and their input's preprocessing and notices."""
 
     features: Any
-    volumeUID: str
-    preprocessing: dict[str, Any]
-    notices: list[str]
-    routedTask: str | None
+    expert: str | None
+    input: PreparedVolume
 
 
 @dataclass
 class GenerationOutcome:
-    """What one generation produced; ``routedTask`` is the expert whose features were used."""
+    """What one generation produced; ``expert`` read the volume (None without task experts)."""
 
     text: str
     newTokens: int
     seconds: float
     cancelled: bool
-    routedTask: str | None
+    expert: str | None
 
 
 def defaultModelLoader(request: ModelRequest, notice: NoticeCallback) -> Any:
@@ -228,7 +254,9 @@ def needsDownloadConsent(request: ModelRequest) -> bool:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return True
-    cached = try_to_load_from_cache(request.spec, "ctmllm_config.json", cache_dir=request.cacheFolder or None)
+    from model_core.hub import CONFIG_FILE
+
+    cached = try_to_load_from_cache(request.spec, CONFIG_FILE, cache_dir=request.cacheFolder or None)
     return not isinstance(cached, str)
 
 
@@ -245,7 +273,8 @@ def raiseIfCancelled(cancel: threading.Event) -> None:
 
 
 class ModelSession:
-    """One loaded model and the features of the last ``featureCacheSize`` encodings.
+    """One loaded model, the prepared input of the last ``featureCacheSize`` volumes and the
+    features of the last ``featureCacheSize`` encodings.
 
     ``modelLoader(request, notice) -> CTMLLM`` defaults to ``model_core.hub.load_model``.
     ``nonCTHint`` ends the refusal of a non-CT volume: how this caller's user turns ``allowNonCT``
@@ -263,7 +292,9 @@ class ModelSession:
         self._modelLoader = modelLoader or defaultModelLoader
         self.model: Any = None
         self.modelKey: tuple | None = None
-        self._features: OrderedDict[str, EncodedVolume] = OrderedDict()
+        self._inputs: OrderedDict[str, PreparedVolume] = OrderedDict()
+        self._features: OrderedDict[tuple[str, str], EncodedVolume] = OrderedDict()
+        self._checkedFiles: dict[str, tuple[float, int]] = {}
         self._lock = threading.RLock()
 
     # -- model -------------------------------------------------------------------------------
@@ -293,7 +324,7 @@ class ModelSession:
                 raise
             except FileNotFoundError as error:  # model_core.hub.ModelNotFoundError derives from it
                 raise ModelUnavailableError(str(error)) from error
-            except Exception as error:
+            except Exception as error:  # ModelLoadError, ConfigError: their messages name the file and fix
                 if isOutOfMemory(error):
                     raise outOfMemoryError(request, "loading the model") from error
                 raise ModelUnavailableError(f"could not load model {request.spec!r}: {error}") from error
@@ -301,81 +332,117 @@ class ModelSession:
             return model
 
     def unloadModel(self) -> None:
-        """Free the model and every cached feature (they belong to that model)."""
+        """Free the model and every cached input and feature (they belong to that model)."""
         with self._lock:
             self.model, self.modelKey = None, None
+            self._inputs.clear()
             self._features.clear()
 
     def modelWindow(self) -> Any:
         """The loaded model's own HU window (a preset name or ``[low, high]``), or None."""
         return self.model.config.preprocessing.get("window") if self.model is not None else None
 
-    # -- features ----------------------------------------------------------------------------
-    def hasFeatures(self, key: str) -> bool:
-        return key in self._features
+    def modelInfo(self) -> dict[str, Any]:
+        """What the Logic needs to know of the loaded model without holding it: its name, window,
+        answer budget and weights file (the DICOM SR's observer device names its checksum)."""
+        if self.model is None:
+            return {}
+        folder = getattr(self.model, "model_dir", None)
+        weights = ""
+        if folder:
+            from model_core.model import WEIGHTS_FILE  # the model is loaded: torch is imported already
+
+            weights = os.path.join(str(folder), WEIGHTS_FILE)
+        return {
+            "modelId": self.model.model_id,
+            "window": self.modelWindow(),
+            "maxNewTokens": self.model.config.generation.max_new_tokens,
+            "weightsFile": weights,
+        }
+
+    # -- inputs and features -----------------------------------------------------------------
+    def hasInput(self, key: str) -> bool:
+        """Whether the prepared input of ``inputKey`` is here (the voxels need not be sent)."""
+        return key in self._inputs
 
     def cachedKeys(self) -> list[str]:
-        return list(self._features)
+        """The input keys held here (see ``inputKey``)."""
+        return list(self._inputs)
 
     def dropFeatures(self, volumeUID: str | None = None) -> None:
-        """Forget the features of one volume (removed from the scene), or all (scene closed)."""
+        """Forget the inputs and features of one volume (removed from the scene), or all (scene closed)."""
         with self._lock:
-            for key in [k for k, v in self._features.items() if volumeUID in (None, v.volumeUID)]:
+            for key in [k for k in self._inputs if volumeUID in (None, keyVolumeUID(k))]:
+                del self._inputs[key]
+            for key in [k for k in self._features if volumeUID in (None, keyVolumeUID(k[0]))]:
                 del self._features[key]
 
     @staticmethod
     def preprocessConfig(
         model: Any, windowPreset: str = "", allowNonCT: bool = False, looksLikeCT: bool = True
     ) -> Any:
-        """How volumes are prepared for ``model``: the preprocessing it was trained with
-        (``CTMLLM.preprocess_config``), with the user's window preset if one is chosen ("" keeps
-        the model's own). With ``allowNonCT`` non-CT volumes are accepted, and one that does not
-        look like CT (``looksLikeCT`` False) takes its own percentile window, whatever the preset:
-        an HU window means nothing for it."""
-        overrides: dict[str, Any] = {"window": windowPreset} if windowPreset else {}
-        if allowNonCT:
-            overrides["allow_non_ct"] = True
-            if not looksLikeCT:
-                overrides["window"] = PERCENTILE_WINDOW
-        return model.preprocess_config(**overrides)
+        """How volumes are prepared for ``model`` (``model_core.data.input_settings``, the rule every
+        entry point shares): its training preprocessing, the user's window preset if one is chosen
+        ("" keeps the model's own), the volume's own percentiles for non-CT input accepted with
+        ``allowNonCT``."""
+        from model_core.data.decision import input_settings
+
+        return input_settings(model.config.preprocessing, windowPreset, allowNonCT, looksLikeCT)
+
+    def _checkSourceFile(self, snapshot: VolumeSnapshot) -> None:
+        """The integrity check of the file a node was read from (a NIfTI damaged or holding NaN reads
+        silently wrong in Slicer too), once per file version."""
+        from model_core.data.files import check_file_integrity, is_nifti_name
+
+        path = snapshot.sourceFile
+        if not path or not is_nifti_name(Path(path)) or not os.path.isfile(path):
+            return
+        stat = os.stat(path)
+        if self._checkedFiles.get(path) != (stat.st_mtime, stat.st_size):
+            check_file_integrity(Path(path))
+            self._checkedFiles[path] = (stat.st_mtime, stat.st_size)
+
+    def rememberChecked(self, path: str | os.PathLike) -> None:
+        """``path`` was just checked (before Slicer read it): its next use skips the check."""
+        stat = os.stat(path)
+        self._checkedFiles[str(path)] = (stat.st_mtime, stat.st_size)
 
     def prepareVolume(
         self, snapshot: VolumeSnapshot, model: Any, windowPreset: str = "", allowNonCT: bool = False
     ) -> PreparedVolume:
-        """Checks and preprocessing of ``model_core.data``: ``(D, H, W)`` float32 in [0, 1].
+        """``model_core.data.prepare_input``, as the command line and the batch: ``(D, H, W)``
+        float32 in [0, 1], with the source file's integrity checked first.
 
         A volume that does not look like CT is refused (the message ends with ``nonCTHint``)
         unless ``allowNonCT``; then it is scaled by its own percentiles and a notice says so.
+        Refusals are ``NotCTVolumeError`` caused by the input verdict (a ``CTInputError``).
         """
-        from model_core.data import CTImage, CTInputError, NotCTError, preprocess
+        from model_core.data import CTImage, CTInputError, NotCTError, prepare_input
 
         if snapshot.arrayKJI is None:
             raise NoVolumeError(
                 f"volume {snapshot.name!r} was snapshotted without voxels: take a new snapshot"
             )
         try:
-            ct = CTImage.from_ijk_to_ras(
-                snapshot.arrayKJI, snapshot.ijkToRAS, source=snapshot.name, allow_non_ct=allowNonCT
+            self._checkSourceFile(snapshot)
+            source = f"{snapshot.name} ({snapshot.sourceFile})" if snapshot.sourceFile else snapshot.name
+            ct = CTImage.from_ijk_to_ras(  # named as the user sees it, and by its file as read_ct names it
+                snapshot.arrayKJI, snapshot.ijkToRAS, source=source, allow_non_ct=allowNonCT
             )
-            looksLikeCT = not allowNonCT or ct_intensity_verdict(ct.array).is_ct
-            config = self.preprocessConfig(model, windowPreset, allowNonCT, looksLikeCT)
-            volume = preprocess(ct, config)
+            prepared = prepare_input(
+                ct, model.config.preprocessing, window=windowPreset or None, allow_non_ct=allowNonCT
+            )
         except NotCTError as error:
-            reason = ct_intensity_verdict(snapshot.arrayKJI).reason
-            raise NotCTVolumeError(
-                f"{snapshot.name}: does not look like a CT in Hounsfield units: {reason}. If it is a CT, or "
-                f"to run on it anyway, {self.nonCTHint}."
-            ) from error
+            raise NotCTVolumeError(str(error.with_hint(self.nonCTHint))) from error
         except CTInputError as error:
             raise NotCTVolumeError(str(error)) from error
-        notices = []
-        if not looksLikeCT:
-            ignored = f" (the {windowPreset} HU window is not used)" if windowPreset else ""
-            notices.append(
-                f"{snapshot.name} does not look like a CT: read as non-CT input, scaled by its own "
-                f"0.5-99.5th percentiles{ignored}."
-            )
-        return PreparedVolume(np.asarray(volume, dtype=np.float32), config.to_dict(), notices)
+        return PreparedVolume(prepared.volume, prepared.config.to_dict(), prepared.notices)
+
+    @staticmethod
+    def _featureKey(model: Any, key: str, task: str | None, prompt: str) -> tuple[str, str]:
+        """``inputKey`` and what else the features depend on (``CTMLLM.feature_key``: a forced
+        task, the expert the router picks for the prompt, or nothing without task experts)."""
+        return key, json.dumps(list(model.feature_key(task, prompt)))
 
     def encode(
         self,
@@ -384,20 +451,29 @@ class ModelSession:
         settings: EncodeSettings,
         progress: ProgressCallback = noProgress,
     ) -> tuple[str, EncodedVolume, bool]:
-        """``(key, entry, encoded)``: the features of ``snapshot`` for ``settings``, from the cache
-        when they are there (``encoded`` False), else preprocessed and encoded now."""
+        """``(inputKey, entry, encoded)``: the features of ``snapshot`` for ``settings``, from the
+        cache when they are there (``encoded`` False), else encoded now from the input prepared
+        earlier or from the snapshot's voxels."""
         checkTask(settings.task)
         with self._lock:
             model = self.loadModel(request, progress)
-            key = featureKey(request, snapshot.volumeKey, settings)
-            if key in self._features:
-                self._features.move_to_end(key)
+            key = inputKey(request, snapshot.volumeKey, settings)
+            featureKey = self._featureKey(model, key, settings.task, settings.prompt)
+            if featureKey in self._features:
+                self._features.move_to_end(featureKey)
+                if key in self._inputs:
+                    self._inputs.move_to_end(key)
                 progress(STAGE_REUSING, 1.0, None)
-                return key, self._features[key], False
-            if snapshot.arrayKJI is None:  # cached when snapshotted, evicted since: copy again
-                raise NoVolumeError(f"the encoded {snapshot.name!r} left the cache: click again to re-encode")
-            progress(STAGE_PREPROCESSING, None, None)
-            prepared = self.prepareVolume(snapshot, model, settings.windowPreset, settings.allowNonCT)
+                return key, self._features[featureKey], False
+            prepared = self._inputs.get(key)
+            if prepared is None:
+                if snapshot.arrayKJI is None:  # cached when snapshotted, evicted since: copy again
+                    raise NoVolumeError(
+                        f"the encoded {snapshot.name!r} left the cache: click again to re-encode"
+                    )
+                progress(STAGE_PREPROCESSING, None, None)
+                prepared = self.prepareVolume(snapshot, model, settings.windowPreset, settings.allowNonCT)
+                _remember(self._inputs, key, prepared, self.featureCacheSize)
             progress(STAGE_ENCODING, None, None)
             try:
                 features = model.encode_volume(prepared.volume, task=settings.task, prompt=settings.prompt)
@@ -405,22 +481,9 @@ class ModelSession:
                 if isOutOfMemory(error):
                     raise outOfMemoryError(request, "encoding the volume") from error
                 raise
-            entry = EncodedVolume(
-                features,
-                snapshot.volumeUID,
-                prepared.preprocessing,
-                prepared.notices,
-                getattr(features, "task", settings.task),
-            )
-            self._features[key] = entry
-            while len(self._features) > self.featureCacheSize:
-                self._features.popitem(last=False)
+            entry = EncodedVolume(features, features.task, prepared)
+            _remember(self._features, featureKey, entry, self.featureCacheSize)
             return key, entry, True
-
-    def features(self, key: str) -> EncodedVolume:
-        if key not in self._features:
-            raise NoVolumeError("the encoded volume left the cache: click again to re-encode")
-        return self._features[key]
 
     # -- generation --------------------------------------------------------------------------
     def generate(
@@ -435,17 +498,20 @@ class ModelSession:
         progress: ProgressCallback = noProgress,
         cancel: threading.Event | None = None,
     ) -> GenerationOutcome:
-        """Stream the answer to ``prompt`` about the features cached under ``key``.
+        """Stream the answer to ``prompt`` about the volume of input key ``key``, with the features
+        ``encode`` made for this task and prompt.
 
-        ``task=None`` uses the expert the router picked when the volume was encoded. Setting
-        ``cancel`` stops after the token in progress and returns the partial text.
+        ``task`` None uses the expert the router picked; setting ``cancel`` stops after the token in
+        progress and returns the partial text.
         """
         checkTask(task)
         with self._lock:
             model = self.loadModel(request, progress)
-            entry = self.features(key)
+            entry = self._features.get(self._featureKey(model, key, task, prompt))
+            if entry is None:
+                raise NoVolumeError("the encoded volume left the cache: click again to re-encode")
             cancel = cancel or threading.Event()
-            budget = maxNewTokens or model.config.generation.max_new_tokens
+            budget = checkedMaxNewTokens(maxNewTokens) or model.config.generation.max_new_tokens
             start, last, pieces = time.perf_counter(), 0.0, []
             progress(STAGE_GENERATING, 0.0, None)
 
@@ -471,7 +537,7 @@ class ModelSession:
                 result = model.generate(
                     entry.features,
                     prompt,
-                    task=task or entry.routedTask,
+                    task=task,
                     history=history or [],
                     max_new_tokens=budget,
                     on_text=streamed,
@@ -483,5 +549,13 @@ class ModelSession:
                 raise
             report(result.new_tokens, time.perf_counter() - start)
             return GenerationOutcome(
-                result.text, result.new_tokens, round(result.seconds, 3), result.cancelled, entry.routedTask
+                result.text, result.new_tokens, round(result.seconds, 3), result.cancelled, result.expert
             )
+
+
+def _remember(cache: OrderedDict, key: Any, value: Any, size: int) -> None:
+    """Put ``value`` in an LRU ``cache`` of ``size`` entries, dropping the oldest."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)

@@ -178,12 +178,8 @@ class WorkerServer:
 
     def _load(self, request: dict, requestId: int, cancel: threading.Event) -> dict[str, Any]:
         progress, notice = self._reporters(requestId)
-        model = self._session.loadModel(ModelRequest.fromDict(request["request"]), progress, notice)
-        return {
-            "modelId": model.model_id,
-            "window": self._session.modelWindow(),
-            "maxNewTokens": model.config.generation.max_new_tokens,
-        }
+        self._session.loadModel(ModelRequest.fromDict(request["request"]), progress, notice)
+        return self._session.modelInfo()
 
     def _encode(self, request: dict, requestId: int, cancel: threading.Event) -> dict[str, Any]:
         progress, notice = self._reporters(requestId)
@@ -195,18 +191,19 @@ class WorkerServer:
             volumeKey=volume["volumeKey"],
             ijkToRAS=np.asarray(volume["ijkToRAS"], dtype=float),
             arrayKJI=protocol.readVolumeFile(volume["path"]) if volume.get("path") else None,
+            sourceFile=volume.get("sourceFile", ""),
         )
         key, entry, encoded = self._session.encode(
             ModelRequest.fromDict(request["request"]), snapshot, settings, progress
         )
-        for text in entry.notices:
+        for text in entry.input.notices:
             notice(text)
         return {
             "key": key,
             "encoded": encoded,
-            "preprocessing": entry.preprocessing,
-            "notices": entry.notices,
-            "routedTask": entry.routedTask,
+            "preprocessing": entry.input.preprocessing,
+            "notices": entry.input.notices,
+            "expert": entry.expert,
         }
 
     def _generate(self, request: dict, requestId: int, cancel: threading.Event) -> dict[str, Any]:
@@ -232,7 +229,7 @@ class WorkerServer:
             "newTokens": outcome.newTokens,
             "seconds": outcome.seconds,
             "cancelled": outcome.cancelled,
-            "routedTask": outcome.routedTask,
+            "expert": outcome.expert,
             "modelId": self._session.model.model_id,
         }
 

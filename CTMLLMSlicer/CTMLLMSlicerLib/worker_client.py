@@ -3,7 +3,8 @@
 ``WorkerProcess`` is the child process and its pipes: requests are written as lines; its events
 are read with non-blocking ``os.read`` calls, so the GUI thread can poll it from a QTimer and
 never waits. ``ModelWorker`` adds what the module needs on top: one job at a time (load the model
-if needed, encode the volume if its features are not cached in the child, generate), events for
+if needed, encode the volume, or reuse its features or its prepared input kept in the child, then
+generate), events for
 the panel (``jobs.JobEvent``), cancel that kills a child which does not stop in time, and a clear
 error when the child crashes, runs out of memory or is killed; the next job starts a new child.
 
@@ -27,7 +28,7 @@ from typing import Any
 from CTMLLMSlicerLib import jobs
 from CTMLLMSlicerLib import worker_protocol as protocol
 from CTMLLMSlicerLib.errors import CTMLLMSlicerError, JobBusyError, WorkerError
-from CTMLLMSlicerLib.session import ModelRequest
+from CTMLLMSlicerLib.session import ModelRequest, keyVolumeUID
 
 BOOTSTRAP = (
     "import sys; sys.path[:0] = sys.argv[1:3]; from CTMLLMSlicerLib.worker import main; main(sys.argv[3:])"
@@ -281,7 +282,9 @@ class ModelWorker:
     def isModelLoaded(self, request: ModelRequest) -> bool:
         return self.isRunning() and self.modelKey == request.key
 
-    def hasFeatures(self, key: str) -> bool:
+    def hasInput(self, key: str) -> bool:
+        """Whether the child holds the prepared input of ``session.inputKey`` ``key`` (the voxels
+        need not be sent again)."""
         return self.isRunning() and key in self.cachedKeys
 
     def forget(self, volumeUID: str | None = None) -> None:
@@ -300,21 +303,21 @@ class ModelWorker:
         prompt: str,
         task: str | None,
         key: str,
-        encode: dict[str, Any] | None,
+        encode: dict[str, Any],
         history: list[tuple[str, str]],
         maxNewTokens: int | None,
         cleanup: list[Path] | None = None,
     ) -> None:
-        """Load the model if needed, encode (``encode``: the volume and settings, None when ``key``
-        is cached in the child), then generate. ``cleanup``: files to delete once encoding ends."""
+        """Load the model if needed, encode (``encode``: the volume, with its voxel file unless the
+        child holds input ``key``, and the settings; the child reuses features it has), then
+        generate. ``cleanup``: files to delete once encoding ends."""
         if self._job is not None:
             raise JobBusyError("a model job is still running: wait for it or cancel it first")
         self.ensureStarted()
         steps = []
         if not self.isModelLoaded(request):
             steps.append(_Step(protocol.LOAD, {"request": request.toDict()}))
-        if encode is not None:
-            steps.append(_Step(protocol.ENCODE, {"request": request.toDict(), **encode}, list(cleanup or [])))
+        steps.append(_Step(protocol.ENCODE, {"request": request.toDict(), **encode}, list(cleanup or [])))
         steps.append(
             _Step(
                 protocol.GENERATE,
@@ -467,15 +470,6 @@ class ModelWorker:
             f"again). Log: {log}"
         )
         return self._endJob(jobs.JobEvent(jobs.FAILED, error=error))
-
-
-def keyVolumeUID(key: str) -> str | None:
-    """The volume's unique id inside a feature key (``session.featureKey`` over a volume key
-    made by ``volumeKey``)."""
-    try:
-        return json.loads(json.loads(key)[1])[0]
-    except (ValueError, IndexError, TypeError):
-        return None
 
 
 def volumeKey(volumeUID: str, modified: int, dimensions: tuple, ijkToRAS: list[float]) -> str:

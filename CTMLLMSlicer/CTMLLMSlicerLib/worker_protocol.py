@@ -3,20 +3,24 @@
 One message per line, UTF-8 JSON objects, over the child's stdin (requests) and stdout (events).
 
 Requests carry ``op`` and an ``id`` chosen by the parent:
-``load`` (``request``), ``encode`` (``request``, ``volume``, ``settings``), ``generate``
-(``request``, ``key``, ``prompt``, ``task``, ``history``, ``maxNewTokens``), ``forget``
+``load`` (``request``), ``encode`` (``request``, ``volume``, ``settings``: window, non-CT switch,
+task or null for the task router, prompt), ``generate`` (``request``, ``key``: the input key,
+``prompt``, ``task``, ``history``, ``maxNewTokens``), ``forget``
 (``volumeUID`` or null for all), ``unload``, ``ping``, ``cancel`` (``target``: the id to stop) and
 ``shutdown``. The child runs one request at a time, in order; ``cancel`` and ``ping`` are answered
 at once by its reader thread, so they work while a request runs.
 
 Events carry ``event`` and the ``id`` of their request: ``progress`` (``stage``, ``fraction``,
 ``tokensPerSecond``), ``notice`` (``text``), ``text`` (``text``: a streamed chunk), then exactly one
-of ``done`` (``result``, and ``cachedKeys``: every feature key the child now holds), ``error``
-(``errorType``, ``message``) or ``cancelled``. ``ready`` (no id) is the child's first line.
+of ``done`` (``result``, and ``cachedKeys``: every input key the child now holds, whose voxels need
+not be sent again), ``error`` (``errorType``, ``message``, and ``inputVerdict``: the
+``model_core.data`` input error behind a refused volume, e.g. ``InvalidValuesError``) or
+``cancelled``. ``ready`` (no id) is the child's first line.
 
 The voxel array never travels through the pipe and is never pickled: the parent writes it as a
 ``.npy`` file (``allow_pickle=False``) in a folder only it and the child use, and the child reads
-it with ``allow_pickle=False``; ``volume`` names the file and carries the geometry.
+it with ``allow_pickle=False``; ``volume`` names the file and carries the geometry, the volume's
+ids and the file the volume node was read from (``sourceFile``, checked in the child).
 """
 
 from __future__ import annotations
@@ -117,13 +121,19 @@ def readVolumeFile(path: str | os.PathLike) -> np.ndarray:
 
 
 def errorMessage(requestId: int | None, error: BaseException, logPath: str = "") -> dict[str, Any]:
-    """An ``error`` event: our typed errors keep their type; others become ``WorkerError`` text."""
-    if isinstance(error, errors.CTMLLMSlicerError):
-        return {"event": ERROR, "id": requestId, "errorType": type(error).__name__, "message": str(error)}
+    """An ``error`` event: our typed errors keep their type, and a refused volume its input verdict;
+    others become ``WorkerError`` text."""
     from model_core.data.errors import CTInputError
 
-    if isinstance(error, CTInputError):
-        return {"event": ERROR, "id": requestId, "errorType": "NotCTVolumeError", "message": str(error)}
+    if isinstance(error, CTInputError):  # refused outside the session's wrapping: shown as the Logic shows it
+        error, verdict = errors.NotCTVolumeError(str(error)), error
+    else:
+        verdict = error.__cause__ if isinstance(error.__cause__, CTInputError) else None
+    if isinstance(error, errors.CTMLLMSlicerError):
+        message = {"event": ERROR, "id": requestId, "errorType": type(error).__name__, "message": str(error)}
+        if verdict is not None:
+            message["inputVerdict"] = type(verdict).__name__
+        return message
     where = f" (traceback in the worker log {logPath})" if logPath else ""
     return {
         "event": ERROR,
@@ -134,8 +144,16 @@ def errorMessage(requestId: int | None, error: BaseException, logPath: str = "")
 
 
 def errorFromMessage(message: dict[str, Any]) -> errors.CTMLLMSlicerError:
-    """The typed error an ``error`` event names (``WorkerError`` for unknown names)."""
+    """The typed error an ``error`` event names (``WorkerError`` for unknown names), caused by its
+    input verdict as in the Logic's own process (``model_core.data.errors``)."""
+    from model_core.data import errors as inputErrors
+
     errorType = getattr(errors, str(message.get("errorType")), None)
     if not (isinstance(errorType, type) and issubclass(errorType, errors.CTMLLMSlicerError)):
         errorType = errors.WorkerError
-    return errorType(str(message.get("message", "the model worker failed without a message")))
+    text = str(message.get("message", "the model worker failed without a message"))
+    error = errorType(text)
+    verdict = getattr(inputErrors, str(message.get("inputVerdict")), None)
+    if isinstance(verdict, type) and issubclass(verdict, inputErrors.CTInputError):
+        error.__cause__ = verdict(text)
+    return error

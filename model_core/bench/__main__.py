@@ -1,11 +1,15 @@
-"""``python -m model_core.bench {encoder,train} [options]``."""
+"""``python -m model_core.bench {encoder,train,gpu} [options]``."""
 
 from __future__ import annotations
 
 import sys
 from importlib import import_module
 
-BENCHMARKS = {"encoder": "model_core.bench.encoder", "train": "model_core.bench.train"}
+BENCHMARKS = {
+    "encoder": "model_core.bench.encoder",
+    "train": "model_core.bench.train",
+    "gpu": "model_core.bench.gpu",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

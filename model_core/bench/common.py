@@ -48,6 +48,31 @@ def bench_2d_mllm(image_size: int = 256):
     return assemble_internvl(vision, text, tokenizer).eval(), tokenizer
 
 
+BENCH_MODEL = "bench100m"
+TINY_MODEL = "tiny"
+BENCH_MODELS: dict[str, str] = {
+    TINY_MODEL: "tiny random InternVL (model_core.tiny), 32 px",
+    BENCH_MODEL: "~100M InternVL-shaped random model (ViT-B/16 at 256 px, small Qwen2)",
+}
+"""The models the benchmarks build, by name: neither needs a download."""
+
+
+def bench_ctmllm(kind: str, moe: Any = None, num_3d_blocks: int = 2):
+    """A ``BENCH_MODELS`` model as a CTMLLM with K 3D blocks and ``moe`` (a ``MoEConfig``), float32."""
+    from model_core.config import VolumeAdapterConfig
+    from model_core.model import CTMLLM
+    from model_core.tiny import build_tiny_ctmllm
+
+    if kind == TINY_MODEL:
+        return build_tiny_ctmllm("internvl", num_3d_blocks=num_3d_blocks, moe=moe)
+    if kind != BENCH_MODEL:
+        raise ValueError(f"model {kind!r}: choose one of {', '.join(BENCH_MODELS)}")
+    mllm, tokenizer = bench_2d_mllm()
+    return CTMLLM.from_2d_model(
+        mllm, tokenizer, volume=VolumeAdapterConfig(num_3d_blocks=num_3d_blocks), moe=moe
+    )
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

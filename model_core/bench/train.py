@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from model_core.bench.common import (
-    bench_2d_mllm,
+    BENCH_MODEL,
+    bench_ctmllm,
     case_main,
     median_seconds,
     peak_rss_mib,
@@ -32,19 +33,16 @@ PRECISIONS = ("float32", "bfloat16")
 ANSWER = "A 12 mm hypodense cyst in the right lobe of the liver. The spleen is unremarkable."
 
 
-def build_case_model(stage: int):
-    """The bench model as the given stage trains it (requires_grad set), and its trained names."""
-    from model_core.config import MoEConfig, VolumeAdapterConfig
-    from model_core.model import CTMLLM
+def build_case_model(stage: int, kind: str = BENCH_MODEL):
+    """The ``kind`` model (``BENCH_MODELS``) as the given stage trains it (requires_grad set), and
+    its trained names."""
+    from model_core.config import MoEConfig
     from model_core.moe import set_moe
     from model_core.training.config import TrainingConfig
     from model_core.training.stages import add_lm_lora, set_trainable, stage_moe_config
 
     config = TrainingConfig(moe=MoEConfig(mode="tgh_hard", num_experts=4, top_k=2, rank=8))
-    mllm, tokenizer = bench_2d_mllm()
-    model = CTMLLM.from_2d_model(
-        mllm, tokenizer, volume=VolumeAdapterConfig(num_3d_blocks=2), moe=stage_moe_config(config.moe, 1)
-    )
+    model = bench_ctmllm(kind, stage_moe_config(config.moe, 1))
     if stage == 1:
         add_lm_lora(model, config.lm)
     else:

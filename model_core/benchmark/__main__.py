@@ -12,14 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from model_core.benchmark.build import (
-    FINDINGS_FILE,
-    BenchmarkConfig,
-    build_benchmark,
-    read_findings,
-    read_report_predictions,
-    score_reports,
-)
+from model_core.benchmark.build import BenchmarkConfig, build_benchmark, score_benchmark_reports
 from model_core.benchmark.real_anatomy import CT_DIR_ENV
 from model_core.data.preprocess import WINDOW_PRESETS
 
@@ -47,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--window", default="soft_tissue", choices=sorted(WINDOW_PRESETS), help="HU window to [0, 1]"
     )
     build.add_argument("--max-questions", type=int, default=6, help="VQA rows per study at most")
+    build.add_argument(
+        "--fov-shift-share",
+        type=float,
+        default=0.0,
+        help="share of phantoms framed towards the chest or the pelvis (organs in view vary)",
+    )
     score = commands.add_parser("score", help="finding-level precision/recall/F1 of generated reports")
     score.add_argument("--benchmark", required=True, help="folder written by build (holds findings.jsonl)")
     score.add_argument("--samples", required=True, help="model_core.evaluate's samples.csv of a report run")
@@ -65,6 +64,7 @@ def _build(args: argparse.Namespace) -> int:
         max_questions=args.max_questions,
         window=args.window,
         ct_dir=args.ct_dir,
+        fov_shift_share=args.fov_shift_share,
     )
     counts = build_benchmark(args.out, config, on_progress=lambda line: print(line, file=sys.stderr))
     print(json.dumps({"out": str(args.out), "studies": counts}))
@@ -72,8 +72,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    truth = read_findings(Path(args.benchmark) / FINDINGS_FILE)
-    scores = score_reports(read_report_predictions(args.samples), truth, with_level=args.with_level)
+    scores = score_benchmark_reports(args.benchmark, args.samples, with_level=args.with_level)
     text = json.dumps(scores, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")

@@ -8,6 +8,9 @@ One build writes, under ``out``:
   ``{"image": "<split>/<id>.npy", "text": "<split>/<id>.txt"}``; each ``.npy`` is
   ``(1, D, H, W)`` float32 in [0, 1] (HU through the project's window step), each ``.txt`` a report;
 - ``M3D_VQA_train.csv``, ``M3D_VQA_val.csv``, ``M3D_VQA_test.csv`` (M3D-VQA columns);
+- ``<split>/<id>_labels.npz``: the study's tissue labels (``anatomy.LABELS`` ids, ``(D, H, W)``
+  uint8 under the key ``labels``), for measures that need to know which organ a voxel shows
+  (``model_core.benchmark.detection``);
 - ``findings.jsonl``: one line per study, its ground-truth findings and how it was made;
 - ``benchmark.json``: the settings, so a build can be repeated and a model preprocessed alike.
 
@@ -33,7 +36,7 @@ from model_core.benchmark.findings import Finding, score_findings
 from model_core.benchmark.lesions import insert_lesions, plan_findings
 from model_core.benchmark.phantom import HELD_OUT_BANDS, phantom_anatomy, simulate_acquisition
 from model_core.benchmark.real_anatomy import ct_data_dir, estimate_noise_hu, real_anatomy, real_volume_specs
-from model_core.benchmark.text import make_questions, parse_report, write_report
+from model_core.benchmark.text import make_questions, organs_named, parse_report, write_report
 from model_core.data.formats import QUESTION_TYPES, VQARecord, write_m3d_cap, write_m3d_vqa
 from model_core.data.preprocess import WINDOW_PRESETS, normalise, window
 from model_core.data.sample import Sample
@@ -48,15 +51,18 @@ VQA_FILES: dict[str, str] = {
     "test": "M3D_VQA_test.csv",
 }
 FINDINGS_FILE = "findings.jsonl"
+LABELS_SUFFIX = "_labels.npz"
 SETTINGS_FILE = "benchmark.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fov_shift_share and the label files
 MIN_GRID = (12, 48, 48)
 
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
     """What to build. ``counts``: studies per split; ``grid``: ``(D, H, W)``; ``real_fraction``:
-    share of studies on real CT when ``real_anatomy``; ``window``: a ``WINDOW_PRESETS`` name."""
+    share of studies on real CT when ``real_anatomy``; ``window``: a ``WINDOW_PRESETS`` name;
+    ``fov_shift_share``: share of phantoms framed towards the chest or the pelvis
+    (``phantom.field_of_view_shift``), so that studies differ in the organs they show."""
 
     counts: dict[str, int] = field(default_factory=lambda: {"train": 200, "validation": 20, "test": 40})
     seed: int = 0
@@ -67,6 +73,7 @@ class BenchmarkConfig:
     max_questions: int = 6
     window: str = "soft_tissue"
     ct_dir: str | None = None
+    fov_shift_share: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.counts) - set(SPLITS))
@@ -83,6 +90,8 @@ class BenchmarkConfig:
             raise ValueError(f"normal_every={self.normal_every}: use 1 or more (every k-th study is normal)")
         if self.window not in WINDOW_PRESETS:
             raise ValueError(f"window={self.window!r}: use one of {sorted(WINDOW_PRESETS)}")
+        if not 0.0 <= self.fov_shift_share <= 1.0:
+            raise ValueError(f"fov_shift_share={self.fov_shift_share}: use a share between 0 and 1")
 
 
 @dataclass
@@ -90,14 +99,15 @@ class Study:
     """One generated study: the model input, its truth, report and questions.
 
     ``image`` is float32 ``(D, H, W)`` in [0, 1] (the windowed ``hu``, which the demo writes as a CT
-    file); ``sites`` the organ sites in view as
-    ``(organ, side)``; ``questions`` M3D-VQA rows without the image and text columns.
+    file); ``labels`` the tissue ids of ``anatomy.LABELS`` on the same grid; ``sites`` the organ
+    sites in view as ``(organ, side)``; ``questions`` M3D-VQA rows without the image and text columns.
     """
 
     study_id: str
     split: str
     image: np.ndarray
     hu: np.ndarray
+    labels: np.ndarray
     findings: list[Finding]
     report: str
     questions: list[dict[str, Any]]
@@ -153,7 +163,7 @@ def make_study(split: str, index: int, config: BenchmarkConfig) -> Study:
         findings = plan_findings(anatomy, rng, count)
         volume = insert_lesions(anatomy, findings, rng, texture_hu=estimate_noise_hu(anatomy))
     else:
-        anatomy = phantom_anatomy(config.grid, rng, pool)
+        anatomy = phantom_anatomy(config.grid, rng, pool, fov_shift_share=config.fov_shift_share)
         findings = plan_findings(anatomy, rng, count)
         volume = simulate_acquisition(insert_lesions(anatomy, findings, rng), rng)
     sites = _sites_of(anatomy)
@@ -162,6 +172,7 @@ def make_study(split: str, index: int, config: BenchmarkConfig) -> Study:
         split=split,
         image=to_unit_range(volume.hu, config.window),
         hu=volume.hu,
+        labels=volume.labels,
         findings=findings,
         report=write_report(findings, rng, sites),
         questions=make_questions(findings, rng, sites, volume.phase, config.max_questions),
@@ -202,6 +213,9 @@ def build_benchmark(
         for index in range(config.counts.get(split, 0)):
             study = make_study(split, index, config)
             records[split].extend(_vqa_record(study, row) for row in study.questions)
+            labels_path = out / f"{study.study_id}{LABELS_SUFFIX}"
+            labels_path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(labels_path, labels=study.labels)
             manifests.append(json.dumps(study.manifest()))
             if on_progress is not None:
                 on_progress(f"{study.study_id}: {study.source}, {len(study.findings)} finding(s)")
@@ -232,6 +246,34 @@ def build_benchmark(
     return {split: config.counts.get(split, 0) for split in SPLITS}
 
 
+def read_labels(benchmark_dir: str | os.PathLike, study_id: str) -> np.ndarray:
+    """The tissue labels ``(D, H, W)`` uint8 of one study of a built benchmark (no pickle is read)."""
+    path = Path(benchmark_dir) / f"{study_id}{LABELS_SUFFIX}"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: rebuild the benchmark with this version (format {FORMAT_VERSION} writes labels)"
+        )
+    with np.load(path, allow_pickle=False) as stored:
+        return stored["labels"]
+
+
+def read_organs_in_view(path: str | os.PathLike) -> dict[str, set[str]]:
+    """Study id -> the organs in its field of view (``findings.jsonl``'s ``sites``, sides dropped)."""
+    views = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            views[item["id"]] = {site.split()[-1] for site in item["sites"]}
+    return views
+
+
+def organs_out_of_view(predictions: dict[str, str], views: dict[str, set[str]]) -> dict[str, float]:
+    """How often a report speaks of an organ that its study does not image: the share of reports
+    naming one (``rate``), over ``n`` reports."""
+    flagged = [bool(organs_named(text) - views[study]) for study, text in predictions.items()]
+    return {"rate": sum(flagged) / len(flagged) if flagged else 0.0, "n": float(len(flagged))}
+
+
 def read_findings(path: str | os.PathLike) -> dict[str, list[Finding]]:
     """Ground truth of a built benchmark: study id -> findings, from ``findings.jsonl``."""
     truth = {}
@@ -248,7 +290,7 @@ def read_findings(path: str | os.PathLike) -> dict[str, list[Finding]]:
 
 def score_reports(
     predictions: dict[str, str], truth: dict[str, list[Finding]], with_level: bool = False
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Parse each predicted report and score it against the truth of its study id (see ``score_findings``)."""
     unknown = sorted(set(predictions) - set(truth))
     if unknown:
@@ -257,6 +299,18 @@ def score_reports(
         )
     ids = sorted(predictions)
     return score_findings([parse_report(predictions[i]) for i in ids], [truth[i] for i in ids], with_level)
+
+
+def score_benchmark_reports(
+    benchmark_dir: str | os.PathLike, samples_csv: str | os.PathLike, with_level: bool = False
+) -> dict[str, Any]:
+    """What ``python -m model_core.benchmark score`` writes: the finding-level scores of the reports
+    in ``samples_csv`` and ``organs_out_of_view`` (reports naming an organ their study does not image)."""
+    manifest = Path(benchmark_dir) / FINDINGS_FILE
+    predictions = read_report_predictions(samples_csv)
+    scores = score_reports(predictions, read_findings(manifest), with_level)
+    scores["organs_out_of_view"] = organs_out_of_view(predictions, read_organs_in_view(manifest))
+    return scores
 
 
 def read_report_predictions(samples_csv: str | os.PathLike) -> dict[str, str]:

@@ -32,6 +32,9 @@ LEVELS: tuple[str, ...] = ("upper", "middle", "lower")
 SIZE_BUCKETS: tuple[str, ...] = ("small", "medium", "large")
 MIN_SIZE_MM = 4
 MAX_SIZE_MM = 40
+MIN_REPORTED_SIZE_MM = 10
+"""The size from which the demo model's target applies (``score_from_size``): smaller lesions are
+one or two voxels at the demo's grid."""
 
 
 def size_bucket(size_mm: float) -> str:
@@ -134,6 +137,39 @@ def _precision_recall_f1(tp: int, fp: int, fn: int) -> tuple[float, float, float
     return precision, recall, f1
 
 
+def _recall_where(
+    predicted_lists: Sequence[Sequence[Finding]],
+    true_lists: Sequence[Sequence[Finding]],
+    keep: Callable[[Finding], bool],
+    with_level: bool,
+) -> dict[str, float | None]:
+    """Strict recall over the true findings that ``keep`` selects: ``{"recall", "n"}``."""
+    matched = total = 0
+    for predicted, true in zip(predicted_lists, true_lists, strict=True):
+        chosen = [f.key(with_level) for f in true if keep(f)]
+        matched += sum((Counter(f.key(with_level) for f in predicted) & Counter(chosen)).values())
+        total += len(chosen)
+    return {"recall": matched / total if total else None, "n": float(total)}
+
+
+def score_from_size(
+    predicted_lists: Sequence[Sequence[Finding]],
+    true_lists: Sequence[Sequence[Finding]],
+    min_size_mm: float = MIN_REPORTED_SIZE_MM,
+    with_level: bool = False,
+) -> dict[str, float]:
+    """Strict precision, recall and F1 on the lesions of ``min_size_mm`` and up: true findings
+    smaller than that are left out, and so are predicted findings whose stated size is smaller
+    (a prediction without a size stays in, and can only be a false positive)."""
+    true_kept = [[f for f in true if f.size_mm >= min_size_mm] for true in true_lists]
+    predicted_kept = [
+        [f for f in p if f.size_mm is None or f.size_mm >= min_size_mm] for p in predicted_lists
+    ]
+    tp, fp, fn = _match_counts(predicted_kept, true_kept, lambda f: f.key(with_level))
+    precision, recall, f1 = _precision_recall_f1(tp, fp, fn)
+    return {"precision": precision, "recall": recall, "f1": f1, "n_true": float(tp + fn)}
+
+
 def false_finding_rate_on_normals(
     predicted_lists: Sequence[Sequence[Finding]], true_lists: Sequence[Sequence[Finding]]
 ) -> float:
@@ -146,14 +182,16 @@ def score_findings(
     predicted_lists: Sequence[Sequence[Finding]],
     true_lists: Sequence[Sequence[Finding]],
     with_level: bool = False,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Finding-level precision, recall and F1 over studies, plus looser and normal-study views.
 
     ``predicted_lists[i]`` and ``true_lists[i]`` are the findings of study ``i``. The strict
     match is organ+side, kind and size bucket (and level when ``with_level``); ``organ_f1``
     matches organ+side only and ``organ_kind_f1`` organ+side and kind, to tell where a model
     fails. On normal studies ``false_finding_rate_on_normals`` is the fraction with any predicted
-    finding and ``false_findings_per_normal`` the mean count.
+    finding and ``false_findings_per_normal`` the mean count. ``from_10mm`` scores lesions of
+    10 mm and up (``score_from_size``); ``recall_by_kind`` and ``recall_by_size`` give the strict
+    recall of each kind and size bucket (``{"recall", "n"}``; recall None where n is 0).
     """
     if len(predicted_lists) != len(true_lists):
         raise ValueError(
@@ -184,4 +222,13 @@ def score_findings(
         "false_findings_per_normal": (
             sum(normal_predictions) / len(normal_predictions) if normal_predictions else 0.0
         ),
+        "from_10mm": score_from_size(predicted_lists, true_lists, MIN_REPORTED_SIZE_MM, with_level),
+        "recall_by_kind": {
+            kind: _recall_where(predicted_lists, true_lists, lambda f, k=kind: f.kind == k, with_level)
+            for kind in KINDS
+        },
+        "recall_by_size": {
+            bucket: _recall_where(predicted_lists, true_lists, lambda f, b=bucket: f.bucket == b, with_level)
+            for bucket in SIZE_BUCKETS
+        },
     }

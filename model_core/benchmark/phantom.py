@@ -110,11 +110,14 @@ def sample_anatomy_latents(rng: np.random.Generator, pool: str = "train") -> tup
     return _banded_uniform(rng, pool), _banded_uniform(rng, pool)
 
 
-def _voxel_axes(grid: tuple[int, int, int], spacing: tuple[float, float, float]) -> tuple[np.ndarray, ...]:
-    """Voxel-centre coordinates in mm as broadcastable ``(D,1,1)``, ``(1,H,1)``, ``(1,1,W)`` arrays."""
+def _voxel_axes(
+    grid: tuple[int, int, int], spacing: tuple[float, float, float], z_start_mm: float = 0.0
+) -> tuple[np.ndarray, ...]:
+    """Voxel-centre coordinates in mm as broadcastable ``(D,1,1)``, ``(1,H,1)``, ``(1,1,W)`` arrays;
+    the first slice starts ``z_start_mm`` above the body slab's lower end."""
     d, h, w = grid
     dz, dy, dx = spacing
-    z = ((np.arange(d, dtype=np.float32) + 0.5) * dz).reshape(d, 1, 1)
+    z = (z_start_mm + (np.arange(d, dtype=np.float32) + 0.5) * dz).reshape(d, 1, 1)
     y = ((np.arange(h, dtype=np.float32) + 0.5) * dy - h * dy / 2).reshape(1, h, 1)
     x = ((np.arange(w, dtype=np.float32) + 0.5) * dx - w * dx / 2).reshape(1, 1, w)
     return z, y, x
@@ -149,15 +152,34 @@ class _Frame:
         return np.broadcast_to(_cylinder(self.y, self.x, cy, cx, ry, rx), self.grid)
 
 
+def field_of_view_shift(rng: np.random.Generator, share: float) -> float:
+    """Where the scan's field of view starts, as a fraction of the body slab's height.
+
+    Why: real scans are not all framed alike (a chest CT shows no kidneys, a pelvic one no lungs),
+    and a model that only ever saw one framing describes organs that are not imaged. With
+    probability ``share`` the field is moved towards the chest (up by 45-70% of the slab: often no
+    kidney in view) or the pelvis (down by 30-50%: often no lung); otherwise it shows the whole slab (0.0). ``share`` 0 draws nothing,
+    so the studies of earlier builds stay as they were.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"fov_shift_share={share}: use a share between 0 and 1")
+    if share == 0.0 or rng.random() >= share:
+        return 0.0
+    return float(rng.uniform(0.45, 0.7) if rng.random() < 0.5 else -rng.uniform(0.3, 0.5))
+
+
 def phantom_anatomy(
     grid: tuple[int, int, int],
     rng: np.random.Generator,
     pool: str = "train",
     phase: str | None = None,
+    fov_shift_share: float = 0.0,
 ) -> LabelledVolume:
     """A sharp, noise-free phantom on ``grid`` ``(D, H, W)``: HU and tissue labels.
 
-    Lesions go in before ``simulate_acquisition`` so that they get the same blur and noise.
+    ``fov_shift_share``: share of phantoms whose field of view is moved towards the chest or the
+    pelvis (``field_of_view_shift``). Lesions go in before ``simulate_acquisition`` so that they
+    get the same blur and noise.
     """
     if len(grid) != 3 or min(grid) < 4:
         raise ValueError(f"grid={grid}: give (D, H, W) with every size at least 4")
@@ -173,7 +195,7 @@ def phantom_anatomy(
     fill = rng.uniform(0.75, 0.9)
     pixel = max(2 * body_rx / (fill * w), 2 * body_ry / (fill * h))
     spacing = (rng.uniform(250.0, 320.0) / d, pixel, pixel)
-    z, y, x = _voxel_axes(grid, spacing)
+    z, y, x = _voxel_axes(grid, spacing, field_of_view_shift(rng, fov_shift_share) * d * spacing[0])
     cy, cx = rng.uniform(-0.05, 0.05) * h * pixel, rng.uniform(-0.05, 0.05) * w * pixel
     fat = 8.0 + 30.0 * habitus + rng.uniform(-4, 4)
     wall = rng.uniform(8.0, 14.0)

@@ -25,7 +25,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from model_core.benchmark.build import FINDINGS_FILE, SPLITS
-from model_core.benchmark.findings import KINDS, SIZE_BUCKETS, Finding, size_bucket
+from model_core.benchmark.findings import KINDS, Finding, size_bucket
 from model_core.benchmark.text import make_questions, parse_report, write_report
 from model_core.data.formats import load_m3d_npy
 from model_core.data.sample import Sample
@@ -46,25 +46,62 @@ def findings_list(findings: Sequence[Finding]) -> str:
     return "; ".join(f"{f.site} {f.kind}, {size_bucket(f.size_mm)}" for f in findings)
 
 
-TOKEN_LESION_LABELS: tuple[str, ...] = (*KINDS, *SIZE_BUCKETS)
-"""What each visual token of a slab is taught in the demo's tower pretraining: the kinds and size
-buckets of the lesions whose centre lies in the token's cell."""
+PATCH_LESION_LABELS: tuple[str, ...] = ("any", *KINDS)
+"""What each patch of a slab is taught in the demo's tower pretraining: whether any lesion, and
+which kinds, touch it."""
 
 
-def token_lesion_targets(findings: Sequence[Finding], image_hw: Sequence[int], cells: int) -> np.ndarray:
-    """``(cells * cells, len(TOKEN_LESION_LABELS))`` multi-hot targets, tokens in row-major order of
-    a ``cells x cells`` grid over the ``image_hw`` slab (the 2D model's visual tokens)."""
+def lesion_voxels_in_slab(
+    finding: Finding,
+    spacing_mm: Sequence[float],
+    start: int,
+    image_hw: Sequence[int],
+    depth: int = SLICES_PER_GROUP,
+) -> np.ndarray:
+    """``(depth, H, W)`` bool: the voxels of slices ``[start, start + depth)`` whose centre lies in
+    the finding's sphere (where ``lesions.lesion_occupancy`` is at least 0.5), plus the centre voxel.
+
+    The centre voxel always counts, so a lesion smaller than a voxel still marks where it is.
+    """
+    if finding.center_voxel is None or finding.size_mm is None:
+        raise ValueError(f"finding {finding} has no centre or size: pass ground-truth findings")
     height, width = (int(v) for v in image_hw)
-    if height % cells or width % cells:
-        raise ValueError(f"a {height}x{width} slab does not split into {cells}x{cells} equal token cells")
-    targets = np.zeros((cells * cells, len(TOKEN_LESION_LABELS)), dtype=np.float32)
+    cz, cy, cx = finding.center_voxel
+    sz, sy, sx = (float(v) for v in spacing_mm)
+    dz = ((np.arange(start, start + depth) - cz) * sz)[:, None, None]
+    dy = ((np.arange(height) - cy) * sy)[None, :, None]
+    dx = ((np.arange(width) - cx) * sx)[None, None, :]
+    inside = dz**2 + dy**2 + dx**2 <= (finding.size_mm / 2) ** 2
+    if start <= cz < start + depth:
+        inside[cz - start, cy, cx] = True
+    return inside
+
+
+def to_patch_grid(voxels: np.ndarray, patch: int) -> np.ndarray:
+    """``(..., H, W)`` -> ``(..., H / patch, W / patch, patch * patch)``: each patch's voxels, patches in
+    the row-major order of the tower's patch embedding."""
+    *lead, height, width = voxels.shape
+    if height % patch or width % patch:
+        raise ValueError(f"a {height}x{width} slab does not split into {patch}-pixel patches")
+    grid = voxels.reshape(*lead, height // patch, patch, width // patch, patch)
+    grid = np.moveaxis(grid, -3, -2)  # (..., rows, cols, patch, patch)
+    return grid.reshape(*lead, height // patch, width // patch, patch * patch)
+
+
+def patch_lesion_targets(
+    findings: Sequence[Finding], spacing_mm: Sequence[float], start: int, image_hw: Sequence[int], patch: int
+) -> np.ndarray:
+    """``(rows * cols, len(PATCH_LESION_LABELS))`` multi-hot targets of the slab starting at slice
+    ``start``: a patch is marked for every finding whose sphere reaches one of its voxels in any of
+    the slab's slices (``lesion_voxels_in_slab``); patches in row-major order."""
+    height, width = (int(v) for v in image_hw)
+    rows, cols = height // patch, width // patch
+    targets = np.zeros((rows * cols, len(PATCH_LESION_LABELS)), dtype=np.float32)
     for finding in findings:
-        if finding.center_voxel is None or finding.size_mm is None:
-            raise ValueError(f"finding {finding} has no centre or size: pass ground-truth findings")
-        _, y, x = finding.center_voxel
-        token = (y * cells // height) * cells + x * cells // width
-        targets[token, TOKEN_LESION_LABELS.index(finding.kind)] = 1.0
-        targets[token, TOKEN_LESION_LABELS.index(size_bucket(finding.size_mm))] = 1.0
+        voxels = lesion_voxels_in_slab(finding, spacing_mm, start, (height, width)).any(axis=0)
+        touched = to_patch_grid(voxels, patch).any(axis=-1).reshape(-1)
+        targets[touched, 0] = 1.0
+        targets[touched, PATCH_LESION_LABELS.index(finding.kind)] = 1.0
     return targets
 
 

@@ -290,6 +290,12 @@ def _level_of(clause: str) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def organs_named(text: str) -> set[str]:
+    """The organs (``findings.ORGANS``) a report speaks of at all, normal or not: what a reader
+    checks against the field of view ("Both kidneys are unremarkable." names the kidneys)."""
+    return {_ORGAN_OF_WORD[word] for word in _ORGAN_PATTERN.findall(text.lower())}
+
+
 def parse_report(text: str) -> list[Finding]:
     """The findings a report states: organ, side, kind, size (mm) and level of each lesion.
 

@@ -12,7 +12,9 @@ from importlib import import_module
 from typing import Any
 
 from model_core.data.checks import check_ct, ct_intensity_verdict
-from model_core.data.dicom import DicomSeries, scan_dicom_folder, write_dicom_series
+from model_core.data.decision import PreparedInput, describe_input, input_settings, prepare_input
+from model_core.data.dicom import DicomSeries, scan_dicom_folder
+from model_core.data.dicom_write import ct_phantom, write_dicom_series
 from model_core.data.errors import (
     CTInputError,
     DatasetFormatError,
@@ -39,7 +41,7 @@ from model_core.data.formats import (
     write_m3d_cap,
     write_m3d_vqa,
 )
-from model_core.data.io import DEFAULT_MAX_VOXELS, ORIENTATION, CTImage, read_ct
+from model_core.data.io import DEFAULT_MAX_VOXELS, ORIENTATION, CTImage, read_ct, read_dicom_series
 from model_core.data.preprocess import (
     DEFAULT_TARGET_SHAPE,
     WINDOW_PRESETS,
@@ -80,17 +82,23 @@ __all__ = [
     "M3DCapDataset",
     "M3DVQADataset",
     "NotCTError",
+    "PreparedInput",
     "PreprocessConfig",
     "Sample",
     "TooFewSlicesError",
     "UnreadableVolumeError",
     "VQARecord",
     "check_ct",
+    "ct_phantom",
+    "describe_input",
+    "input_settings",
     "ct_intensity_verdict",
     "load_m3d_npy",
     "load_volume",
+    "prepare_input",
     "preprocess",
     "read_ct",
+    "read_dicom_series",
     "read_ct_rate_csv",
     "read_jsonl",
     "read_m3d_cap",

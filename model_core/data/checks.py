@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model_core.data.errors import (
+    API_NON_CT_HINT,
     EmptyVolumeError,
     InvalidValuesError,
     NotCTError,
@@ -77,10 +78,13 @@ def check_finite(array: np.ndarray, source: str = "volume") -> None:
         return
     if np.isfinite(array.sum(dtype=np.float64)):
         return
-    n_nan = int(np.isnan(array).sum())
-    n_inf = int(np.isinf(array).sum())
-    raise InvalidValuesError(
-        f"{source}: holds {n_nan} NaN and {n_inf} infinite voxel(s) out of {array.size}; a CT holds finite "
+    raise invalid_values_error(source, int(np.isnan(array).sum()), int(np.isinf(array).sum()), array.size)
+
+
+def invalid_values_error(source: str, nan: int, inf: int, total: int) -> InvalidValuesError:
+    """The one refusal of NaN/inf voxels, whether found in memory or while scanning a file's bytes."""
+    return InvalidValuesError(
+        f"{source}: holds {nan} NaN and {inf} infinite voxel(s) out of {total}; a CT holds finite "
         "HU values. Re-export the volume, or replace those voxels (e.g. with -1000 HU) before loading."
     )
 
@@ -138,10 +142,6 @@ def check_ct(array: np.ndarray, *, allow_non_ct: bool = False, source: str = "vo
     if not allow_non_ct:
         raise NotCTError(
             f"{source}: does not look like a CT in Hounsfield units: {verdict.reason}. If it is a CT, or to "
-            "run on it anyway, pass allow_non_ct=True (or turn on the panel's or script's option to allow "
-            "non-CT input)."
+            f"run on it anyway, {API_NON_CT_HINT}."
         )
-    return [
-        f"{source}: does not look like a CT ({verdict.reason}); used anyway because allow_non_ct=True. "
-        "HU window presets may not suit it: window='percentile' scales by its own intensity range."
-    ]
+    return [f"{source}: does not look like a CT ({verdict.reason}); accepted because allow_non_ct=True."]

@@ -15,8 +15,17 @@ class UnreadableVolumeError(CTInputError):
     """The file or folder is missing, truncated, corrupt or in a format SimpleITK cannot read."""
 
 
+API_NON_CT_HINT = "pass allow_non_ct=True"
+"""How a Python caller accepts non-CT input; every ``NotCTError`` message ends with it."""
+
+
 class NotCTError(CTInputError):
-    """Intensity statistics say this is not a CT in Hounsfield units (MR, already normalised, ...)."""
+    """Intensity statistics (or the DICOM Modality) say this is not a CT in Hounsfield units."""
+
+    def with_hint(self, hint: str) -> NotCTError:
+        """The same refusal telling the user of another entry point how to accept non-CT input
+        (``--allow-non-ct``, the panel's checkbox) instead of ``allow_non_ct=True``."""
+        return type(self)(str(self).replace(API_NON_CT_HINT, hint))
 
 
 class TooFewSlicesError(CTInputError):

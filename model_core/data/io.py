@@ -21,22 +21,30 @@ memory stays bounded; the ``warnings`` say so.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import math
 import os
-import re
-import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from pydicom.misc import is_dicom
 
+from model_core.data import slabs
 from model_core.data.checks import check_ct, check_shape
-from model_core.data.dicom import DicomSeries, scan_dicom_folder, select_series
-from model_core.data.errors import CTInputError, UnreadableVolumeError
+from model_core.data.dicom import (
+    DicomSeries,
+    check_modality,
+    is_dicomdir,
+    looks_like_dicom,
+    scan_dicom_folder,
+    select_series,
+    series_of_file,
+    series_warnings,
+)
+from model_core.data.dicom_read import read_series
+from model_core.data.errors import CTInputError, DicomSeriesError, UnreadableVolumeError
+from model_core.data.files import SUPPORTED_FORMATS, check_file_integrity, check_readable
 
 ORIENTATION = "LPS"
 """Axes x, y, z of every ``CTImage`` increase toward the patient's Left, Posterior and Superior."""
@@ -44,10 +52,6 @@ ORIENTATION = "LPS"
 DEFAULT_MAX_VOXELS = 512 * 512 * 512
 """Above this many voxels (about 0.5 GiB as float32) a volume is downsampled while it is read."""
 
-SUPPORTED_FORMATS = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, or a DICOM folder"
-
-_MIN_SLAB_VOXELS = 1 << 22
-"""Slabs hold at least this many voxels (16 MiB as float32), so that few reads cover a volume."""
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
 """Flips x and y: converts LPS coordinates to RAS and back (its own inverse)."""
@@ -61,6 +65,8 @@ class CTImage:
     ``spacing``: ``(z, y, x)`` mm. ``origin``: LPS ``(x, y, z)`` mm of ``array[0, 0, 0]``.
     ``direction``: 3x3, columns are the LPS directions of the x, y, z axes. ``warnings``: what the
     reader chose or changed (series picked, downsampled, non-CT accepted), for the user to see.
+    ``series_uid``: the DICOM series read (its SeriesInstanceUID, or the id ``scan_dicom_folder``
+    derived when that is blank); ``series_grouping``: the rule that grouped its files.
     """
 
     array: np.ndarray
@@ -70,6 +76,7 @@ class CTImage:
     source: str = ""
     series_uid: str | None = None
     warnings: list[str] = field(default_factory=list)
+    series_grouping: str | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -110,11 +117,15 @@ class CTImage:
         series_uid: str | None = None,
         warnings: Sequence[str] = (),
         allow_non_ct: bool = False,
+        series_grouping: str | None = None,
     ) -> CTImage:
         """Orient a 3D SimpleITK image LPS and check it (see ``model_core.data.checks.check_ct``)."""
         source = source or "volume"
         image = orient_lps(_as_scalar_3d(image, source))
-        empty = cls(np.zeros((0, 0, 0)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), source, series_uid)
+        empty = cls(
+            np.zeros((0, 0, 0)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), source, series_uid,
+            series_grouping=series_grouping,
+        )  # fmt: skip
         ct = empty.with_image(image)
         ct.warnings = [*warnings, *check_ct(ct.array, allow_non_ct=allow_non_ct, source=source)]
         return ct
@@ -228,54 +239,90 @@ def read_ct(
     allow_non_ct: bool = False,
     max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> CTImage:
-    """Read a CT from a NIfTI/NRRD/MHA file or a DICOM series (a folder, or one file of it).
+    """Read a CT from a NIfTI/NRRD/MHA file or a DICOM series (a folder, a DICOMDIR, or one file of it).
 
     A DICOM folder with several series gives the CT series with the most slices, or
-    ``series_uid``; the choice is in ``warnings``. ``allow_non_ct`` accepts volumes whose
-    intensities do not look like CT. Volumes above ``max_voxels`` are downsampled while read.
+    ``series_uid``; the choice and the rule that grouped the files are in ``warnings``.
+    ``allow_non_ct`` accepts volumes whose intensities (or DICOM Modality) do not say CT. Volumes
+    above ``max_voxels`` are downsampled while read. Every problem raises a ``CTInputError``.
     """
     path = Path(path)
     if max_voxels < 27:
         raise ValueError(
             f"max_voxels={max_voxels}: use at least 27 (3x3x3), e.g. the default {DEFAULT_MAX_VOXELS}"
         )
-    if not path.exists():
-        raise UnreadableVolumeError(f"{path}: does not exist; pass a {SUPPORTED_FORMATS}.")
-    if path.is_dir() or is_dicom(path):
-        image, uid, warnings = _read_dicom(path, series_uid, allow_non_ct, max_voxels)
+    check_readable(path)
+    if path.is_dir() or (volume_suffix(path) is None and looks_like_dicom(path)):
+        image, series, warnings = _read_dicom(path, series_uid, allow_non_ct, max_voxels)
+        uid, grouping = series.uid, series.grouping
     else:
         if series_uid is not None:
             raise CTInputError(
                 f"{path}: series_uid applies to DICOM input only; this is a {path.suffix} file."
             )
         image, warnings = _read_volume_file(path, max_voxels)
-        uid = None
-    return CTImage.from_sitk(image, str(path), series_uid=uid, warnings=warnings, allow_non_ct=allow_non_ct)
+        uid, grouping = None, None
+    return CTImage.from_sitk(
+        image,
+        str(path),
+        series_uid=uid,
+        warnings=warnings,
+        allow_non_ct=allow_non_ct,
+        series_grouping=grouping,
+    )
 
 
-def _itk_reason(error: Exception) -> str:
-    """The informative line(s) of an ITK exception, without source paths and object addresses."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    picked = [line for line in lines if "ITK ERROR" in line or line.startswith("[")]
-    text = " ".join(picked or lines[-1:])
-    text = re.sub(r"ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", text)
-    return text[:400]
+VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+"""File names ending so are volume files; anything else may be DICOM (with or without an extension)."""
 
 
-def _read_volume_file(path: Path, max_voxels: int) -> tuple[sitk.Image, list[str]]:
-    """One NIfTI/NRRD/MHA file, whole or (above ``max_voxels``) in bounded slabs."""
+def volume_suffix(path: Path) -> str | None:
+    """The volume suffix ``path`` ends with (``.nii.gz`` before ``.nii``), or None."""
+    name = path.name.lower()
+    return next((suffix for suffix in VOLUME_SUFFIXES if name.endswith(suffix)), None)
+
+
+def check_volume_file(path: Path) -> sitk.ImageFileReader:
+    """Everything that can be judged about a volume file before its voxels are read; returns the
+    reader with the header read.
+
+    The file's bytes (``check_file_integrity``: readable, gzip stream, NIfTI size, NaN/inf in
+    float NIfTI), then its header: a grid ITK can represent, 3 dimensions (a 4th of size 1 is
+    dropped), one value per voxel, at least 3 voxels along each axis. The Slicer module runs it
+    before Slicer's reader, so a file gets the same verdict there as here.
+    """
+    check_file_integrity(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
+        reason = slabs.itk_reason(error)
+        if "orthonormal" in reason:
+            raise UnreadableVolumeError(
+                f"{path}: its voxel axes are not perpendicular (a sheared or skewed orientation matrix), which "
+                "ITK and Slicer cannot represent. Resample it onto an orthogonal grid and save it again."
+            ) from error
         raise UnreadableVolumeError(
-            f"{path}: cannot be read as an image ({_itk_reason(error)}); pass an uncorrupted {SUPPORTED_FORMATS}."
+            f"{path}: cannot be read as an image ({reason}); pass an uncorrupted {SUPPORTED_FORMATS}."
         ) from error
-    check_file_complete(path)
+    size = tuple(reader.GetSize())
+    if reader.GetNumberOfComponents() != 1:
+        raise CTInputError(
+            f"{path}: has {reader.GetNumberOfComponents()} values per voxel (a colour or vector image); "
+            "a CT has one HU value per voxel."
+        )
+    shape = tuple(reversed(size[:3])) if len(size) == 4 and size[3] == 1 else tuple(reversed(size))
+    check_shape(shape, str(path))
+    return reader
+
+
+def _read_volume_file(path: Path, max_voxels: int) -> tuple[sitk.Image, list[str]]:
+    """One NIfTI/NRRD/MHA file, whole or (above ``max_voxels``) in bounded slabs."""
+    reader = check_volume_file(path)
     size = reader.GetSize()
     try:
-        if len(size) != 3 or math.prod(size) <= max_voxels or reader.GetNumberOfComponents() != 1:
+        if len(size) != 3 or math.prod(size) <= max_voxels:
             return reader.Execute(), []
 
         def read_slab(k0: int, k1: int) -> sitk.Image:
@@ -283,182 +330,66 @@ def _read_volume_file(path: Path, max_voxels: int) -> tuple[sitk.Image, list[str
             reader.SetExtractSize([size[0], size[1], k1 - k0])
             return reader.Execute()
 
-        return _read_bounded(size, reader.GetSpacing(), read_slab, max_voxels, str(path))
+        return slabs.read_bounded(size, reader.GetSpacing(), read_slab, max_voxels, str(path))
     except RuntimeError as error:
         raise UnreadableVolumeError(
-            f"{path}: the voxel data cannot be read ({_itk_reason(error)}); the file may be truncated or "
+            f"{path}: the voxel data cannot be read ({slabs.itk_reason(error)}); the file may be truncated or "
             "corrupt: copy or export it again."
         ) from error
 
 
-def check_file_complete(path: Path) -> None:
-    """ITK zero-fills a truncated NIfTI without an error; compare the data size with the header's."""
-    name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-        return
-    compressed = name.endswith(".gz")
-    opener = gzip.open if compressed else open
-    with opener(path, "rb") as stream:
-        header = stream.read(540)
-    expected = _nifti_expected_bytes(header)
-    if expected is None:
-        return
-    if not compressed:
-        actual = path.stat().st_size
-    else:
-        with open(path, "rb") as raw:
-            raw.seek(-4, os.SEEK_END)
-            trailer_size = struct.unpack("<I", raw.read(4))[0]
-        if trailer_size == expected % 2**32:
-            return
-        actual = _gzip_stream_length(path)
-    if actual < expected:
-        raise UnreadableVolumeError(
-            f"{path}: is truncated: its header describes {expected} bytes, the file holds {actual}; copy or "
-            "download it again."
-        )
+def _read_dicom(path: Path, series_uid: str | None, allow_non_ct: bool, max_voxels: int):
+    """The chosen series of a DICOM folder (or the series of one given file), and what was chosen.
 
-
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Header plus voxel bytes a NIfTI-1 or NIfTI-2 header promises; ``None`` if it is neither."""
-    for endian in "<>":
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            break
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
-            dims = struct.unpack(endian + "8q", header[16:80])
-            offset = struct.unpack(endian + "q", header[168:176])[0]
-            break
-    else:
-        return None
-    count = max(1, min(int(dims[0]), 7))
-    voxels = math.prod(max(1, int(d)) for d in dims[1 : count + 1])
-    return max(offset, 348) + voxels * max(1, bitpix) // 8
-
-
-def _gzip_stream_length(path: Path) -> int:
-    """Decompressed length of a gzip file, counting only what decompresses before any damage."""
-    total = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(1 << 16):
-                total += len(chunk)
-    except (EOFError, OSError, gzip.BadGzipFile):
-        pass
-    return total
-
-
-def _read_dicom(
-    path: Path, series_uid: str | None, allow_non_ct: bool, max_voxels: int
-) -> tuple[sitk.Image, str, list[str]]:
-    """The chosen series of a DICOM folder (or the series of one given file), and what was chosen."""
-    if path.is_dir():
-        series = scan_dicom_folder(path)
+    A file given alone reads its whole series from the files beside it; a DICOMDIR reads the
+    folder it indexes.
+    """
+    if path.is_dir() or is_dicomdir(path):
+        series = scan_dicom_folder(path if path.is_dir() else path.parent)
     else:
         series = scan_dicom_folder(path.parent, recursive=False)
-        own = next((s for s in series if path in s.files), None)
-        if series_uid is None and own is not None:
+        own = series_of_file(series, path)
+        if own is None:
+            raise UnreadableVolumeError(
+                f"{path}: is a DICOM file without an image (or with an unreadable header); pass an image file of "
+                "the series, or its folder."
+            )
+        if series_uid is None:
             series_uid = own.uid
     chosen, warnings = select_series(
         series, source=str(path), series_uid=series_uid, allow_non_ct=allow_non_ct
     )
-    if len(chosen.files) == 1:
-        image, more = _read_volume_file(chosen.files[0], max_voxels)
-        return image, chosen.uid, [*warnings, *more]
-    image, more = _read_series_files(chosen, max_voxels, str(path))
-    return image, chosen.uid, [*warnings, *more]
+    image, more = _read_series_image(chosen, max_voxels, str(path))
+    return image, chosen, [*warnings, *more]
 
 
-def _read_series_files(series: DicomSeries, max_voxels: int, source: str) -> tuple[sitk.Image, list[str]]:
-    rows, columns = series.image_size
-    size = (columns, rows, len(series.files))
-
-    def read_slab(k0: int, k1: int) -> sitk.Image:
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames([str(f) for f in series.files[k0:k1]])
-        return reader.Execute()
-
-    try:
-        if math.prod(size) <= max_voxels:
-            return read_slab(0, len(series.files)), []
-        spacing = read_slab(0, 2).GetSpacing()  # z spacing from the first two slice positions
-        return _read_bounded(size, spacing, read_slab, max_voxels, source)
-    except RuntimeError as error:
-        broken = _unreadable_files(series.files)
-        named = ", ".join(p.name for p in broken[:5]) + (" ..." if len(broken) > 5 else "")
-        raise UnreadableVolumeError(
-            f"{source}: series {series.uid} cannot be read ({_itk_reason(error)}); unreadable file(s): "
-            f"{named or 'none alone'}. The series may be truncated or corrupt: export it again."
-        ) from error
+def _read_series_image(series: DicomSeries, max_voxels: int, source: str) -> tuple[sitk.Image, list[str]]:
+    if len(series.files) == 1:  # one multi-frame file
+        return _read_volume_file(series.files[0], max_voxels)
+    return read_series(series, max_voxels, source)
 
 
-def _unreadable_files(files: Sequence[Path]) -> list[Path]:
-    broken = []
-    for file in files:
-        try:
-            sitk.ReadImage(str(file))
-        except RuntimeError:
-            broken.append(file)
-    return broken
-
-
-def shrink_factors(
-    size_xyz: Sequence[int], spacing_xyz: Sequence[float], max_voxels: int
-) -> tuple[int, int, int]:
-    """Integer block sizes (x, y, z) that bring ``size_xyz`` within ``max_voxels``.
-
-    The finest axis (smallest spacing times factor) grows first, so the result tends to isotropic
-    voxels; no axis drops below 3 voxels.
-    """
-    factors = [1, 1, 1]
-
-    def voxels() -> int:
-        return math.prod(n // f for n, f in zip(size_xyz, factors, strict=True))
-
-    while voxels() > max_voxels:
-        growable = [a for a in range(3) if size_xyz[a] // (factors[a] + 1) >= 3]
-        if not growable:
-            break
-        axis = min(growable, key=lambda a: (spacing_xyz[a] * factors[a], a))
-        factors[axis] += 1
-    return tuple(factors)  # type: ignore[return-value]
-
-
-def _read_bounded(
-    size_xyz: Sequence[int],
-    spacing_xyz: Sequence[float],
-    read_slab: Callable[[int, int], sitk.Image],
-    max_voxels: int,
-    source: str,
-) -> tuple[sitk.Image, list[str]]:
-    """Read slabs of slices and average blocks of voxels in each, holding about one slab at a time.
-
-    The result equals ``sitk.BinShrink`` of the whole volume (as float32) with ``shrink_factors``.
-    """
-    factors = shrink_factors(size_xyz, spacing_xyz, max_voxels)
-    fx, fy, fz = factors
-    used_slices = (size_xyz[2] // fz) * fz
-    slab_voxels = max(max_voxels // 4, _MIN_SLAB_VOXELS, size_xyz[0] * size_xyz[1] * fz)
-    slab = max(2, fz * max(1, slab_voxels // (size_xyz[0] * size_xyz[1] * fz)))
-    slab = slab + (-slab) % fz
-    pieces, first = [], None
-    for k0 in range(0, used_slices, slab):
-        shrunk = sitk.BinShrink(
-            sitk.Cast(read_slab(k0, min(k0 + slab, used_slices)), sitk.sitkFloat32), factors
-        )
-        first = shrunk if first is None else first
-        pieces.append(sitk.GetArrayFromImage(shrunk))
-    image = sitk.GetImageFromArray(np.concatenate(pieces, axis=0))
-    image.SetOrigin(first.GetOrigin())
-    image.SetDirection(first.GetDirection())
-    image.SetSpacing(first.GetSpacing())
-    warning = (
-        f"{source}: has {'x'.join(map(str, size_xyz))} = {math.prod(size_xyz):,} voxels, more than max_voxels="
-        f"{max_voxels:,}; read in slabs and averaged over blocks of {fx}x{fy}x{fz} voxels (x, y, z), "
-        f"giving {'x'.join(map(str, image.GetSize()))} voxels of {image.GetSpacing()[0]:.3g}x"
-        f"{image.GetSpacing()[1]:.3g}x{image.GetSpacing()[2]:.3g} mm."
+def read_dicom_series(
+    series: DicomSeries,
+    *,
+    source: str = "",
+    allow_non_ct: bool = False,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    warnings: Sequence[str] = (),
+) -> CTImage:
+    """One series found by ``scan_dicom_folder``, read and checked exactly as ``read_ct`` reads it
+    (for callers that list the series themselves, such as the batch script)."""
+    source = source or str(series.files[0].parent)
+    if not series.usable:
+        raise DicomSeriesError(f"{source}: series {series.summary()} cannot be read as one volume.")
+    check_modality(series, source, allow_non_ct)
+    image, more = _read_series_image(series, max_voxels, source)
+    said = [*warnings, *(w for w in series_warnings(series, source) if w not in warnings), *more]
+    return CTImage.from_sitk(
+        image,
+        source,
+        series_uid=series.uid,
+        warnings=said,
+        allow_non_ct=allow_non_ct,
+        series_grouping=series.grouping,
     )
-    return image, [warning]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from model_core.config import ConfigError
+from model_core.config import SLICES_PER_GROUP, ConfigError
 from model_core.data.checks import check_ct
 from model_core.data.io import DEFAULT_MAX_VOXELS, ORIENTATION, CTImage, orient_lps, read_ct
 
@@ -96,6 +96,11 @@ class PreprocessConfig:
         if len(shape) != 3 or min(shape) < 1:
             raise ConfigError(
                 f"target_shape={self.target_shape!r}: use three positive sizes (D, H, W), e.g. (32, 256, 256)"
+            )
+        if shape[0] < SLICES_PER_GROUP:
+            raise ConfigError(
+                f"target_shape={self.target_shape!r}: the model reads slices in groups of {SLICES_PER_GROUP}; "
+                f"use a depth of at least {SLICES_PER_GROUP}, e.g. (32, 256, 256)"
             )
         self.target_shape = shape  # type: ignore[assignment]
         if self.spacing is not None:

@@ -137,7 +137,8 @@ class StageConfig:
     """Optimisation settings of one stage (``train`` merged with ``stage1`` / ``stage2``).
 
     ``batch_size`` is per device; one optimizer step sees ``batch_size * grad_accum_steps *
-    processes`` samples. ``save_every`` 0: checkpoint only at the end. ``keep_last``: how many
+    processes`` samples. ``train_3d_blocks`` (stage 1): also train the tower's K blocks that attend
+    across slice groups (the frozen-vs-optimised encoder ablation); the 2D blocks stay frozen. ``save_every`` 0: checkpoint only at the end. ``keep_last``: how many
     step checkpoints to keep.
     """
 
@@ -152,6 +153,7 @@ class StageConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     train_projector: bool = True
+    train_3d_blocks: bool = False
     log_every: int = 1
     eval_every: int = 0
     save_every: int = 0

@@ -27,7 +27,7 @@ from torch import nn
 
 from model_core.config import MoEConfig, VolumeAdapterConfig
 from model_core.model import CONFIG_FILE, CTMLLM
-from model_core.moe import set_moe
+from model_core.moe import recompute_with_same_routing, set_moe
 from model_core.training.config import LMTuning, ModelSource, StageConfig, TrainingConfig
 
 FINAL_DIR = "final"
@@ -134,6 +134,15 @@ def set_trainable(model: CTMLLM, stage: int, config: TrainingConfig, settings: S
     if stage == 1:
         if settings.train_projector:
             model.projector.requires_grad_(True)
+        if settings.train_3d_blocks:
+            blocks = model.volume_adapter.blocks_3d(model.vision_tower)
+            if not blocks:
+                raise ValueError(
+                    "train_3d_blocks is set but the model has no 3D blocks (num_3d_blocks 0): set "
+                    "model.num_3d_blocks above 0 or train_3d_blocks false"
+                )
+            for block in blocks:
+                block.requires_grad_(True)
         if config.lm.mode == "full":
             model.language_model.requires_grad_(True)
         elif config.lm.mode == "lora":
@@ -149,9 +158,11 @@ def set_trainable(model: CTMLLM, stage: int, config: TrainingConfig, settings: S
 
 def enable_gradient_checkpointing(model: CTMLLM) -> None:
     """Recompute tower and language-model blocks in the backward pass (non-reentrant: frozen
-    inputs still pass gradients). MoE routing is stored per forward, so recomputation is exact."""
+    inputs still pass gradients). A recomputed tower block runs under the MoE routing of the
+    forward it repeats (``recompute_with_same_routing``), so recomputation is exact."""
     kwargs = {"use_reentrant": False}
-    model.vision_tower.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    tower_kwargs = {**kwargs, "context_fn": recompute_with_same_routing}
+    model.vision_tower.activation_checkpointing_enable(activation_checkpointing_kwargs=tower_kwargs)
     model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
 
