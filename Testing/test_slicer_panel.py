@@ -319,6 +319,14 @@ def test_dicom_sr_export_asks_a_non_dicom_volume_for_its_identifiers(
     weights = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
     assert read.device["Device Observer Serial Number"] == f"sha256:{weights}"
 
+    panel.ui.unloadModelButton.click()  # the worker ends: the SR can name the model, not its checksum
+    panel.widget.exportSR(str(tmp_path / "unloaded.dcm"), {"patient_id": "PANEL-1",
+                          "study_instance_uid": "1.2.826.0.1.3680043.10.11"})  # fmt: skip
+    assert "no longer loaded" in panel.ui.statusLabel.text()
+    unloaded = read_report_sr(tmp_path / "unloaded.dcm")
+    assert "Device Observer Serial Number" not in unloaded.device
+    assert unloaded.device["Device Observer Name"] == conversation.modelId
+
 
 def test_a_non_ct_volume_is_refused_until_the_checkbox_is_checked(panel, tiny_model_dir):
     mr = standIn.loadVolume(NOT_CT_MR, "brain_mr")
