@@ -337,7 +337,9 @@ def test_without_a_task_the_router_picks_the_expert_in_the_worker(mrml, tmp_path
     logic.unloadModel()
 
 
-def test_the_voxels_are_sent_once_and_another_expert_reuses_the_prepared_input(mrml, tmp_path):
+def test_the_voxels_are_sent_once_and_another_expert_reuses_the_prepared_input(mrml, tmp_path, monkeypatch):
+    import CTMLLMSlicerLib.logic as logicModule
+
     logic = fakeLogic(mrml, tmp_path, "working")
     volume = mrml.ct()
     sent = []
@@ -347,17 +349,14 @@ def test_the_voxels_are_sent_once_and_another_expert_reuses_the_prepared_input(m
         sent.append(name)
         return original(array, folder, name)
 
-    import CTMLLMSlicerLib.logic as logicModule
-
-    logicModule.writeVolumeFile = spy
+    monkeypatch.setattr(logicModule, "writeVolumeFile", spy)
+    stages = []
     try:
-        stages = []
         for task, prompt in ((REPORT, None), (QUESTION, "Any fluid?"), (None, "Any fluid?")):
             events, end = run(logic, volume, task, prompt, FAKE, maxNewTokens=1)
             assert end.kind == jobs.FINISHED, end.error
             stages.append([e.stage for e in events if e.kind == jobs.PROGRESS])
     finally:
-        logicModule.writeVolumeFile = original
         logic.unloadModel()
     assert len(sent) == 1  # the voxels travel once; the worker keeps the prepared input
     assert STAGE_PREPROCESSING in stages[0] and STAGE_ENCODING in stages[0]
