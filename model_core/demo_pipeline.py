@@ -258,7 +258,7 @@ def build_2d_mllm(tokenizer, budget: DemoBudget, seed: int):
         num_hidden_layers=budget.text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=2048,  # 768 visual tokens, their framing, prompt and report
         tie_word_embeddings=True,
     )
     return assemble_internvl(vision, text, tokenizer)
