@@ -3,7 +3,12 @@
 The four classes of Slicer's scripted-module template, in its order: the module (metadata), the
 parameter node (panel state saved with the scene), the widget (GUI only), the logic (no GUI; the
 ``CTMLLMLogicCore`` of ``CTMLLMSlicerLib.logic`` with Slicer's parameter node on top) and the
-self-test. The model runs in a worker thread; the widget polls its queue with a ``qt.QTimer``.
+self-test. The model runs in a worker process started with Slicer's own Python (a Python thread
+would crawl: Slicer's GUI thread holds the interpreter lock while it idles); the widget polls it
+with a ``qt.QTimer`` and never waits.
+
+Needs Slicer 5.10 or newer (Python 3.12); this file still loads on older versions (it keeps to
+Python 3.9 syntax) so that the panel can say so instead of failing to load.
 
 Only the Qt API that PythonQt (Slicer) and PySide6 (the tests' stand-in) share is used: signals
 are connected with ``signal.connect(slot)``, values are set with setters and read through
@@ -13,7 +18,8 @@ getter method of the same name).
 
 import logging
 import os
-import tempfile
+import time
+from pathlib import Path
 from typing import Annotated
 
 import ctk  # noqa: F401  (loaded for the .ui file's ctk widgets, as in Slicer's template)
@@ -31,9 +37,14 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CTMLLMSlicerLib import dependencies, jobs
-from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation
-from CTMLLMSlicerLib.errors import CTMLLMSlicerError, describeError
+from CTMLLMSlicerLib import dependencies, jobs, resources
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation, Turn
+from CTMLLMSlicerLib.errors import (
+    CTMLLMSlicerError,
+    InstallFailedError,
+    MissingDependenciesError,
+    describeError,
+)
 from CTMLLMSlicerLib.logic import (
     DEMO_MODEL,
     DEVICES,
@@ -44,6 +55,7 @@ from CTMLLMSlicerLib.logic import (
     defaultModelCacheFolder,
     isRepoId,
 )
+from CTMLLMSlicerLib.scene_results import RESULT_REFERENCE_ROLE
 from model_core.dicom_sr import IDENTIFIER_KEYWORDS, MissingIdentifiersError
 
 MODE_REPORT = "Report"
@@ -54,8 +66,10 @@ SOURCE_HUB = "Hugging Face repo"
 MODEL_WINDOW = "model default"
 """The window choice that keeps the preprocessing the model was trained with."""
 CACHE_FOLDER_SETTING = "CTMLLMSlicer/ModelCacheFolder"
-POLL_INTERVAL_MS = 30
-"""How often the GUI thread drains the worker's queue: short enough for smooth streaming."""
+POLL_INTERVAL_MS = 15
+"""How often the GUI thread reads the worker's messages while a job runs: text appears at most this
+late (a non-blocking read costs microseconds; the timer stops between jobs)."""
+SAMPLE_CATEGORY = "CT-MLLM"
 
 
 #
@@ -79,13 +93,59 @@ class CTMLLMSlicer(ScriptedLoadableModule):
             "Volumes that do not look like CT (MR, normalised images) are refused unless 'Accept "
             "non-CT volumes' is checked. "
             "The output is machine-generated and must be reviewed by a radiologist. "
+            "Needs Slicer 5.10 or newer; at first use it installs PyTorch through the PyTorch extension and "
+            "the other model packages with pip, after asking. 'Unload model' ends the model's worker process. "
             "See docs/SLICER.md in the extension's repository."
+        ) + _(" Batch runs over folders of CT: {command} (docs/BATCH.md).").format(
+            command=f'Slicer --no-main-window --python-script "{resources.batchScriptPath()}" -- --input IN --output OUT'
         )
         self.parent.acknowledgementText = _(
             "Built on 3D Slicer's scripted-module template (Jean-Christophe Fillion-Robin, Kitware; "
             "Andras Lasso, PerkLab; Steve Pieper, Isomics). The test CT volumes come from the "
-            "TotalSegmentator project (Wasserthal et al., Radiology: AI 2023; CC BY 4.0)."
+            "TotalSegmentator project (Wasserthal et al., Radiology: AI 2023; CC BY 4.0). The sample CT is a "
+            "phantom made by this project's own generator."
         )
+        # The icon sits next to the module when built, one folder up in a source checkout.
+        self.parent.icon = qt.QIcon(resources.resourcePath(resources.ICON_FILE))
+        slicer.app.startupCompleted.connect(registerSampleData)
+
+
+def registerSampleData() -> None:
+    """Offer the phantom CT in the Sample Data module (category CT-MLLM), from the module's files."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category=SAMPLE_CATEGORY,
+        sampleName=resources.SAMPLE_CT_NAME,
+        uris=Path(resources.sampleCTPath()).as_uri(),
+        fileNames=Path(resources.SAMPLE_CT_FILE).name,
+        nodeNames=resources.SAMPLE_CT_NAME,
+        thumbnailFileName=resources.resourcePath(resources.SAMPLE_CT_THUMBNAIL),
+        checksums=f"SHA256:{resources.SAMPLE_CT_SHA256}",
+    )
+
+
+def installTorchWithPyTorchExtension(requirement: str) -> bool:
+    """torch the Slicer way: the PyTorch extension's installer picks the CPU or CUDA build for this
+    computer. False when the user declined there."""
+    try:
+        import PyTorchUtils
+    except ImportError as error:
+        raise MissingDependenciesError(
+            "PyTorch is not installed and the PyTorch extension is missing: install 'PyTorch' from the Extensions "
+            "Manager (CT-MLLM depends on it; it picks the CPU or CUDA build for this computer), restart Slicer, "
+            "then click again"
+        ) from error
+    try:
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchVersionRequirement=requirement
+        )
+    except Exception as error:
+        raise InstallFailedError(
+            f"the PyTorch extension could not install torch{requirement} ({type(error).__name__}: {error}): "
+            "check the internet connection; the installer's output is in the Python console"
+        ) from error
+    return torch is not None
 
 
 #
@@ -107,6 +167,7 @@ class CTMLLMSlicerParameterNode:
         preprocessing the model was trained with.
     allowNonCT - accept volumes that do not look like CT (MR, normalised images); they are scaled
         by their own intensity percentiles instead of an HU window.
+    keepWindowLevel - leave the slice views' window/level as the user set it.
     lastPrompt - the question typed last.
     maxNewTokens - the length budget of one answer.
     """
@@ -120,6 +181,7 @@ class CTMLLMSlicerParameterNode:
     precision: Annotated[str, Choice(list(PRECISIONS))] = "auto"
     windowPreset: Annotated[str, Choice([MODEL_WINDOW, *WINDOW_PRESETS])] = MODEL_WINDOW
     allowNonCT: bool = False
+    keepWindowLevel: bool = False
     lastPrompt: str = ""
     maxNewTokens: Annotated[int, WithinRange(1, 4096)] = 256
 
@@ -148,7 +210,7 @@ def _dialogText(result):
 
 
 class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: GUI only. Reads the parameter node, hands work to the logic's job runner."""
+    """The panel: GUI only. Reads the parameter node, hands work to the logic's model worker."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -160,13 +222,14 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownPreset = None
         self._dependenciesChecked = False
         self._runningButton = None
-        self._runner = jobs.JobRunner()
+        self._jobVolume = None
         self._pollTimer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
 
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTMLLMSlicer.ui"))
+        # resources.resourcePath finds the .ui both in the built extension and in a source checkout
+        uiWidget = slicer.util.loadUI(resources.resourcePath(resources.UI_FILE))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
@@ -179,11 +242,13 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
 
         self.ui.generateButton.clicked.connect(self.onGenerateButton)
         self.ui.askButton.clicked.connect(self.onAskButton)
         self.ui.questionLineEdit.returnPressed.connect(self.onAskButton)
         self.ui.browseModelButton.clicked.connect(self.onBrowseModelButton)
+        self.ui.unloadModelButton.clicked.connect(self.onUnloadModelButton)
         self.ui.saveButton.clicked.connect(self.onSaveButton)
         self.ui.copyButton.clicked.connect(self.onCopyButton)
         self.ui.exportButton.clicked.connect(self.onExportButton)
@@ -194,12 +259,15 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setVisible(False)
 
         self.initializeParameterNode()
+        try:
+            dependencies.checkSlicerVersion((slicer.app.majorVersion, slicer.app.minorVersion))
+        except CTMLLMSlicerError as error:
+            self.showMessage(str(error), error=True)
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
-        self._runner.cancel()
-        self._runner.wait(2.0)
         self._pollTimer.stop()
+        self.logic.unloadModel()  # ends the worker process: no model left running in the background
         self.exit()  # unbind the widgets from the parameter node: they are about to go
         self.removeObservers()
 
@@ -215,12 +283,19 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
     def onSceneStartClose(self, caller, event) -> None:
-        self._runner.cancel()
+        """Another patient may come next: forget every conversation and encoded volume; a running
+        job is cancelled and its result dropped (MRML reuses node IDs after a close)."""
+        self.logic.forgetAll()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeRemoved(self, caller, event, node) -> None:
+        if node is not None and node.IsA("vtkMRMLScalarVolumeNode"):
+            self.logic.forgetVolume(node)
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
@@ -246,14 +321,15 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Keep the panel consistent with the state: shown volume, mode, enabled buttons."""
         node = self._parameterNode
         volume = node.inputVolume if node else None
-        display = (node.windowPreset, node.allowNonCT) if node else None
+        display = (node.windowPreset, node.allowNonCT, node.keepWindowLevel) if node else None
         if volume is not self._shownVolume:
             self._shownVolume, self._shownPreset = volume, display
             self.showVolume(volume)
             self.renderConversation()
         elif volume is not None and display != self._shownPreset:
             self._shownPreset = display
-            self.logic.applyWindowPreset(volume, self.windowPreset(), node.allowNonCT)
+            if not node.keepWindowLevel:
+                self.logic.applyWindowPreset(volume, self.windowPreset(), node.allowNonCT)
         questionMode = bool(node) and node.mode == MODE_QUESTION
         self.ui.generateButton.setVisible(not questionMode)
         self.ui.questionLineEdit.setVisible(questionMode)
@@ -264,7 +340,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _updateButtons(self) -> None:
-        busy = self._runner.isRunning()
+        busy = self.logic.isJobRunning()
         hasVolume = bool(self._parameterNode and self._parameterNode.inputVolume)
         self.ui.generateButton.setEnabled(busy or hasVolume)
         self.ui.askButton.setEnabled(busy or hasVolume)
@@ -279,19 +355,41 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.setEnabled(hasResults)
 
     def showVolume(self, volumeNode) -> None:
-        """Show the selected volume in the slice views and as a CT volume rendering in 3D."""
+        """Show the selected volume: a layout with a 3D view, its CT volume rendering alone in 3D
+        with the camera reset on it, and in the slice views (with the window the model reads
+        unless 'keep my window/level' is checked)."""
         if volumeNode is None:
             return
+        if volumeNode.GetDisplayNode() is None or volumeNode.GetImageData() is None:
+            # Still being loaded: the selector picks a volume as soon as it enters the scene, before
+            # the reader attaches its display node (which would drop ours). Show it once loaded.
+            qt.QTimer.singleShot(0, lambda: self._showWhenLoaded(volumeNode))
+            return
+        node = self._parameterNode
         try:
-            self.logic.applyWindowPreset(volumeNode, self.windowPreset(), self._parameterNode.allowNonCT)
+            self.logic.showVolume(volumeNode, self.windowPreset(), node.allowNonCT, node.keepWindowLevel)
             slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
-            self.logic.showVolumeRendering(volumeNode)
+            self.reset3DViews()
         except Exception as error:  # display is a convenience: report, never block the panel
             self.showMessage(f"Could not display {volumeNode.GetName()}: {describeError(error)}", error=True)
 
+    def _showWhenLoaded(self, volumeNode) -> None:
+        node = self._parameterNode
+        if node is not None and node.inputVolume is volumeNode and volumeNode.GetDisplayNode() is not None:
+            self.showVolume(volumeNode)
+
+    @staticmethod
+    def reset3DViews() -> None:
+        """Point every 3D view's camera at what it shows (the selected volume's rendering)."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:  # no main window (--no-main-window)
+            return
+        for index in range(_qtValue(layoutManager, "threeDViewCount")):
+            layoutManager.threeDWidget(index).threeDView().resetCamera()
+
     def windowPreset(self) -> str:
         """The preset name the logic takes: "" for the model's own window."""
-        preset = self._parameterNode.windowPreset
+        preset = self._parameterNode.windowPreset if self._parameterNode else MODEL_WINDOW
         return "" if preset == MODEL_WINDOW else preset
 
     # -- model choice, dependencies, consent (GUI thread) ------------------------------------
@@ -320,14 +418,18 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return ModelRequest(spec, node.device, node.precision, request.cacheFolder, allowDownload=True)
 
     def ensureDependencies(self) -> None:
-        """At first use: install torch, transformers, ... into Slicer's Python after asking."""
+        """At first use: check the Slicer version, then install what the model needs after asking
+        (torch through the PyTorch extension, the rest with pip)."""
         if self._dependenciesChecked:
             return
+        dependencies.checkSlicerVersion((slicer.app.majorVersion, slicer.app.minorVersion))
         installed = dependencies.ensureDependencies(
             confirm=lambda question: slicer.util.confirmOkCancelDisplay(
                 question, windowTitle="CT-MLLM setup"
             ),
-            install=slicer.util.pip_install,
+            pipInstall=slicer.util.pip_install,
+            installTorch=installTorchWithPyTorchExtension,
+            workFolder=self.logic.workFolder(),
         )
         if installed:
             self.showMessage("Installed " + ", ".join(installed))
@@ -338,48 +440,60 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if folder:
             self._parameterNode.modelLocation = folder
 
+    def onUnloadModelButton(self) -> None:
+        ended = self.logic.unloadModel()
+        self.showMessage("Model unloaded: its worker process ended and its memory is free." if ended
+                         else "No model was loaded.")  # fmt: skip
+        self._showWorkerStatus()
+
+    def _showWorkerStatus(self) -> None:
+        worker = self.logic.worker
+        if worker is None or not worker.isRunning():
+            text = "No model loaded."
+        elif worker.modelInfo:
+            text = f"{worker.modelInfo.get('modelId', 'model')} loaded (worker process {worker.process.pid})."
+        else:
+            text = f"Worker process {worker.process.pid} running."
+        self.ui.workerStatusLabel.setText(text)
+
     # -- running -----------------------------------------------------------------------------
     def onGenerateButton(self) -> None:
-        if self._runner.isRunning():
+        if self.logic.isJobRunning():
             self.cancel()
         else:
             self.startJob(REPORT, None, self.ui.generateButton)
 
     def onAskButton(self) -> None:
-        if self._runner.isRunning():
+        if self.logic.isJobRunning():
             self.cancel()
             return
         question = self._parameterNode.lastPrompt.strip()
         self.startJob(QUESTION, question, self.ui.askButton)
-        if self._runner.isRunning():
+        if self.logic.isJobRunning():
             self.ui.questionLineEdit.selectAll()  # typing replaces it; the parameter node keeps it
 
     def startJob(self, task: str, prompt, button) -> None:
-        """Check inputs here (GUI thread), then run the model in the worker thread."""
+        """Check inputs and copy the volume here (GUI thread), then let the worker run the model."""
         node = self._parameterNode
         try:
             if task == QUESTION and not prompt:
                 raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
             self.ensureDependencies()
             request = self.modelRequest()
-            expertTask = None if node.routeByPrompt else task  # None: the task router decides
-            snapshot = self.logic.volumeSnapshot(
-                node.inputVolume, self.windowPreset(), expertTask, request, node.allowNonCT, prompt
+            self.logic.startJob(
+                node.inputVolume,
+                None if node.routeByPrompt else task,  # None: the task router picks the expert
+                prompt,
+                request,
+                self.windowPreset(),
+                node.maxNewTokens,
+                node.allowNonCT,
             )
         except Exception as error:
             self.showError(error)
             return
-        preset, maxNewTokens, allowNonCT = self.windowPreset(), node.maxNewTokens, node.allowNonCT
-
-        def job(context: jobs.JobContext):
-            return self.logic.run(
-                snapshot, expertTask, prompt, request, preset, maxNewTokens,
-                onText=context.text, progressCallback=context.progress,
-                noticeCallback=context.notice, cancel=context.cancelEvent, allowNonCT=allowNonCT,
-            )  # fmt: skip
-
+        self._jobVolume = node.inputVolume
         self._appendHistory("Report:\n" if task == REPORT else f"Q: {prompt}\nA: ")
-        self._runner.start(job)
         self._runningButton = button
         button.setText(_("Cancel"))
         self.ui.progressBar.setVisible(True)
@@ -389,27 +503,40 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cancel(self) -> None:
         """Stop the running job; generation ends after the token in progress."""
-        self._runner.cancel()
+        self.logic.cancelJob()
         self.showMessage("Cancelling...")
 
+    def _showingJobVolume(self) -> bool:
+        """True while the panel shows the volume the running job is about (not after a scene close)."""
+        return self._parameterNode is not None and self._parameterNode.inputVolume is self._jobVolume
+
     def onPollTimer(self) -> None:
-        """GUI thread: drain the worker's events into the panel; stop polling when it is done."""
-        for event in self._runner.poll():
+        """GUI thread: hand the worker's messages to the panel; stop polling when the job is done."""
+        text = ""  # the chunks of one poll go into the history view at once
+        for event in self.logic.pollJob():
             if event.kind == jobs.TEXT:
-                self._appendHistory(event.text)
-            elif event.kind == jobs.PROGRESS:
+                text += event.text
+                continue
+            if text and self._showingJobVolume():
+                self._appendHistory(text)
+            text = ""
+            if event.kind == jobs.PROGRESS:
                 self._showProgress(event.stage, event.fraction, event.tokensPerSecond)
             elif event.kind == jobs.NOTICE:
                 self.showMessage(event.text)
             else:
                 self._finishJob(event)
-        if not self._runner.isRunning() and self._runningButton is None:
+        if text and self._showingJobVolume():
+            self._appendHistory(text)
+        if not self.logic.isJobRunning() and self._runningButton is None:
             self._pollTimer.stop()
 
     def _finishJob(self, event: jobs.JobEvent) -> None:
+        showing = self._showingJobVolume()
         if event.kind == jobs.FINISHED:
             turn = event.result.turn
-            self._appendHistory(" [cancelled]\n\n" if turn.cancelled else "\n\n")
+            if showing:
+                self._appendHistory(" [cancelled]\n\n" if turn.cancelled else "\n\n")
             reuse = "" if event.result.encoded else ", reused the encoded volume"
             state = "Cancelled" if turn.cancelled else "Done"
             notices = "".join(f" {notice}" for notice in event.result.notices)
@@ -417,20 +544,27 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 f"{state}: {turn.newTokens} tokens in {turn.seconds:.1f} s, {turn.expertNote}{reuse}.{notices}"
             )
             node = self._parameterNode
-            if node.inputVolume is not None and not self.windowPreset():  # the model's own window
+            if showing and not self.windowPreset() and not node.keepWindowLevel:  # the model's own window
                 self.logic.applyWindowPreset(node.inputVolume, "", node.allowNonCT)
         elif event.kind == jobs.CANCELLED:
-            self._appendHistory("[cancelled]\n\n")
-            self.showMessage("Cancelled.")
+            if showing:
+                self._appendHistory("[cancelled]\n\n")
+            self.showMessage("Cancelled." if showing else "Cancelled: its volume left the scene.")
         else:
-            self._appendHistory("[failed]\n\n")
+            if showing:
+                self._appendHistory("[failed]\n\n")
             self.showError(event.error)
-        self._runningButton.setText(
-            _("Generate Report") if self._runningButton is self.ui.generateButton else _("Ask")
-        )
+        if self._runningButton is not None:
+            self._runningButton.setText(
+                _("Generate Report") if self._runningButton is self.ui.generateButton else _("Ask")
+            )
         self._runningButton = None
+        self._jobVolume = None
         self.ui.progressBar.setVisible(False)
+        if not showing:
+            self.renderConversation()
         self._updateButtons()
+        self._showWorkerStatus()
 
     def _showProgress(self, stage: str, fraction, tokensPerSecond) -> None:
         bar = self.ui.progressBar
@@ -445,9 +579,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- history and results -----------------------------------------------------------------
     def _currentConversation(self) -> Conversation:
         volume = self._parameterNode.inputVolume if self._parameterNode else None
-        if volume is None:
-            return Conversation("")  # nothing selected: an empty one, not stored
-        return self.logic.conversation(volume.GetID(), volume.GetName())
+        return self.logic.peekConversation(volume) or Conversation("")  # none yet: an empty one, not stored
 
     def _appendHistory(self, text: str) -> None:
         cursor = self.ui.historyView.textCursor()
@@ -487,7 +619,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def exportResults(self, path: str) -> None:
         """Write the selected volume's conversation to ``path`` (.md or .json)."""
         try:
-            written = self.logic.exportConversation(self._parameterNode.inputVolume.GetID(), path)
+            written = self.logic.exportConversation(self._parameterNode.inputVolume, path)
         except Exception as error:
             self.showError(error)
             return
@@ -527,7 +659,7 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return given
 
     def onNewConversationButton(self) -> None:
-        self.logic.clearConversation(self._parameterNode.inputVolume.GetID())
+        self.logic.clearConversation(self._parameterNode.inputVolume)
         self.renderConversation()
 
     # -- messages ----------------------------------------------------------------------------
@@ -549,7 +681,8 @@ class CTMLLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 class CTMLLMSlicerLogic(ScriptedLoadableModuleLogic, CTMLLMLogicCore):
     """The module's logic in Slicer: ``CTMLLMLogicCore`` on the application's scene, plus the
-    parameter node. No GUI: scripts can call generateReport / askQuestion directly."""
+    parameter node. No GUI: scripts can call startJob / pollJob, or generateReport / askQuestion
+    (in this process), directly."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -559,7 +692,13 @@ class CTMLLMSlicerLogic(ScriptedLoadableModuleLogic, CTMLLMLogicCore):
             slicer.modules.volumerendering.logic(),
             volumesLogic=slicer.modules.volumes.logic(),
         )
+        self.workerFolder = self.workFolder()
         self.dicomDatabase = getattr(slicer, "dicomDatabase", None)
+
+    @staticmethod
+    def workFolder() -> str:
+        """Worker logs, voxel hand-over files and pip logs: in Slicer's temporary folder."""
+        return os.path.join(slicer.app.temporaryPath, "CTMLLMSlicer")
 
     def getParameterNode(self):
         return CTMLLMSlicerParameterNode(super().getParameterNode())
@@ -571,43 +710,103 @@ class CTMLLMSlicerLogic(ScriptedLoadableModuleLogic, CTMLLMLogicCore):
 
 
 class CTMLLMSlicerTest(ScriptedLoadableModuleTest):
-    """In-Slicer self-test: a synthetic CT, the tiny random model, report + two questions + save."""
+    """In-Slicer self-test on the module's sample CT. The panel and the logic are tested without a
+    model (this passes on a Slicer without torch); the model part runs the shipped demo model in the
+    worker process when the model's packages are installed, and says it was skipped otherwise."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_ReportQuestionsAndSave()
+        for test in (
+            self.test_PanelShowsTheSampleVolume,
+            self.test_ResultsAreStoredAndRestoredWithTheScene,
+            self.test_CloseSceneForgetsConversations,
+            self.test_ModelInWorker,
+        ):
+            self.setUp()
+            test()
 
-    def test_ReportQuestionsAndSave(self):
-        import numpy as np
-
-        from model_core.tiny import build_tiny_ctmllm
-
-        self.delayDisplay("Building a synthetic CT and the tiny test model")
-        volume = np.full((12, 40, 40), -1000, dtype=np.int16)  # air: (slices, rows, columns)
-        volume[:, 8:32, 8:32] = 40  # soft tissue
-        volume[:, 18:22, 18:22] = 700  # bone
-        volumeNode = slicer.util.addVolumeFromArray(volume, name="SyntheticCT")
-        modelFolder = os.path.join(tempfile.mkdtemp(), "tiny")
-        build_tiny_ctmllm(family="internvl").save_pretrained(modelFolder)
-
+    def test_PanelShowsTheSampleVolume(self):
         logic = CTMLLMSlicerLogic()
-        request = ModelRequest(modelFolder, device="cpu")
-        report = logic.generateReport(volumeNode, request, maxNewTokens=6)
-        self.assertTrue(report.encoded)
-        self.assertLessEqual(report.turn.newTokens, 6)
-        first = logic.askQuestion(
-            volumeNode, "Is there a fracture?", request, maxNewTokens=4, forceExpert=True
-        )
-        second = logic.askQuestion(volumeNode, "Where?", request, maxNewTokens=4, forceExpert=True)
-        self.assertTrue(first.encoded)  # forced, questions use the question task's features
-        self.assertFalse(second.encoded)  # the follow-up reuses them
-        self.assertEqual(report.turn.expertNote, "no task experts")  # the tiny model has no task router
-        self.assertEqual(logic.conversation(volumeNode.GetID()).history()[0][0], "Is there a fracture?")
+        volume = logic.loadSampleVolume()
+        self.assertEqual(volume.GetImageData().GetDimensions(), (160, 160, 64))
+        widget = CTMLLMSlicerWidget()
+        widget.setup()
+        try:
+            widget.ui.inputSelector.setCurrentNode(volume)
+            self.assertIs(widget._parameterNode.inputVolume, volume)
+            rendering = logic.volumeRenderingLogic.GetFirstVolumeRenderingDisplayNode(volume)
+            self.assertTrue(rendering is not None and rendering.GetVisibility())
+            self.assertFalse(widget.ui.saveButton.isEnabled())  # nothing to save yet
+            self.assertFalse(widget.ui.exportSRButton.isEnabled())
+            self.assertTrue(widget._parameterNode.routeByPrompt)  # the task router decides by default
+        finally:
+            widget.cleanup()
+        self.delayDisplay("Panel shows the sample CT")
 
-        textNode = logic.saveResultToTextNode(volumeNode)
-        self.assertIs(volumeNode.GetNodeReference("CTMLLMResult"), textNode)
-        self.assertIn("Q: Where?", textNode.GetText())
-        self.delayDisplay("Test passed")
+    def test_ResultsAreStoredAndRestoredWithTheScene(self):
+        logic = CTMLLMSlicerLogic()
+        volume = logic.loadSampleVolume()
+        conversation = logic.conversation(volume)
+        conversation.add(
+            Turn(QUESTION, "Is there a lesion?", "A cyst in the liver.", newTokens=6, seconds=0.1)
+        )
+        textNode = logic.saveResultToTextNode(volume)
+        self.assertIs(volume.GetNodeReference(RESULT_REFERENCE_ROLE), textNode)
+        self.assertTrue(textNode.GetText().startswith("Machine-generated text, not a diagnosis"))
+        reopened = CTMLLMSlicerLogic()  # as after reopening the saved scene: nothing in memory
+        restored = reopened.peekConversation(volume)
+        self.assertEqual(restored.history(), [("Is there a lesion?", "A cyst in the liver.")])
+        self.delayDisplay("Results stored with the scene")
+
+    def test_CloseSceneForgetsConversations(self):
+        logic = CTMLLMSlicerLogic()
+        first = logic.loadSampleVolume()
+        firstID = first.GetID()
+        logic.conversation(first).add(Turn(REPORT, "Write a report.", "Previous patient."))
+        slicer.mrmlScene.Clear()
+        logic.forgetAll()  # what the panel does on Close Scene
+        second = logic.loadSampleVolume()
+        self.assertEqual(second.GetID(), firstID)  # MRML reuses the ID...
+        self.assertIsNone(logic.peekConversation(second))  # ...but not the conversation
+        self.delayDisplay("Close Scene forgets conversations")
+
+    def test_ModelInWorker(self):
+        if not dependencies.dependenciesInstalled():
+            self.delayDisplay("Model part skipped: torch and transformers are not installed in this Slicer")
+            return
+        logic = CTMLLMSlicerLogic()
+        volume = logic.loadSampleVolume()
+        request = ModelRequest(DEMO_MODEL, device="cpu")
+
+        def idle():
+            slicer.app.processEvents()
+            time.sleep(0.02)
+
+        try:
+            answers = []
+            jobsToRun = (
+                (REPORT, None),
+                (QUESTION, "Is there a lesion?"),
+                (QUESTION, "Where?"),
+                (None, "Is the liver enlarged?"),  # the panel's default: the task router picks the expert
+                (None, "Is the spleen enlarged?"),
+            )
+            for task, prompt in jobsToRun:
+                logic.startJob(volume, task, prompt, request, maxNewTokens=24)
+                end = logic.waitForJob(timeout=300, idle=idle)
+                self.assertEqual(end.kind, jobs.FINISHED, describeError(end.error) if end.error else "")
+                answers.append(end.result)
+            self.assertTrue(answers[0].encoded and answers[1].encoded)  # a question uses the question expert
+            self.assertFalse(answers[2].encoded)  # the follow-up reuses the encoded volume in the worker
+            first, second = answers[3].turn, answers[4].turn
+            self.assertTrue(first.routed and first.expert in (REPORT, QUESTION), first.expertNote)
+            # features are reused when the router picks the same expert for another prompt
+            self.assertEqual(answers[4].encoded, second.expert != first.expert)
+            self.assertEqual(logic.conversation(volume).history()[0][0], "Is there a lesion?")
+            textNode = logic.saveResultToTextNode(volume)
+            self.assertIn("Q: Where?", textNode.GetText())
+        finally:
+            self.assertTrue(logic.unloadModel())
+        self.delayDisplay("Model ran in its worker process")

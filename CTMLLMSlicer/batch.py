@@ -1,6 +1,8 @@
 """Headless batch runs of the CT-MLLM module: reports and answers for many CT studies, resumable.
 
-In Slicer::
+In Slicer (this file is ``CTMLLMSlicer/batch.py`` in a source checkout and
+``CTMLLMSlicerBatch/batch.py`` beside the module file in the installed extension; docs/SLICER.md
+says how to find that folder)::
 
     Slicer --no-splash --no-main-window --python-script CTMLLMSlicer/batch.py -- \\
         --input IN --output OUT [--task report|vqa] [--routing router|task] [--questions FILE] [--model DIR]
@@ -12,14 +14,16 @@ With plain Python on the slicer-core wheel (same options)::
 
 Exit status: 0 when every case succeeded; 1 when at least one case (or question) failed (see
 summary.csv); 2 when the run could not start or had to stop (bad option, no cases, model not
-loadable, output folder in use or not writable, disk full); 130 when interrupted (Ctrl-C), 143
-when terminated (SIGTERM). docs/BATCH.md describes inputs, outputs and --resume.
+loadable, output folder in use or not writable, disk full, or any unexpected error such as a
+missing package: Slicer then exits too, it never hangs); 130 when interrupted (Ctrl-C), 143 when
+terminated (SIGTERM). docs/BATCH.md describes inputs, outputs and --resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -218,6 +222,12 @@ def _exit(status: int) -> None:
 if __name__ == "__main__":
     try:
         code = main()
-    except SystemExit as error:  # argparse's usage errors: status 2, as documented
-        code = error.code if isinstance(error.code, int) else 2
-    _exit(code)
+    except SystemExit as error:  # argparse: --help (0) and usage errors (2), as documented
+        code = error.code if isinstance(error.code, int) else (0 if error.code is None else 2)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException as error:  # anything else (a missing package, a bug): say so and exit 2, never hang
+        traceback.print_exc()
+        print(f"batch.py: the run could not start: {type(error).__name__}: {error}", file=sys.stderr)
+        code = 2
+    _exit(code)  # inside Slicer an uncaught exception would leave the application running, windowless

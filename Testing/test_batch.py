@@ -356,9 +356,9 @@ def test_allow_non_ct_flag_runs_an_mr_scaled_by_its_own_percentiles(tmp_path, ti
 
 
 def test_out_of_memory_and_unexpected_errors_fail_their_case_only(tmp_path, tiny_model_dir, monkeypatch):
-    from CTMLLMSlicerLib.logic import CTMLLMLogicCore
+    from model_core.model import CTMLLM
 
-    original = CTMLLMLogicCore._generate
+    original = CTMLLM.generate
     failures = iter([RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), KeyError("boom")])
 
     def generate_or_fail(*args, **kwargs):
@@ -367,7 +367,7 @@ def test_out_of_memory_and_unexpected_errors_fail_their_case_only(tmp_path, tiny
             raise error
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(CTMLLMLogicCore, "_generate", staticmethod(generate_or_fail))
+    monkeypatch.setattr(CTMLLM, "generate", generate_or_fail)
     for name in ("a", "b", "c"):
         link(ABDOMEN_CT, tmp_path / "in" / f"{name}.nii.gz")
     output = tmp_path / "out"
@@ -502,7 +502,8 @@ def test_save_scene_keeps_the_report_in_a_text_node_of_the_volume(tmp_path, tiny
     volume = scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
     text = volume.GetNodeReference("CTMLLMResult")
     assert text is not None and text.IsA("vtkMRMLTextNode")
-    assert text.GetText().startswith("CT-MLLM results for abdomen_ct_3mm")
+    review, header = text.GetText().splitlines()[:2]
+    assert header.startswith("CT-MLLM results for abdomen_ct_3mm") and "reviewed" in review
     assert Path(volume.GetStorageNode().GetFileName()).resolve() == ABDOMEN_CT.resolve()
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import slicer
-from conftest import ABDOMEN_CT, NOT_CT_MR, REPO, needs_shared_ct, save_scene_with_volume
+from conftest import ABDOMEN_CT, NOT_CT_MR, REPO, TORSO_CT, needs_shared_ct, save_scene_with_volume
 
 from CTMLLMSlicerLib import logic as logic_module
+from CTMLLMSlicerLib import scene_results
 from CTMLLMSlicerLib.batch_scene import slicer_core_scene
-from CTMLLMSlicerLib.conversation import QUESTION, REPORT
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT, REVIEW_NOTICE
 from CTMLLMSlicerLib.errors import (
     CTMLLMSlicerError,
     DownloadNotConfirmedError,
@@ -410,3 +411,98 @@ def test_snapshot_copies_voxels_and_geometry(mrml):
     assert np.allclose(np.diag(snapshot.ijkToRAS)[:3], [3.0, 3.0, 3.0])
     snapshot.arrayKJI[0, 0, 0] = 1234  # a copy: the scene's voxels are untouched
     assert slicer.util.arrayFromVolume(volume)[0, 0, 0] != 1234
+
+
+def test_a_new_volume_after_close_scene_never_inherits_the_previous_conversation(mrml, request_):
+    """MRML reuses node IDs after a scene close: conversations and features are keyed by a unique
+    id stored on the node, so another patient's CT starts empty even if nobody calls forgetAll."""
+    core = CTMLLMLogicCore(mrml.scene)
+    first = mrml.load(ABDOMEN_CT, "patient_a")
+    core.generateReport(first, request_, maxNewTokens=2)
+    firstID = first.GetID()
+    mrml.scene.Clear(False)
+    second = mrml.load(NOT_CT_MR, "patient_b")
+    assert second.GetID() == firstID
+    assert core.peekConversation(second) is None and core.conversation(second.GetID()).isEmpty()
+    result = core.generateReport(second, request_, maxNewTokens=2, allowNonCT=True)
+    assert result.encoded  # no features of the first patient were reused
+    assert [t.task for t in core.conversation(second).turns] == [REPORT]
+
+
+def test_a_cloned_volume_gets_its_own_conversation(mrml, request_):
+    core = CTMLLMLogicCore(mrml.scene)
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
+    core.generateReport(volume, request_, maxNewTokens=2)
+    clone = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "clone")
+    clone.Copy(volume)  # attributes (the volume id among them) come along
+    assert clone.GetAttribute(scene_results.VOLUME_UID_ATTRIBUTE) == core.volumeUID(volume)
+    assert core.volumeUID(clone) != core.volumeUID(volume) and core.peekConversation(clone) is None
+
+
+def test_forgetting_a_volume_drops_its_conversation_and_features(mrml, request_):
+    core = CTMLLMLogicCore(mrml.scene)
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
+    core.askQuestion(volume, "Any fluid?", request_, maxNewTokens=2)
+    assert core.session.cachedKeys()
+    core.forgetVolume(volume)
+    assert core.session.cachedKeys() == [] and core.conversations == {}
+    core.askQuestion(volume, "Any fluid?", request_, maxNewTokens=2)
+    core.forgetAll()
+    assert core.session.cachedKeys() == [] and core.conversations == {} and core.isModelCached(request_)
+
+
+def test_the_result_node_is_marked_placed_under_the_study_and_restores_the_chat(mrml, request_, tmp_path):
+    core = CTMLLMLogicCore(mrml.scene)
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Anonymous")
+    study = hierarchy.CreateStudyItem(patient, "CT abdomen")
+    hierarchy.CreateItem(study, volume)  # where a volume loaded from DICOM sits
+    core.askQuestion(volume, "Is the liver enlarged?", request_, maxNewTokens=3)
+    textNode = core.saveResultToTextNode(volume)
+    assert textNode.GetText().splitlines()[0] == REVIEW_NOTICE
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(textNode)) == study
+    core.askQuestion(volume, "Is the spleen normal?", request_, maxNewTokens=3)
+    assert "Is the spleen normal?" in textNode.GetText()  # a saved result follows the conversation
+
+    sceneFile = save_scene_with_volume(mrml.scene, volume, tmp_path)
+    reloaded = MRML()
+    reloaded.scene.SetURL(str(sceneFile))
+    assert reloaded.scene.Connect()
+    volumeAgain = reloaded.scene.GetFirstNodeByName("abdomen")
+    reopened = CTMLLMLogicCore(reloaded.scene)
+    restored = reopened.peekConversation(volumeAgain)
+    assert [q for q, _ in restored.history()] == ["Is the liver enlarged?", "Is the spleen normal?"]
+    chunks: list[str] = []
+    follow = reopened.askQuestion(volumeAgain, "Where?", request_, maxNewTokens=2, onText=chunks.append)
+    assert follow.encoded and [q for q, _ in reopened.conversation(volumeAgain).history()][-1] == "Where?"
+    assert len(reopened.conversation(volumeAgain).turns) == 3  # the follow-up continues the saved chat
+
+
+def test_the_router_picks_the_expert_of_the_demo_model_when_no_task_is_given(mrml):
+    """task=None with the shipped demo model (task experts): the turn names the expert used."""
+    core = CTMLLMLogicCore(mrml.scene)
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
+    request = ModelRequest("demo", device="cpu")
+    result = core.run(volume, None, "Is there a lesion in the liver?", request, maxNewTokens=4)
+    assert result.turn.expert in (REPORT, QUESTION) and result.turn.routed and result.turn.task == QUESTION
+    assert result.turn.expert == core.loadModel(request).route("Is there a lesion in the liver?")
+    assert result.turn.prompt == "Is there a lesion in the liver?" and result.encoded
+
+
+def test_showing_a_volume_sets_a_3d_layout_and_hides_other_renderings(mrml):
+    core = CTMLLMLogicCore(mrml.scene, mrml.logics["VolumeRendering"])
+    layout = mrml.scene.AddNewNodeByClass("vtkMRMLLayoutNode")
+    layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)
+    first, second = mrml.load(ABDOMEN_CT, "first"), mrml.load(TORSO_CT, "second")
+    core.showVolume(first, "lung")
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView
+    secondRendering = core.showVolume(second, "lung")
+    assert not mrml.logics["VolumeRendering"].GetFirstVolumeRenderingDisplayNode(first).GetVisibility()
+    assert secondRendering.GetVisibility() and secondRendering.GetVolumeNode() is second
+    layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUp3DView)
+    display = second.GetDisplayNode()
+    display.SetWindowLevel(123.0, 45.0)
+    core.showVolume(second, "bone", keepWindowLevel=True)
+    assert (display.GetWindow(), display.GetLevel()) == (123.0, 45.0)  # the user's window/level stays
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutOneUp3DView  # has a 3D view

@@ -1,14 +1,19 @@
-"""The panel on real Qt widgets (PySide6, offscreen) over a real MRML scene.
+"""The panel on real Qt widgets (PySide6, offscreen) over a real MRML scene, its model in a worker process.
 
 ``slicer_compat`` stands in for PythonQt's ``qt``/``ctk`` and the Slicer-only parts of ``slicer``
-(see its docstring). The widget is built from the module's .ui file, driven through its widgets,
-and the event loop is pumped while a 10 ms heartbeat timer measures how long the GUI thread is
-ever blocked. The tiny random model writes gibberish; the tests check behaviour, not wording.
+(see its docstring). The widget is built from the module's .ui file and driven through its widgets.
+The event loop is pumped the way Slicer's GUI thread runs it: idle time is spent holding Python's
+global interpreter lock (``slicer_compat.idleHoldingGIL``), so anything that needed a Python thread
+in this process would crawl here as in Slicer. A 10 ms heartbeat timer measures how long the GUI
+thread is ever blocked. The tiny random model writes gibberish; the tests check behaviour, not wording.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -23,32 +28,43 @@ from conftest import ABDOMEN_CT, NOT_CT_MR, REPO, needs_shared_ct, save_scene_wi
 from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
 
 import CTMLLMSlicer as module  # noqa: E402  (importable once the stand-ins are installed)
-from CTMLLMSlicerLib.conversation import QUESTION, REPORT  # noqa: E402
-from CTMLLMSlicerLib.logic import RESULT_REFERENCE_ROLE, ModelRequest  # noqa: E402
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT, REVIEW_NOTICE  # noqa: E402
+from CTMLLMSlicerLib.logic import RESULT_REFERENCE_ROLE  # noqa: E402
+from CTMLLMSlicerLib.worker_client import ModelWorker  # noqa: E402
 
 ARTIFACTS = REPO / "Testing" / "artifacts"
+TESTING = Path(__file__).resolve().parent
 MAX_STALL_S = 0.2
+IDLE_S = 0.005
+"""Each pump round idles this long holding the GIL, as Slicer's GUI thread idles in Qt."""
 
 pytestmark = needs_shared_ct
 
 
-@pytest.fixture(scope="module", autouse=True)
-def model_code_imported() -> None:
-    """Import what the worker needs before any timed test, as after a first use in Slicer: a first
-    import holds the GIL and would count as a GUI stall (see docs/SLICER.md, known limit)."""
-    import model_core.data  # noqa: F401
-    import model_core.hub  # noqa: F401
+@pytest.fixture(scope="module")
+def sharedWorker(tmp_path_factory):
+    """One model worker for the panels of this file (each Slicer session keeps one too): the model
+    and torch load once, not once per test."""
+    worker = ModelWorker(folder=tmp_path_factory.mktemp("worker"))
+    yield worker
+    worker.unload()
 
 
 class Panel:
-    """The module widget in a window, with a heartbeat that records GUI-thread stalls."""
+    """The module widget in a window, with a heartbeat that records GUI-thread stalls.
 
-    def __init__(self) -> None:
+    ``worker``: a model worker to use instead of the one the Logic would start (kept running
+    when the panel closes)."""
+
+    def __init__(self, worker: ModelWorker | None = None) -> None:
         self.window = slicer.qMRMLWidget()
         self.window.setLayout(QtWidgets.QVBoxLayout())
         self.window.setMRMLScene(slicer.mrmlScene)
         self.widget = module.CTMLLMSlicerWidget(self.window)
         self.widget.setup()
+        self.sharedWorker = worker
+        if worker is not None:
+            self.widget.logic.worker = worker
         self.ui = self.widget.ui
         self.window.resize(460, 940)
         self.window.show()
@@ -63,14 +79,16 @@ class Panel:
         return self.widget._parameterNode
 
     def busy(self) -> bool:
-        return self.widget._runner.isRunning() or self.widget._runningButton is not None
+        return self.widget.logic.isJobRunning() or self.widget._runningButton is not None
 
-    def pump(self, until, timeout: float = 60.0, onTick=None) -> None:
-        """Run the event loop until ``until()`` is true; fail after ``timeout`` seconds."""
+    def pump(self, until, timeout: float = 120.0, onTick=None) -> None:
+        """Run the event loop as Slicer does until ``until()`` is true (idle time holds the GIL);
+        fail after ``timeout`` seconds."""
         deadline = time.perf_counter() + timeout
         while not until():
             assert time.perf_counter() < deadline, "timed out waiting for the panel"
-            QtWidgets.QApplication.processEvents(QtCore.QEventLoop.AllEvents, 20)
+            QtWidgets.QApplication.processEvents(QtCore.QEventLoop.AllEvents)
+            slicer_compat.idleHoldingGIL(IDLE_S)
             if onTick:
                 onTick()
 
@@ -88,18 +106,20 @@ class Panel:
         if not self.window.isVisible():
             return
         self.heartbeat.stop()
+        if self.sharedWorker is not None and self.widget.logic.worker is self.sharedWorker:
+            self.widget.logic.worker = None  # cleanup ends the Logic's worker: keep the shared one
         self.widget.cleanup()
         self.window.close()
         self.window.deleteLater()
 
 
 @pytest.fixture
-def panel():
+def panel(sharedWorker):
     slicer.mrmlScene.Clear(False)
     standIn.confirmAnswers.clear()
     standIn.confirmations.clear()
     standIn.pipInstalls.clear()
-    panel = Panel()
+    panel = Panel(sharedWorker)
     yield panel
     panel.close()
 
@@ -109,17 +129,31 @@ def abdomen():
     return standIn.loadVolume(ABDOMEN_CT, "abdomen")
 
 
-def test_selecting_a_volume_shows_it_in_the_slice_views_and_in_3d(panel, abdomen):
+def test_selecting_a_volume_shows_it_in_the_slice_views_and_alone_in_3d(panel, abdomen):
     mr = standIn.loadVolume(NOT_CT_MR, "brain_mr")
+    layout = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+    layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)
+    resets = slicer.app.layoutManager().view.cameraResets
     panel.ui.inputSelector.setCurrentNode(mr)
     panel.ui.inputSelector.setCurrentNode(abdomen)
     assert panel.parameters.inputVolume is abdomen
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView  # a layout with 3D
     composites = [slicer.mrmlScene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3)]
     assert [c.GetBackgroundVolumeID() for c in composites] == [abdomen.GetID()] * 3
-    rendering = standIn.logics["VolumeRendering"].GetFirstVolumeRenderingDisplayNode(abdomen)
+    vrLogic = standIn.logics["VolumeRendering"]
+    rendering = vrLogic.GetFirstVolumeRenderingDisplayNode(abdomen)
     assert rendering is not None and rendering.GetVisibility()
+    assert not vrLogic.GetFirstVolumeRenderingDisplayNode(mr).GetVisibility()  # the previous one is hidden
+    assert slicer.app.layoutManager().view.cameraResets == resets + 2  # the camera follows each selection
     panel.ui.windowPresetComboBox.setCurrentText("bone")
     assert abdomen.GetDisplayNode().GetWindow() == 1800.0  # the window the model reads, in the views
+
+    panel.ui.keepWindowLevelCheckBox.setChecked(True)
+    abdomen.GetDisplayNode().SetWindowLevel(350.0, 40.0)  # the user's own window/level
+    panel.ui.windowPresetComboBox.setCurrentText("lung")
+    panel.ui.inputSelector.setCurrentNode(mr)
+    panel.ui.inputSelector.setCurrentNode(abdomen)
+    assert (abdomen.GetDisplayNode().GetWindow(), abdomen.GetDisplayNode().GetLevel()) == (350.0, 40.0)
 
 
 def test_generate_report_streams_in_chunks_while_the_gui_keeps_running(panel, abdomen, tiny_model_dir):
@@ -143,7 +177,7 @@ def test_generate_report_streams_in_chunks_while_the_gui_keeps_running(panel, ab
     assert any(stage.startswith("generating - ") and "tokens/s" in stage for stage in stages)
     assert panel.ui.generateButton.text() == "Generate Report" and not panel.ui.progressBar.isVisible()
     assert panel.ui.statusLabel.text().startswith("Done: ")
-    conversation = panel.widget.logic.conversation(abdomen.GetID())
+    conversation = panel.widget.logic.conversation(abdomen)
     (turn,) = conversation.turns
     assert turn.task == REPORT and 1 <= turn.newTokens <= 40
     assert panel.ui.historyView.toPlainText() == "Report:\n" + turn.answer + "\n\n"
@@ -160,7 +194,7 @@ def test_cancel_stops_generation_within_a_second(panel, abdomen, tiny_model_dir)
     panel.ui.generateButton.click()  # now labelled Cancel
     panel.pump(lambda: not panel.busy(), timeout=5)
     assert time.perf_counter() - clicked < 1.0
-    (turn,) = panel.widget.logic.conversation(abdomen.GetID()).turns
+    (turn,) = panel.widget.logic.conversation(abdomen).turns
     assert turn.cancelled and turn.newTokens < 1000
     assert (
         panel.ui.statusLabel.text().startswith("Cancelled")
@@ -175,28 +209,25 @@ def test_question_mode_adds_turns_and_a_follow_up_does_not_encode_again(panel, a
     panel.ui.modeComboBox.setCurrentText(module.MODE_QUESTION)
     assert panel.ui.generateButton.isHidden() and not panel.ui.askButton.isHidden()
 
-    request = ModelRequest(str(tiny_model_dir), device="cpu", cacheFolder=panel.widget.modelCacheFolder())
-    model = panel.widget.logic.loadModel(request)
-    encodes: list[str] = []
-    encode = model.encode_volume
-    model.encode_volume = lambda volume, task=None, prompt=None: (
-        encodes.append(task) or encode(volume, task, prompt)
-    )
-
+    statuses = []
     for question in ("Is the liver enlarged?", "Is there free fluid?"):
         panel.ui.questionLineEdit.setText(question)
         assert panel.parameters.lastPrompt == question
         panel.ui.questionLineEdit.returnPressed.emit()
         assert panel.ui.askButton.text() == "Cancel" and panel.ui.questionLineEdit.selectedText() == question
         panel.pump(lambda: not panel.busy())
+        statuses.append(panel.ui.statusLabel.text())
 
-    assert encodes == [None]  # the task router's choice; the second question reused the encoded volume
+    assert "reused the encoded volume" not in statuses[0]  # the volume was encoded once
+    # the task router's choice (no task experts in the tiny model): the follow-up reused the features
+    # kept in the worker, though its prompt differs
+    assert "no task experts, reused the encoded volume" in statuses[1]
     assert panel.parameters.lastPrompt == "Is there free fluid?"
-    assert "no task experts, reused the encoded volume" in panel.ui.statusLabel.text()
-    conversation = panel.widget.logic.conversation(abdomen.GetID())
+    conversation = panel.widget.logic.conversation(abdomen)
     assert [turn.prompt for turn in conversation.turns] == ["Is the liver enlarged?", "Is there free fluid?"]
     history = panel.ui.historyView.toPlainText()
     assert history.index("Q: Is the liver enlarged?") < history.index("Q: Is there free fluid?")
+    assert "loaded (worker process" in panel.ui.workerStatusLabel.text()
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "panel.png"
@@ -243,6 +274,7 @@ def test_results_are_saved_copied_and_exported(panel, abdomen, tiny_model_dir, t
     panel.ui.saveButton.click()
     textNode = abdomen.GetNodeReference(RESULT_REFERENCE_ROLE)
     assert textNode is not None and "Report" in textNode.GetText()
+    assert textNode.GetText().startswith(REVIEW_NOTICE)
     assert "Saved to text node" in panel.ui.statusLabel.text()
     panel.ui.copyButton.click()
     assert QtWidgets.QApplication.clipboard().text() == textNode.GetText()
@@ -283,6 +315,17 @@ def test_dicom_sr_export_asks_a_non_dicom_volume_for_its_identifiers(
     conversation = panel.widget.logic.conversation(abdomen.GetID())
     assert read.identifiers["patient_id"] == "PANEL-1" and read.references == []
     assert read.turns[0].answer == (conversation.turns[0].answer.strip() or "(no text)")
+    # the model that wrote it is loaded in the worker: the SR names its weights checksum
+    weights = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert read.device["Device Observer Serial Number"] == f"sha256:{weights}"
+
+    panel.ui.unloadModelButton.click()  # the worker ends: the SR can name the model, not its checksum
+    panel.widget.exportSR(str(tmp_path / "unloaded.dcm"), {"patient_id": "PANEL-1",
+                          "study_instance_uid": "1.2.826.0.1.3680043.10.11"})  # fmt: skip
+    assert "no longer loaded" in panel.ui.statusLabel.text()
+    unloaded = read_report_sr(tmp_path / "unloaded.dcm")
+    assert "Device Observer Serial Number" not in unloaded.device
+    assert unloaded.device["Device Observer Name"] == conversation.modelId
 
 
 def test_a_non_ct_volume_is_refused_until_the_checkbox_is_checked(panel, tiny_model_dir):
@@ -305,8 +348,8 @@ def test_a_non_ct_volume_is_refused_until_the_checkbox_is_checked(panel, tiny_mo
     panel.ui.generateButton.click()
     panel.pump(lambda: not panel.busy())
     assert panel.ui.statusLabel.text().startswith("Done: ") and "percentiles" in panel.ui.statusLabel.text()
-    (turn,) = panel.widget.logic.conversation(mr.GetID()).turns
-    assert turn.newTokens >= 1 and panel.widget.logic.conversation(mr.GetID()).settings["allow_non_ct"]
+    (turn,) = panel.widget.logic.conversation(mr).turns
+    assert turn.newTokens >= 1 and panel.widget.logic.conversation(mr).settings["allow_non_ct"]
 
 
 def test_errors_show_in_the_panel(panel, abdomen, tiny_model_dir):
@@ -341,8 +384,17 @@ def test_a_hub_model_is_downloaded_only_after_the_user_agrees(panel, abdomen, tm
     assert standIn.pipInstalls == []  # every dependency is installed in this environment
 
 
-def test_the_panel_state_is_restored_from_a_saved_scene(panel, abdomen, tmp_path):
+def test_the_panel_state_and_the_conversation_are_restored_from_a_saved_scene(
+    panel, abdomen, tiny_model_dir, tmp_path, sharedWorker
+):
     panel.ui.inputSelector.setCurrentNode(abdomen)
+    panel.useModel(tiny_model_dir, maxNewTokens=3)
+    panel.ui.modeComboBox.setCurrentText(module.MODE_QUESTION)
+    panel.ui.questionLineEdit.setText("Is the liver enlarged?")
+    panel.ui.askButton.click()
+    panel.pump(lambda: not panel.busy())
+    panel.ui.saveButton.click()
+    shown = panel.widget.logic.conversation(abdomen).toText() + "\n"  # what the panel shows for it
     panel.ui.modeComboBox.setCurrentText(module.MODE_QUESTION)
     panel.ui.windowPresetComboBox.setCurrentText("lung")
     panel.ui.precisionComboBox.setCurrentText("bfloat16")
@@ -354,14 +406,22 @@ def test_the_panel_state_is_restored_from_a_saved_scene(panel, abdomen, tmp_path
     slicer.mrmlScene.Clear(True)
     slicer.mrmlScene.SetURL(str(sceneFile))
     assert slicer.mrmlScene.Connect()
-    restored = Panel()
+    restored = Panel(sharedWorker)
     try:
         assert restored.ui.inputSelector.currentNode().GetName() == "abdomen"
+        assert restored.ui.historyView.toPlainText() == shown  # the conversation came back with the scene
+        assert "Q: Is the liver enlarged?" in shown
+        assert restored.ui.saveButton.isEnabled()
         assert restored.ui.modeComboBox.currentText() == module.MODE_QUESTION
         assert restored.ui.windowPresetComboBox.currentText() == "lung"
         assert restored.ui.precisionComboBox.currentText() == "bfloat16"
         assert restored.ui.allowNonCTCheckBox.isChecked()
         assert restored.ui.questionLineEdit.text() == "Any nodules?"
+        restored.ui.askButton.click()  # a follow-up continues the restored conversation
+        restored.pump(lambda: not restored.busy())
+        volume = restored.parameters.inputVolume
+        history = restored.widget.logic.conversation(volume).history()
+        assert [q for q, _ in history] == ["Is the liver enlarged?", "Any nodules?"]
     finally:
         restored.close()
         slicer.mrmlScene.Clear(True)
@@ -379,3 +439,127 @@ def test_closing_the_scene_resets_the_panel(panel, abdomen):
     again = standIn.loadVolume(ABDOMEN_CT, "abdomen")
     panel.ui.inputSelector.setCurrentNode(again)
     assert panel.parameters.inputVolume is again and panel.ui.generateButton.isEnabled()
+
+
+def test_a_new_volume_after_close_scene_starts_an_empty_conversation(panel, abdomen, tiny_model_dir):
+    panel.ui.inputSelector.setCurrentNode(abdomen)
+    panel.useModel(tiny_model_dir, maxNewTokens=4)
+    panel.ui.generateButton.click()
+    panel.pump(lambda: not panel.busy())
+    oldID = abdomen.GetID()
+    slicer.mrmlScene.Clear(False)
+    other = standIn.loadVolume(NOT_CT_MR, "another_patient")
+    assert other.GetID() == oldID  # MRML reuses the node ID...
+    panel.ui.inputSelector.setCurrentNode(other)
+    assert (
+        panel.ui.historyView.toPlainText() == "" and not panel.ui.saveButton.isEnabled()
+    )  # ...not the report
+    assert panel.widget.logic.peekConversation(other) is None and panel.widget.logic.conversations == {}
+
+
+def test_closing_the_scene_while_a_job_runs_resets_the_button_and_stops_polling(
+    panel, abdomen, tiny_model_dir
+):
+    panel.ui.inputSelector.setCurrentNode(abdomen)
+    panel.useModel(tiny_model_dir, maxNewTokens=1000)
+    panel.ui.generateButton.click()
+    panel.pump(lambda: "generating" in panel.ui.progressBar.format())
+    slicer.mrmlScene.Clear(False)
+    panel.pump(lambda: not panel.busy(), timeout=20)
+    assert panel.ui.generateButton.text() == "Generate Report" and not panel.ui.progressBar.isVisible()
+    assert not panel.widget._pollTimer.isActive()
+    assert panel.ui.historyView.toPlainText() == "" and "left the scene" in panel.ui.statusLabel.text()
+    assert panel.widget.logic.conversations == {}
+
+
+def fakeWorker(tmp_path: Path, loader: str) -> ModelWorker:
+    env = {**os.environ, "PYTHONPATH": str(TESTING)}
+    return ModelWorker(env=env, folder=tmp_path / "worker", modelLoader=f"worker_fakes:{loader}")
+
+
+def test_a_crashed_worker_leaves_the_panel_usable(abdomen, tmp_path):
+    panel = Panel()
+    try:
+        panel.widget.logic.worker = fakeWorker(tmp_path, "crashes")
+        panel.ui.inputSelector.setCurrentNode(abdomen)
+        panel.ui.generateButton.click()
+        panel.pump(lambda: not panel.busy())
+        status = panel.ui.statusLabel.text()
+        assert "crashed" in status and "next request starts a new worker" in status
+        assert (
+            "color" in panel.ui.statusLabel.styleSheet()
+            and panel.ui.generateButton.text() == "Generate Report"
+        )
+        assert panel.ui.historyView.toPlainText().endswith("[failed]\n\n")
+
+        panel.widget.logic.worker.modelLoader = "worker_fakes:working"
+        panel.ui.generateButton.click()
+        panel.pump(lambda: not panel.busy())
+        assert panel.ui.statusLabel.text().startswith("Done: ") and panel.widget.logic.worker.starts == 2
+    finally:
+        panel.close()
+
+
+def test_unload_model_ends_the_worker(abdomen, tmp_path):
+    panel = Panel()
+    try:
+        worker = panel.widget.logic.worker = fakeWorker(tmp_path, "working")
+        panel.ui.inputSelector.setCurrentNode(abdomen)
+        panel.ui.generateButton.click()
+        panel.pump(lambda: not panel.busy())
+        process = worker.process.process
+        assert "fake-model loaded" in panel.ui.workerStatusLabel.text()
+        panel.ui.unloadModelButton.click()
+        assert process.poll() is not None and not worker.isRunning()
+        assert "memory is free" in panel.ui.statusLabel.text()
+        assert panel.ui.workerStatusLabel.text() == "No model loaded."
+    finally:
+        panel.close()
+
+
+def test_the_pump_idles_holding_the_gil_as_slicers_gui_thread_does():
+    """The simulation the panel tests rely on: a Python thread here runs only between idles."""
+    counts = {"running": True, "rounds": 0}
+
+    def spin() -> None:
+        while counts["running"]:
+            counts["rounds"] += 1
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        counts["rounds"] = 0
+        time.sleep(0.3)  # releases the lock: the thread spins freely
+        free = counts["rounds"]
+        counts["rounds"] = 0
+        slicer_compat.idleHoldingGIL(
+            0.3
+        )  # keeps the lock: the thread waits (at most one switch interval runs)
+        held = counts["rounds"]
+    finally:
+        counts["running"] = False
+        thread.join()
+    assert held < free / 10, (held, free)
+
+
+def test_an_older_slicer_is_told_which_version_it_needs_before_any_install(panel, abdomen, monkeypatch):
+    monkeypatch.setattr(slicer.app, "minorVersion", 8)
+    panel.widget._dependenciesChecked = False
+    panel.ui.inputSelector.setCurrentNode(abdomen)
+    panel.ui.generateButton.click()
+    status = panel.ui.statusLabel.text()
+    assert "needs 3D Slicer 5.10 or newer" in status and "this is Slicer 5.8" in status
+    assert standIn.pipInstalls == [] and standIn.confirmations == [] and not panel.busy()
+
+
+def test_a_volume_loaded_while_the_panel_is_open_is_shown_once_loaded(panel):
+    """The selector picks a volume the moment it enters the scene, before the reader attaches its
+    display node; the rendering made then would be dropped by the reader."""
+    assert panel.parameters.inputVolume is None
+    volume = standIn.loadVolume(ABDOMEN_CT, "abdomen")
+    assert panel.parameters.inputVolume is volume
+    panel.pump(
+        lambda: standIn.logics["VolumeRendering"].GetFirstVolumeRenderingDisplayNode(volume), timeout=5
+    )
+    rendering = standIn.logics["VolumeRendering"].GetFirstVolumeRenderingDisplayNode(volume)
+    assert rendering.GetVisibility() and volume.GetDisplayNode().GetWindow() == 2000.0  # the model's window

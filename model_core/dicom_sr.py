@@ -110,13 +110,19 @@ class ObserverDevice:
     @classmethod
     def from_model(cls, model: Any) -> ObserverDevice:
         """The loaded ``CTMLLM``'s name and weights checksum (empty for a model that has no folder)."""
-        from model_core import __version__
         from model_core.model import WEIGHTS_FILE
 
         folder = getattr(model, "model_dir", None)
-        weights = Path(folder) / WEIGHTS_FILE if folder else None
-        checksum = weights_sha256(weights) if weights is not None and weights.is_file() else ""
-        return cls(model.model_id, checksum, __version__)
+        return cls.from_weights(model.model_id, Path(folder) / WEIGHTS_FILE if folder else None)
+
+    @classmethod
+    def from_weights(cls, model_id: str, weights: str | os.PathLike | None) -> ObserverDevice:
+        """A model by its name and weights file (checksum empty when there is none), for callers that
+        do not hold the model itself (the Slicer panel, whose model runs in a worker process)."""
+        from model_core import __version__
+
+        checksum = weights_sha256(weights) if weights and Path(weights).is_file() else ""
+        return cls(model_id, checksum, __version__)
 
 
 def weights_sha256(path: str | os.PathLike) -> str:

@@ -14,6 +14,9 @@ from typing import Any
 
 REPORT = "report"
 QUESTION = "vqa"
+FORMAT = "ctmllm-conversation/1"
+REVIEW_NOTICE = "Machine-generated text, not a diagnosis: it must be reviewed by a radiologist."
+"""The first line of every text the module writes (text node, clipboard, exports)."""
 
 
 def _now() -> str:
@@ -75,7 +78,11 @@ class Conversation:
 
     def toText(self) -> str:
         """Plain text for the scene's text node and the clipboard."""
-        lines = [f"CT-MLLM results for {self.volumeName} (model: {self.modelId or 'unknown'})", ""]
+        lines = [
+            REVIEW_NOTICE,
+            f"CT-MLLM results for {self.volumeName} (model: {self.modelId or 'unknown'})",
+            "",
+        ]
         for turn in self.turns:
             note = " [cancelled: partial answer]" if turn.cancelled else ""
             if turn.task == REPORT:
@@ -88,7 +95,7 @@ class Conversation:
         """A readable export: header with model and settings, then each turn."""
         lines = [f"# CT-MLLM results: {self.volumeName}", "", f"- Model: `{self.modelId or 'unknown'}`"]
         lines += [f"- {key}: `{value}`" for key, value in sorted(self.settings.items())]
-        lines += ["", "> Machine-generated text; not a diagnosis. A radiologist must review it.", ""]
+        lines += ["", f"> {REVIEW_NOTICE}", ""]
         for index, turn in enumerate(self.turns, start=1):
             title = "Report" if turn.task == REPORT else f"Question {index}"
             suffix = " (cancelled, partial)" if turn.cancelled else ""
@@ -105,8 +112,28 @@ class Conversation:
 
     def toDict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["format"] = "ctmllm-conversation/1"
+        data["format"] = FORMAT
         return data
+
+    @classmethod
+    def fromDict(cls, data: dict[str, Any]) -> Conversation:
+        """The inverse of ``toDict`` (a conversation stored in a saved scene or a JSON export)."""
+        if data.get("format") != FORMAT:
+            raise ValueError(
+                f"not a CT-MLLM conversation (format {data.get('format')!r}, expected {FORMAT!r})"
+            )
+        turnFields = set(Turn.__dataclass_fields__)
+        turns = [Turn(**{k: v for k, v in turn.items() if k in turnFields}) for turn in data.get("turns", [])]
+        return cls(
+            str(data.get("volumeName", "")),
+            str(data.get("modelId", "")),
+            dict(data.get("settings", {})),
+            turns,
+        )
+
+    @classmethod
+    def fromJSON(cls, text: str) -> Conversation:
+        return cls.fromDict(json.loads(text))
 
     def toJSON(self) -> str:
         """The machine-readable export: model id, settings and every turn with its timing."""

@@ -43,6 +43,18 @@ class JobBusyError(CTMLLMSlicerError):
     """A second job was started while one is still running."""
 
 
+class WorkerError(CTMLLMSlicerError):
+    """The model worker process failed, crashed, or stopped answering; a new one can be started."""
+
+
+class UnsupportedSlicerError(CTMLLMSlicerError):
+    """This Slicer (or its Python) is older than the module needs."""
+
+
+class InstallFailedError(MissingDependenciesError):
+    """pip (or the PyTorch extension) could not install the packages: offline, or pip failed."""
+
+
 _OOM_MARKERS = ("out of memory", "cuda error: out of memory", "cannot allocate memory")
 
 

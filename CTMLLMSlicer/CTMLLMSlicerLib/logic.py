@@ -4,30 +4,35 @@
 the typed errors of ``CTMLLMSlicerLib.errors``; it never opens a dialog. The Slicer module's
 ``CTMLLMSlicerLogic`` wraps it, and the batch script runs it as is on the slicer-core wheel.
 
-Threads: ``volumeSnapshot`` (and everything else that reads or writes MRML) runs on the caller's
-thread, i.e. Slicer's GUI thread; ``run`` (model load, preprocessing, encoding, generation) may
-run in a worker thread because it only touches the snapshot's numpy copy and the model.
+Two ways to run the model, one implementation of it (``session.ModelSession``):
 
-Caches: the last loaded model (one at a time) and the visual features of the last few
-(volume, window preset, non-CT switch, expert) combinations, so a follow-up question skips the
-encoder (``CTMLLM.feature_key`` says when features can be reused).
+- ``startJob`` / ``pollJob`` (the panel): the model runs in a worker process
+  (``worker_client.ModelWorker``) that keeps it loaded, with the encoded volumes, between
+  requests. The voxels and geometry are copied here, on the GUI thread (MRML is read only there),
+  and handed over as a file; the panel polls from a QTimer and never waits.
+- ``run`` / ``generateReport`` / ``askQuestion`` (the batch script, scripts): the model runs in
+  this process and the call returns when the text is complete.
+
+Conversations are kept per volume, keyed by a unique id stored on the volume node
+(``scene_results.VolumeIds``), never by its node ID, which MRML reuses after a scene close;
+``forgetVolume`` and ``forgetAll`` drop a removed volume's (or a closed scene's) conversations and
+cached features. A saved result text node restores the conversation when a scene is reopened.
 
 Task experts: a request of task None lets the model's task router pick the expert from the
-prompt (the default of ``generateReport`` and ``askQuestion``); ``report`` or ``vqa`` force the
-expert of that task. The turn records the expert and whether the router chose it.
+prompt (the default of ``generateReport`` and ``askQuestion``, and of the panel); ``report`` or
+``vqa`` force the expert of that task. The turn records the expert and whether the router chose
+it. The turn's own kind is the request's: a question when a prompt is given, else a report.
 
-Non-CT input: volumes whose intensities do not look like CT in Hounsfield units (MR, normalised
-images) are refused unless the caller turns on ``allowNonCT``; accepted, they are scaled by their
-own 0.5-99.5th percentiles (``model_core.data``'s ``"percentile"`` window), not an HU window.
+Input: files are checked before Slicer's reader (``loadVolumeFile``), and every volume is
+prepared by ``model_core.data.prepare_input``, the decision the command line and the batch take;
+refusals are ``NotCTVolumeError`` caused by the input verdict, in the worker too.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-import time
-from collections import OrderedDict
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,133 +40,49 @@ from typing import Any
 
 import numpy as np
 
+from CTMLLMSlicerLib import display, jobs, scene_results
 from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation, Turn
-from CTMLLMSlicerLib.errors import (
-    CTMLLMSlicerError,
-    DownloadNotConfirmedError,
-    ModelOutOfMemoryError,
-    ModelUnavailableError,
-    NotCTVolumeError,
-    NoVolumeError,
-    OperationCancelled,
-    isOutOfMemory,
+from CTMLLMSlicerLib.errors import CTMLLMSlicerError, JobBusyError, NoVolumeError
+from CTMLLMSlicerLib.scene_results import RESULT_REFERENCE_ROLE, VolumeIds  # noqa: F401  (re-exported)
+from CTMLLMSlicerLib.session import (  # noqa: F401  (names the module and the batch script import from here)
+    ALLOW_NON_CT_LABEL,
+    DEMO_MODEL,
+    DEVICES,
+    PANEL_NON_CT_HINT,
+    PRECISIONS,
+    STAGE_ENCODING,
+    STAGE_GENERATING,
+    STAGE_LOADING,
+    STAGE_PREPROCESSING,
+    STAGE_REUSING,
+    EncodeSettings,
+    ModelRequest,
+    ModelSession,
+    NoticeCallback,
+    PreparedVolume,
+    ProgressCallback,
+    VolumeSnapshot,
+    checkedMaxNewTokens,
+    checkTask,
+    defaultModelCacheFolder,
+    inputKey,
+    isRepoId,
+    needsDownloadConsent,
+    noProgress,
+    raiseIfCancelled,
 )
-from model_core.data.checks import ct_intensity_verdict
-from model_core.data.preprocess import (  # torch-free: offered before torch is installed
-    WINDOW_PRESETS,
-    percentile_window,
-)
+from CTMLLMSlicerLib.worker_client import ModelWorker, volumeKey, waitForJob
+from CTMLLMSlicerLib.worker_protocol import writeVolumeFile
+from model_core.data.preprocess import WINDOW_PRESETS  # noqa: F401  (torch-free; offered before torch is installed)
+from model_core.prompts import DEFAULT_REPORT_PROMPT
 
-RESULT_REFERENCE_ROLE = "CTMLLMResult"
-"""Node reference role from a volume node to the text node holding its report and answers."""
-
-DEMO_MODEL = "demo"
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
-CT_RENDERING_PRESET = "CT-Chest-Contrast-Enhanced"
-"""Slicer's volume rendering preset for contrast CT; built here when the presets are not loaded."""
-ALLOW_NON_CT_LABEL = "Accept non-CT volumes (MR, normalised images)"
-"""The panel's checkbox that turns on ``allowNonCT``."""
-PANEL_NON_CT_HINT = f"check '{ALLOW_NON_CT_LABEL}' in the Input section"
-"""How a panel user turns on ``allowNonCT``; the batch script names its ``--allow-non-ct`` instead."""
-
-
-STAGE_LOADING = "loading model"
-STAGE_PREPROCESSING = "preprocessing"
-STAGE_ENCODING = "encoding"
-STAGE_REUSING = "reusing encoded volume"
-STAGE_GENERATING = "generating"
-
-ProgressCallback = Callable[[str, "float | None", "float | None"], None]
-"""``(stage, fraction or None when unknown, tokens per second or None)``."""
-
-
-def _noProgress(stage: str, fraction: float | None = None, tokensPerSecond: float | None = None) -> None:
-    return None
-
-
-def isRepoId(spec: str) -> bool:
-    """``owner/name`` that is not a path: a Hugging Face repo id (``model_core.hub``'s rule, so a
-    mistyped relative folder is never mistaken for a repo to download)."""
-    from model_core.hub import looks_like_hub_repo_id  # torch-free
-
-    return looks_like_hub_repo_id(spec)
-
-
-def defaultModelCacheFolder() -> str:
-    """Where downloaded models go by default: a user folder that survives Slicer upgrades."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "CTMLLMSlicer", "models")
-
-
-@dataclass(frozen=True)
-class ModelRequest:
-    """Which model to use and how: ``spec`` is "demo", a local folder or a Hugging Face repo id."""
-
-    spec: str = DEMO_MODEL
-    device: str = "auto"
-    precision: str = "auto"
-    cacheFolder: str = ""
-    allowDownload: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.spec.strip():
-            raise ModelUnavailableError("no model chosen: pick the demo model, a local folder or a repo id")
-        if self.device not in DEVICES:
-            raise ModelUnavailableError(f"device {self.device!r}: choose one of {', '.join(DEVICES)}")
-        if self.precision not in PRECISIONS:
-            raise ModelUnavailableError(
-                f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
-            )
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.spec, self.device, self.precision)
-
-    def settings(self) -> dict[str, str]:
-        return {"model": self.spec, "device": self.device, "precision": self.precision}
-
-
-@dataclass
-class VolumeSnapshot:
-    """What the worker needs from a volume node, copied on the GUI thread.
-
-    ``arrayKJI`` is the voxel array ``(slices, rows, columns)`` as MRML stores it, or None when
-    the visual features for ``cacheKey`` are cached and no copy is needed; ``ijkToRAS`` is 4x4.
-    ``sourceFile``: the file the node was read from (its storage node), checked for damage that
-    readers let through silently (``model_core.data.files``); empty when there is none.
-    """
-
-    nodeID: str
-    name: str
-    cacheKey: tuple
-    ijkToRAS: np.ndarray
-    arrayKJI: np.ndarray | None = None
-    sourceFile: str = ""
-
-
-@dataclass
-class PreparedVolume:
-    """The model input ``volume`` ``(D, H, W)`` float32 in [0, 1], the preprocessing that made it
-    (``PreprocessConfig.to_dict()``), and notices for the user (e.g. accepted as non-CT)."""
-
-    volume: np.ndarray
-    preprocessing: dict[str, Any]
-    notices: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Encoded:
-    """A cache entry: the visual features, and the preprocessing and notices of their volume."""
-
-    features: Any
-    preprocessing: dict[str, Any]
-    notices: list[str]
+CT_RENDERING_PRESET = display.CT_RENDERING_PRESET
 
 
 @dataclass
 class RunResult:
-    """The finished (or cancelled) turn, whether the encoder ran, and notices for the user."""
+    """The finished (or cancelled) turn (``turn.expert`` read the volume), whether the encoder
+    ran, and notices for the user."""
 
     volumeNodeID: str
     turn: Turn
@@ -170,34 +91,54 @@ class RunResult:
     notices: list[str] = field(default_factory=list)
 
 
-def _defaultModelLoader(request: ModelRequest, notice: Callable[[str], None]) -> Any:
-    from model_core.hub import load_model
+@dataclass
+class _PendingJob:
+    """A worker job as the Logic remembers it until its end event arrives."""
 
-    return load_model(
-        request.spec,
-        device=request.device,
-        dtype=request.precision,
-        cache_dir=request.cacheFolder or None,
-        allow_download=request.allowDownload,
-        notice=notice,
-    )
+    volumeUID: str
+    volumeName: str
+    nodeID: str
+    kind: str
+    task: str | None
+    prompt: str
+    request: ModelRequest
+    settings: EncodeSettings
+    maxNewTokens: int | None
+    detached: bool = False
+    """Its volume left the scene (removed, scene closed): the result is not recorded."""
+
+
+def _promptText(prompt: str | None) -> str:
+    """The text the model is asked: the question, or the report prompt when there is none."""
+    return (prompt or "").strip() or DEFAULT_REPORT_PROMPT
+
+
+def _request(task: str | None, prompt: str | None) -> tuple[str, str]:
+    """``(kind, text)``: the turn's kind (a question when a prompt is given or the question expert
+    is forced, else a report) and the text the model is asked (``_promptText``)."""
+    checkTask(task)
+    given = bool((prompt or "").strip())
+    if task == QUESTION and not given:
+        raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
+    return task or (QUESTION if given else REPORT), _promptText(prompt)
 
 
 class CTMLLMLogicCore:
-    """Loads the model, turns volume nodes into model input, runs it, stores results in the scene.
+    """Turns volume nodes into model input, runs the model, stores results in the scene.
 
-    ``modelLoader(request, notice) -> CTMLLM`` defaults to ``model_core.hub.load_model``;
-    ``volumeRenderingLogic`` is Slicer's (``slicer.modules.volumerendering.logic()``) or a
-    ``vtkSlicerVolumeRenderingLogic`` from slicer-core; without it ``showVolumeRendering`` raises.
-    ``volumesLogic`` likewise (``slicer.modules.volumes.logic()`` or a ``vtkSlicerVolumesLogic``
-    on the same scene) reads files for ``loadVolumeFile``.
+    ``modelLoader(request, notice) -> CTMLLM`` defaults to ``model_core.hub.load_model`` (for
+    ``run``; the worker loads with ``model_core.hub``). ``volumeRenderingLogic`` is Slicer's
+    (``slicer.modules.volumerendering.logic()``) or a ``vtkSlicerVolumeRenderingLogic`` from
+    slicer-core; without it ``showVolumeRendering`` raises. ``volumesLogic`` likewise
+    (``slicer.modules.volumes.logic()`` or a ``vtkSlicerVolumesLogic`` on the same scene) reads
+    files for ``loadVolumeFile``. ``worker``: the model worker for ``startJob`` (one is made on
+    first use, in ``workerFolder``).
     ``scene`` may be None only while a subclass's other base class initialises first (Slicer's
     ``ScriptedLoadableModuleLogic.__init__`` calls ``super().__init__()`` without arguments).
     ``nonCTHint`` ends the refusal of a non-CT volume: how this caller's user turns ``allowNonCT``
     on (the panel's checkbox by default; the batch script passes its command-line flag).
     """
 
-    featureCacheSize = 4
     dicomDatabase: Any = None
     """Slicer's DICOM database (``slicer.dicomDatabase``), where volumes from the DICOM module find their files."""
 
@@ -205,82 +146,66 @@ class CTMLLMLogicCore:
         self,
         scene: Any = None,
         volumeRenderingLogic: Any = None,
-        modelLoader: Callable[[ModelRequest, Callable[[str], None]], Any] | None = None,
+        modelLoader: Callable[[ModelRequest, NoticeCallback], Any] | None = None,
         nonCTHint: str = PANEL_NON_CT_HINT,
         volumesLogic: Any = None,
+        worker: ModelWorker | None = None,
     ) -> None:
         self.scene = scene
         self.volumeRenderingLogic = volumeRenderingLogic
         self.volumesLogic = volumesLogic
-        self.nonCTHint = nonCTHint
-        self._modelLoader = modelLoader or _defaultModelLoader
-        self._model: Any = None
-        self._modelKey: tuple | None = None
-        self._features: OrderedDict[tuple, _Encoded] = OrderedDict()
-        self._checkedFiles: dict[str, tuple[float, int]] = {}
-        self._lock = threading.RLock()
+        self.session = ModelSession(modelLoader, nonCTHint)
+        self.worker = worker
+        self.workerFolder: str | None = None
+        self.volumeIds = VolumeIds(scene)
         self.conversations: dict[str, Conversation] = {}
+        self._job: _PendingJob | None = None
 
-    # -- model -------------------------------------------------------------------------------
+    @property
+    def nonCTHint(self) -> str:
+        return self.session.nonCTHint
+
+    # -- model in this process (batch script, scripts) ---------------------------------------
     def isModelCached(self, request: ModelRequest) -> bool:
-        return self._model is not None and self._modelKey == request.key
+        return self.session.isModelCached(request)
 
     def needsDownloadConsent(self, request: ModelRequest) -> bool:
         """True when ``request`` names a Hub repo that is not in the cache folder yet."""
-        if not isRepoId(request.spec):
-            return False
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return True
-        cached = try_to_load_from_cache(
-            request.spec, "ctmllm_config.json", cache_dir=request.cacheFolder or None
-        )
-        return not isinstance(cached, str)
+        return needsDownloadConsent(request)
 
     def loadModel(
         self,
         request: ModelRequest,
         progressCallback: ProgressCallback | None = None,
-        noticeCallback: Callable[[str], None] | None = None,
+        noticeCallback: NoticeCallback | None = None,
     ) -> Any:
-        """The model for ``request``, loaded once and kept until another one is requested."""
-        progress = progressCallback or _noProgress
-        with self._lock:
-            if self.isModelCached(request):
-                return self._model
-            if isRepoId(request.spec) and not request.allowDownload and self.needsDownloadConsent(request):
-                raise DownloadNotConfirmedError(
-                    f"{request.spec} is a Hugging Face repo that is not downloaded yet: agree to the download "
-                    f"(into {request.cacheFolder or defaultModelCacheFolder()}) or pick another model"
-                )
-            progress(STAGE_LOADING, None, None)
-            self.unloadModel()
-            try:
-                model = self._modelLoader(request, noticeCallback or (lambda message: None))
-            except CTMLLMSlicerError:
-                raise
-            except FileNotFoundError as error:  # model_core.hub.ModelNotFoundError derives from it
-                raise ModelUnavailableError(str(error)) from error
-            except Exception as error:
-                if isOutOfMemory(error):
-                    raise self._outOfMemory(request, "loading the model") from error
-                raise ModelUnavailableError(f"could not load model {request.spec!r}: {error}") from error
-            self._model, self._modelKey = model, request.key
-            return model
+        """The model for ``request`` in this process, loaded once and kept until another one is requested."""
+        return self.session.loadModel(request, progressCallback or noProgress, noticeCallback)
 
-    def unloadModel(self) -> None:
-        """Free the model and every cached feature (they belong to that model)."""
-        with self._lock:
-            self._model, self._modelKey = None, None
-            self._features.clear()
+    def unloadModel(self) -> bool:
+        """Free the model and its cached features here, and end the model worker (its memory, GPU
+        memory included, goes with it); True if a worker was running."""
+        self.session.unloadModel()
+        return self.worker.unload() if self.worker is not None else False
 
-    @staticmethod
-    def _outOfMemory(request: ModelRequest, what: str) -> ModelOutOfMemoryError:
-        return ModelOutOfMemoryError(
-            f"out of memory while {what} on device {request.device!r} with precision {request.precision!r}: "
-            f"choose bfloat16/float16, the CPU, a smaller model, or close other applications"
-        )
+    preprocessConfig = staticmethod(ModelSession.preprocessConfig)
+
+    def prepareVolume(
+        self, snapshot: VolumeSnapshot, model: Any, windowPreset: str = "", allowNonCT: bool = False
+    ) -> PreparedVolume:
+        """Checks and preprocessing of ``model_core.data`` (see ``ModelSession.prepareVolume``)."""
+        return self.session.prepareVolume(snapshot, model, windowPreset, allowNonCT)
+
+    def modelWindow(self) -> Any:
+        """The HU window of the loaded model (here or in the worker), or None while none is loaded."""
+        return self.loadedModelInfo().get("window")
+
+    def loadedModelInfo(self) -> dict[str, Any]:
+        """The model loaded here, else the worker's (``ModelSession.modelInfo``); {} while none is."""
+        info = self.session.modelInfo()
+        if not info and self.worker is not None and self.worker.isRunning():
+            info = self.worker.modelInfo
+        return info
 
     # -- volume ------------------------------------------------------------------------------
     def loadVolumeFile(
@@ -316,7 +241,7 @@ class CTMLLMLogicCore:
             check_readable(file)
         if len(files) == 1 and volume_suffix(files[0]):
             check_volume_file(files[0])  # the verdict read_ct gives, before Slicer's reader
-            self._rememberChecked(files[0])
+            self.session.rememberChecked(files[0])
         name = name or (files[0].parent.name if len(files) > 1 else _volumeName(files[0]))
         node = _addArchetypeVolume(self.volumesLogic, files, name)
         if node is None:
@@ -353,18 +278,38 @@ class CTMLLMLogicCore:
         node.CreateDefaultDisplayNodes()
         return node
 
-    @staticmethod
-    def _volumeKey(volumeNode: Any) -> tuple:
+    def volumeUID(self, volumeNode: Any) -> str:
+        """The volume's unique id (stored on the node, saved with the scene; never reused)."""
+        return self.volumeIds.get(volumeNode)
+
+    def _volumeKey(self, volumeNode: Any, uid: str) -> str:
         """Changes when the voxels or the geometry change (not on display or reference edits)."""
         image = volumeNode.GetImageData()
-        matrix = _ijkToRAS(volumeNode)
-        return (volumeNode.GetID(), image.GetMTime(), image.GetDimensions(), tuple(matrix.round(6).ravel()))
+        return volumeKey(uid, image.GetMTime(), image.GetDimensions(), list(_ijkToRAS(volumeNode).ravel()))
 
-    @staticmethod
-    def _featureKey(
-        request: ModelRequest, volumeKey: tuple, windowPreset: str, allowNonCT: bool, featureKey: tuple
-    ) -> tuple:
-        return (request.key, volumeKey, windowPreset, allowNonCT, featureKey)
+    def _snapshot(
+        self,
+        volumeNode: Any,
+        settings: EncodeSettings,
+        request: ModelRequest | None,
+        isCached: Callable[[str], bool],
+    ) -> VolumeSnapshot:
+        if volumeNode is None:
+            raise NoVolumeError("no input volume: select a CT volume in the Input volume selector")
+        if volumeNode.GetImageData() is None:
+            raise NoVolumeError(f"volume {volumeNode.GetName()!r} holds no image data: load the CT again")
+        uid = self.volumeUID(volumeNode)
+        key = self._volumeKey(volumeNode, uid)
+        array = None
+        if request is None or not isCached(inputKey(request, key, settings)):
+            from slicer.util import arrayFromVolume
+
+            array = np.array(arrayFromVolume(volumeNode), copy=True)  # (slices, rows, columns)
+        storage = volumeNode.GetStorageNode()
+        source = (storage.GetFileName() or "") if storage is not None else ""
+        return VolumeSnapshot(
+            uid, volumeNode.GetName(), key, _ijkToRAS(volumeNode), array, volumeNode.GetID(), source
+        )
 
     def volumeSnapshot(
         self,
@@ -375,102 +320,18 @@ class CTMLLMLogicCore:
         allowNonCT: bool = False,
         prompt: str | None = None,
     ) -> VolumeSnapshot:
-        """Copy what the worker needs from ``volumeNode`` (GUI thread).
+        """Copy what the model needs from ``volumeNode`` (GUI thread) for ``run``.
 
-        The voxels are skipped when ``request``'s model is loaded and has the features cached
-        for these settings (``task`` None: the expert the router picks for ``prompt``).
+        The voxels are skipped when ``request``'s model is loaded in this process and holds this
+        volume's input prepared for these settings (any expert can then encode it).
         """
-        if volumeNode is None:
-            raise NoVolumeError("no input volume: select a CT volume in the Input volume selector")
-        if volumeNode.GetImageData() is None:
-            raise NoVolumeError(f"volume {volumeNode.GetName()!r} holds no image data: load the CT again")
-        key = self._volumeKey(volumeNode)
-        cached = (
-            request is not None
-            and self.isModelCached(request)
-            and self._featureKey(
-                request,
-                key,
-                windowPreset,
-                allowNonCT,
-                self._model.feature_key(task, self._promptText(prompt)),
-            )
-            in self._features
-        )
-        array = None
-        if not cached:
-            from slicer.util import arrayFromVolume
-
-            array = np.array(arrayFromVolume(volumeNode), copy=True)  # (slices, rows, columns)
-        storage = volumeNode.GetStorageNode()
-        source = (storage.GetFileName() or "") if storage is not None else ""
-        return VolumeSnapshot(
-            volumeNode.GetID(), volumeNode.GetName(), key, _ijkToRAS(volumeNode), array, source
+        settings = EncodeSettings(windowPreset, allowNonCT, task, _promptText(prompt))
+        cached = request is not None and self.session.isModelCached(request)
+        return self._snapshot(
+            volumeNode, settings, request, lambda key: cached and self.session.hasInput(key)
         )
 
-    @staticmethod
-    def preprocessConfig(
-        model: Any, windowPreset: str = "", allowNonCT: bool = False, looksLikeCT: bool = True
-    ) -> Any:
-        """How volumes are prepared for ``model`` (``model_core.data.input_settings``, the rule every
-        entry point shares): its training preprocessing, the user's window preset if one is chosen
-        ("" keeps the model's own), the volume's own percentiles for non-CT input accepted with
-        ``allowNonCT``."""
-        from model_core.data.decision import input_settings
-
-        return input_settings(model.config.preprocessing, windowPreset, allowNonCT, looksLikeCT)
-
-    def _rememberChecked(self, path: Path) -> None:
-        stat = path.stat()
-        self._checkedFiles[str(path)] = (stat.st_mtime, stat.st_size)
-
-    def _checkSourceFile(self, snapshot: VolumeSnapshot) -> None:
-        """The integrity check of the file a node was read from (a NIfTI damaged or holding NaN reads
-        silently wrong in Slicer too), once per file version."""
-        from model_core.data.files import check_file_integrity, is_nifti_name
-
-        path = Path(snapshot.sourceFile) if snapshot.sourceFile else None
-        if path is None or not is_nifti_name(path) or not path.is_file():
-            return
-        stat = path.stat()
-        if self._checkedFiles.get(str(path)) != (stat.st_mtime, stat.st_size):
-            check_file_integrity(path)
-            self._rememberChecked(path)
-
-    def prepareVolume(
-        self, snapshot: VolumeSnapshot, model: Any, windowPreset: str = "", allowNonCT: bool = False
-    ) -> PreparedVolume:
-        """Checks and preprocessing of ``model_core.data``: ``(D, H, W)`` float32 in [0, 1].
-
-        A volume that does not look like CT is refused (the message ends with ``nonCTHint``)
-        unless ``allowNonCT``; then it is scaled by its own percentiles and a notice says so.
-        """
-        from model_core.data import CTImage, CTInputError, NotCTError, prepare_input
-
-        if snapshot.arrayKJI is None:
-            raise NoVolumeError(
-                f"volume {snapshot.name!r} was snapshotted without voxels: take a new snapshot"
-            )
-        try:
-            self._checkSourceFile(snapshot)
-            source = f"{snapshot.name} ({snapshot.sourceFile})" if snapshot.sourceFile else snapshot.name
-            ct = CTImage.from_ijk_to_ras(  # named as the user sees it, and by its file as read_ct names it
-                snapshot.arrayKJI, snapshot.ijkToRAS, source=source, allow_non_ct=allowNonCT
-            )
-            prepared = prepare_input(
-                ct, model.config.preprocessing, window=windowPreset or None, allow_non_ct=allowNonCT
-            )
-        except NotCTError as error:
-            raise NotCTVolumeError(str(error.with_hint(self.nonCTHint))) from error
-        except CTInputError as error:
-            raise NotCTVolumeError(str(error)) from error
-        return PreparedVolume(prepared.volume, prepared.config.to_dict(), prepared.notices)
-
-    def _promptText(self, prompt: str | None) -> str:
-        """The prompt the model gets: the question, or the loaded model's report prompt."""
-        return prompt.strip() if prompt and prompt.strip() else self._model.default_prompt(REPORT)
-
-    # -- running the model -------------------------------------------------------------------
+    # -- running the model in this process ---------------------------------------------------
     def run(
         self,
         volume: Any,
@@ -481,28 +342,25 @@ class CTMLLMLogicCore:
         maxNewTokens: int | None = None,
         onText: Callable[[str], None] | None = None,
         progressCallback: ProgressCallback | None = None,
-        noticeCallback: Callable[[str], None] | None = None,
+        noticeCallback: NoticeCallback | None = None,
         cancel: threading.Event | None = None,
         allowNonCT: bool = False,
     ) -> RunResult:
-        """Report (``task="report"``) or answer (``task="vqa"``) about a volume node or snapshot.
+        """Report (``task="report"``) or answer (``task="vqa"``) about a volume node or snapshot,
+        in this process.
 
-        ``task`` None: the model's task router picks the expert from the prompt; the turn is a
-        question when a prompt is given, else a report with the model's report prompt.
-        ``allowNonCT`` accepts a volume that does not look like CT (see the module docstring).
+        ``task`` None: the model's task router picks the expert from the prompt (``turn.expert``
+        says which); the turn is a question when a prompt is given, else a report with the
+        report prompt. ``allowNonCT`` accepts a volume that does not look like CT (see ``session``).
 
         Text reaches ``onText`` as it is generated; setting ``cancel`` stops after the token in
         progress and returns the partial answer (``turn.cancelled``); set before generation
         starts, it raises ``OperationCancelled`` after the stage in progress. The turn is added to the
         volume's conversation; questions see the earlier complete question turns as history.
         """
-        if task not in (REPORT, QUESTION, None):
-            raise ValueError(f"task {task!r}: use 'report', 'vqa', or None to let the task router decide")
-        kind = task or (QUESTION if prompt and prompt.strip() else REPORT)
-        if task == QUESTION and not (prompt and prompt.strip()):
-            raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
-        maxNewTokens = _checkedMaxNewTokens(maxNewTokens)
-        progress = progressCallback or _noProgress
+        kind, text = _request(task, prompt)
+        maxNewTokens = checkedMaxNewTokens(maxNewTokens)
+        progress = progressCallback or noProgress
         notices: list[str] = []
 
         def notice(message: str) -> None:
@@ -511,51 +369,27 @@ class CTMLLMLogicCore:
                 noticeCallback(message)
 
         cancel = cancel or threading.Event()
-        if not isinstance(volume, VolumeSnapshot):
-            volume = self.volumeSnapshot(volume, windowPreset, task, request, allowNonCT, prompt)
+        settings = EncodeSettings(windowPreset, allowNonCT, task, text)
         snapshot = volume
-        with self._lock:
-            model = self.loadModel(request, progress, notice)
-            try:
-                _raiseIfCancelled(cancel)
-                text = self._promptText(prompt)
-                entry, encoded = self._featuresFor(
-                    model, request, snapshot, windowPreset, allowNonCT, task, text, progress
-                )
-                for message in entry.notices:
-                    notice(message)
-                _raiseIfCancelled(cancel)
-                conversation = self.conversation(snapshot.nodeID, snapshot.name)
-                history = conversation.history() if kind == QUESTION else []
-                result = self._generate(
-                    model, entry.features, text, task, history, maxNewTokens, onText, progress, cancel
-                )
-            except CTMLLMSlicerError:
-                raise
-            except Exception as error:
-                if isOutOfMemory(error):
-                    raise self._outOfMemory(request, "running the model") from error
-                raise
-            conversation.modelId = model.model_id
-            conversation.settings = {
-                **request.settings(),
-                "window": windowPreset or "model default",
-                "allow_non_ct": allowNonCT,
-                "preprocessing": entry.preprocessing,
-                "max_new_tokens": maxNewTokens or "model default",
-            }
-            turn = conversation.add(
-                Turn(
-                    kind,
-                    text,
-                    result.text,
-                    result.cancelled,
-                    result.new_tokens,
-                    round(result.seconds, 3),
-                    expert=result.expert,
-                    routed=task is None and result.expert is not None,
-                )
-            )
+        if not isinstance(volume, VolumeSnapshot):
+            snapshot = self.volumeSnapshot(volume, windowPreset, task, request, allowNonCT, text)
+        model = self.session.loadModel(request, progress, notice)
+        raiseIfCancelled(cancel)
+        key, entry, encoded = self.session.encode(request, snapshot, settings, progress)
+        for message in entry.input.notices:
+            notice(message)
+        raiseIfCancelled(cancel)
+        conversation = self.conversation(snapshot.volumeUID, snapshot.name)
+        history = conversation.history() if kind == QUESTION else []
+        outcome = self.session.generate(
+            request, key, text, task, history, maxNewTokens, onText, progress, cancel
+        )
+        turn = self._recordTurn(
+            conversation, model.model_id, request, settings, entry.input.preprocessing, maxNewTokens,
+            _turn(kind, task, text, outcome.text, outcome.cancelled, outcome.newTokens, outcome.seconds,
+                  outcome.expert),
+            snapshot.nodeID,
+        )  # fmt: skip
         return RunResult(snapshot.nodeID, turn, encoded, model.model_id, notices)
 
     def generateReport(
@@ -574,117 +408,244 @@ class CTMLLMLogicCore:
             raise CTMLLMSlicerError("the question is empty: type a question, then click Ask")
         return self.run(volume, QUESTION if forceExpert else None, question, request, **kwargs)
 
-    def _featuresFor(
+    def _recordTurn(
         self,
-        model: Any,
+        conversation: Conversation,
+        modelId: str,
         request: ModelRequest,
-        snapshot: VolumeSnapshot,
-        windowPreset: str,
-        allowNonCT: bool,
-        task: str | None,
-        prompt: str,
-        progress: ProgressCallback,
-    ) -> tuple[_Encoded, bool]:
-        key = self._featureKey(
-            request, snapshot.cacheKey, windowPreset, allowNonCT, model.feature_key(task, prompt)
-        )
-        if key in self._features:
-            self._features.move_to_end(key)
-            progress(STAGE_REUSING, 1.0, None)
-            return self._features[key], False
-        if snapshot.arrayKJI is None:  # cached when snapshotted, evicted since: copy again
-            raise NoVolumeError(f"the encoded {snapshot.name!r} left the cache: click again to re-encode")
-        progress(STAGE_PREPROCESSING, None, None)
-        prepared = self.prepareVolume(snapshot, model, windowPreset, allowNonCT)
-        progress(STAGE_ENCODING, None, None)
-        entry = _Encoded(
-            model.encode_volume(prepared.volume, task=task, prompt=prompt),
-            prepared.preprocessing,
-            prepared.notices,
-        )
-        self._features[key] = entry
-        while len(self._features) > self.featureCacheSize:
-            self._features.popitem(last=False)
-        return entry, True
-
-    @staticmethod
-    def _generate(
-        model: Any,
-        features: Any,
-        prompt: str,
-        task: str | None,
-        history: list,
+        settings: EncodeSettings,
+        preprocessing: dict[str, Any],
         maxNewTokens: int | None,
-        onText: Callable[[str], None] | None,
-        progress: ProgressCallback,
-        cancel: threading.Event,
-    ) -> Any:
-        budget = maxNewTokens or model.config.generation.max_new_tokens
-        start, tokens = time.perf_counter(), 0
-        progress(STAGE_GENERATING, 0.0, None)
+        turn: Turn,
+        nodeID: str,
+    ) -> Turn:
+        """Add ``turn`` to the conversation with the settings that produced it; refresh the volume's
+        result text node when there is one, so a saved scene never holds an older conversation."""
+        conversation.modelId = modelId
+        conversation.settings = {
+            **request.settings(),
+            "window": settings.windowPreset or "model default",
+            "allow_non_ct": settings.allowNonCT,
+            "preprocessing": preprocessing,
+            "max_new_tokens": maxNewTokens or "model default",
+        }
+        conversation.add(turn)
+        node = self.scene.GetNodeByID(nodeID) if self.scene is not None and nodeID else None
+        if (
+            node is not None
+            and self.conversations.get(self.volumeIds.get(node, assign=False) or "") is conversation
+        ):
+            if scene_results.resultTextNode(node) is not None:
+                self.saveResultToTextNode(node)
+        return turn
 
-        def streamed(chunk: str) -> None:
-            nonlocal tokens
-            tokens += len(model.tokenizer(chunk, add_special_tokens=False).input_ids)
-            elapsed = time.perf_counter() - start
-            progress(STAGE_GENERATING, min(tokens / budget, 1.0), tokens / elapsed if elapsed > 0 else None)
-            if onText:
-                onText(chunk)
+    # -- running the model in the worker process (the panel) ---------------------------------
+    def modelWorker(self) -> ModelWorker:
+        """The worker that runs the panel's jobs (made on first use; a new process after it ended)."""
+        if self.worker is None:
+            self.worker = ModelWorker(folder=self.workerFolder)
+        return self.worker
 
-        return model.generate(
-            features,
-            prompt,
-            task=task,
-            history=history,
-            max_new_tokens=budget,
-            on_text=streamed,
-            cancel=cancel,
+    def isJobRunning(self) -> bool:
+        return self._job is not None
+
+    def startJob(
+        self,
+        volumeNode: Any,
+        task: str | None,
+        prompt: str | None,
+        request: ModelRequest,
+        windowPreset: str = "",
+        maxNewTokens: int | None = None,
+        allowNonCT: bool = False,
+    ) -> None:
+        """Start a report or an answer in the model worker and return at once (GUI thread: the
+        volume is read here). ``pollJob`` then hands over its events; exactly one of finished,
+        failed or cancelled ends it. Same arguments as ``run`` (``task`` None: the router decides).
+        The voxels are copied and handed over only when the worker does not hold this volume's
+        input prepared for these settings; it reuses the features of the expert it picks."""
+        if self._job is not None:
+            raise JobBusyError("a model job is still running: wait for it or cancel it first")
+        kind, text = _request(task, prompt)
+        maxNewTokens = checkedMaxNewTokens(maxNewTokens)
+        worker = self.modelWorker()
+        settings = EncodeSettings(windowPreset, allowNonCT, task, text)
+        snapshot = self._snapshot(volumeNode, settings, request, worker.hasInput)
+        key = inputKey(request, snapshot.volumeKey, settings)
+        volume = {
+            "name": snapshot.name,
+            "volumeUID": snapshot.volumeUID,
+            "volumeKey": snapshot.volumeKey,
+            "ijkToRAS": snapshot.ijkToRAS.tolist(),
+            "sourceFile": snapshot.sourceFile,
+        }
+        cleanup = []
+        if snapshot.arrayKJI is not None:
+            worker.folder.mkdir(parents=True, exist_ok=True)
+            path = writeVolumeFile(snapshot.arrayKJI, worker.folder, f"volume-{uuid.uuid4().hex}")
+            cleanup.append(path)
+            volume["path"] = str(path)
+        encode = {"volume": volume, "settings": settings.toDict()}
+        conversation = self.conversation(volumeNode)
+        history = conversation.history() if kind == QUESTION else []
+        try:
+            worker.startJob(request, text, task, key, encode, history, maxNewTokens, cleanup)
+        except BaseException:
+            for path in cleanup:
+                path.unlink(missing_ok=True)
+            raise
+        self._job = _PendingJob(
+            snapshot.volumeUID,
+            snapshot.name,
+            snapshot.nodeID,
+            kind,
+            task,
+            text,
+            request,
+            settings,
+            maxNewTokens,
         )
+
+    def pollJob(self) -> list[jobs.JobEvent]:
+        """The running job's events since the last poll (never waits). Its ``finished`` event
+        carries a ``RunResult``, and the turn is then in the volume's conversation; a job whose
+        volume left the scene ends as ``cancelled``, its result dropped."""
+        if self.worker is None:
+            return []
+        events = []
+        for event in self.worker.poll():
+            if event.kind in jobs.END_KINDS:
+                job, self._job = self._job, None
+                if job is None or job.detached:
+                    event = jobs.JobEvent(jobs.CANCELLED)
+                elif event.kind == jobs.FINISHED:
+                    event = jobs.JobEvent(jobs.FINISHED, result=self._finishJob(job, event.result))
+            events.append(event)
+        return events
+
+    def cancelJob(self) -> None:
+        """Stop the running job: generation ends after the token in progress; a worker that does
+        not stop in time is ended (the next job starts a new one)."""
+        if self.worker is not None:
+            self.worker.cancel()
+
+    def waitForJob(
+        self,
+        onEvent: Callable[[jobs.JobEvent], None] | None = None,
+        timeout: float = 600.0,
+        idle: Callable[[], None] | None = None,
+    ) -> jobs.JobEvent:
+        """Poll until the running job ends (scripts and the self-test); returns its end event."""
+        if self._job is None:
+            raise CTMLLMSlicerError("no model job is running: start one with startJob")
+        return waitForJob(self.pollJob, self.cancelJob, onEvent, timeout, idle)
+
+    def _finishJob(self, job: _PendingJob, result: dict[str, Any]) -> RunResult:
+        conversation = self.conversation(job.volumeUID, job.volumeName)
+        turn = self._recordTurn(
+            conversation, result.get("modelId", ""), job.request, job.settings, result.get("preprocessing", {}),
+            job.maxNewTokens,
+            _turn(job.kind, job.task, job.prompt, result.get("text", ""), bool(result.get("cancelled")),
+                  int(result.get("newTokens", 0)), float(result.get("seconds", 0.0)), result.get("expert")),
+            job.nodeID,
+        )  # fmt: skip
+        return RunResult(
+            job.nodeID, turn, bool(result.get("encoded")), result.get("modelId", ""),
+            list(result.get("notices", [])),
+        )  # fmt: skip
 
     # -- conversations and results in the scene ----------------------------------------------
-    def conversation(self, volumeNodeID: str, volumeName: str = "") -> Conversation:
-        """The conversation on a volume node, created empty on first use."""
-        if volumeNodeID not in self.conversations:
-            self.conversations[volumeNodeID] = Conversation(volumeName or volumeNodeID)
-        return self.conversations[volumeNodeID]
+    def _conversationKey(self, volume: Any) -> tuple[str, str, Any]:
+        """``(key, name, node or None)`` for a volume node, a node ID of this scene, or a volume id."""
+        node = volume
+        if isinstance(volume, str):
+            node = self.scene.GetNodeByID(volume) if self.scene is not None and volume else None
+            if node is None:
+                return volume, "", None
+        return self.volumeIds.get(node), node.GetName(), node
 
-    def clearConversation(self, volumeNodeID: str) -> None:
-        """Start over on a volume: the next question has no history (features stay cached)."""
-        self.conversations.pop(volumeNodeID, None)
+    def conversation(self, volume: Any, volumeName: str = "") -> Conversation:
+        """The conversation on a volume (a node, its ID in this scene, or its unique id), created
+        on first use; a conversation saved with the scene in the volume's result node is restored."""
+        key, name, node = self._conversationKey(volume)
+        if key not in self.conversations:
+            stored = scene_results.storedConversation(node) if node is not None else None
+            self.conversations[key] = stored or Conversation(volumeName or name or key)
+        return self.conversations[key]
+
+    def peekConversation(self, volumeNode: Any) -> Conversation | None:
+        """The volume's conversation if it has one (in memory or saved in the scene); never creates
+        one and never writes to the node (for display)."""
+        if volumeNode is None:
+            return None
+        uid = self.volumeIds.get(volumeNode, assign=False)
+        if uid in self.conversations:
+            return self.conversations[uid]
+        if scene_results.storedConversation(volumeNode) is None:
+            return None
+        return self.conversation(volumeNode)
+
+    def clearConversation(self, volume: Any) -> None:
+        """Start over on a volume: the next question has no history (features stay cached). A
+        result node saved earlier keeps its text until the next turn updates it."""
+        key, name, _ = self._conversationKey(volume)
+        self.conversations[key] = Conversation(name or key)
+
+    def forgetVolume(self, volumeNode: Any) -> None:
+        """The volume left the scene: drop its conversation and cached features, and let a job
+        still running on it end without a result."""
+        uid = self.volumeIds.get(volumeNode, assign=False)
+        if uid is None:
+            return
+        self.conversations.pop(uid, None)
+        self.session.dropFeatures(uid)
+        if self.worker is not None:
+            self.worker.forget(uid)
+        self.volumeIds.forget(uid)
+        if self._job is not None and self._job.volumeUID == uid:
+            self._job.detached = True
+            self.cancelJob()
+
+    def forgetAll(self) -> None:
+        """The scene is closing: drop every conversation and cached feature; a running job is
+        cancelled and ends without a result. The loaded model stays."""
+        self.conversations.clear()
+        self.session.dropFeatures()
+        if self.worker is not None:
+            self.worker.forget()
+        self.volumeIds.forget()
+        if self._job is not None:
+            self._job.detached = True
+            self.cancelJob()
 
     def resultTextNode(self, volumeNode: Any) -> Any:
         """The text node attached to ``volumeNode`` by ``saveResultToTextNode``, or None."""
-        return volumeNode.GetNodeReference(RESULT_REFERENCE_ROLE)
+        return scene_results.resultTextNode(volumeNode)
 
     def saveResultToTextNode(self, volumeNode: Any, text: str | None = None) -> Any:
-        """Store the conversation text in a ``vtkMRMLTextNode`` referenced by the volume.
+        """Store the conversation in a ``vtkMRMLTextNode`` referenced by the volume, beside it in
+        the subject hierarchy; its text starts with the machine-generated notice.
 
-        The reference and the text are saved with the scene. A second save updates the same node.
+        The reference, the text and the conversation are saved with the scene. A second save
+        updates the same node.
         """
         if volumeNode is None:
             raise NoVolumeError("no input volume: select the volume whose results should be saved")
-        conversation = self.conversations.get(volumeNode.GetID())
+        conversation = self.peekConversation(volumeNode)
         if text is None:
             if conversation is None or conversation.isEmpty():
                 raise CTMLLMSlicerError(
                     f"nothing to save for {volumeNode.GetName()!r}: generate a report first"
                 )
             text = conversation.toText()
-        textNode = self.resultTextNode(volumeNode)
-        if textNode is None:
-            textNode = self.scene.AddNewNodeByClass(
-                "vtkMRMLTextNode", f"{volumeNode.GetName()} CT-MLLM report"
-            )
-            volumeNode.SetNodeReferenceID(RESULT_REFERENCE_ROLE, textNode.GetID())
-        textNode.SetText(text)
-        if conversation is not None:
-            textNode.SetAttribute("CTMLLM.ModelId", conversation.modelId)
-            textNode.SetAttribute("CTMLLM.Settings", json.dumps(conversation.settings, sort_keys=True))
-        return textNode
+        return scene_results.writeResultTextNode(self.scene, volumeNode, conversation, text)
 
-    def exportConversation(self, volumeNodeID: str, path: str | os.PathLike) -> Path:
+    def exportConversation(self, volume: Any, path: str | os.PathLike) -> Path:
         """Write the conversation as Markdown (``.md``) or JSON (``.json``, with model id and settings)."""
-        conversation = self.conversations.get(volumeNodeID)
+        key, _, node = self._conversationKey(volume)
+        conversation = self.conversations.get(key) or (
+            self.peekConversation(node) if node is not None else None
+        )
         if conversation is None or conversation.isEmpty():
             raise CTMLLMSlicerError("nothing to export: generate a report or ask a question first")
         target = Path(path)
@@ -705,76 +666,69 @@ class CTMLLMLogicCore:
     ) -> tuple[Path, list[str]]:
         """Write the volume's conversation as a DICOM SR (``sr_export``); returns the file and notices.
 
-        Raises ``MissingIdentifiersError`` (its ``missing`` names them) for a volume that did not
-        come from DICOM, until ``identifiers`` gives a patient ID and a Study Instance UID.
+        The SR's observer device is the model that wrote the conversation, loaded here or in the
+        worker (its weights checksum when it is still loaded). Raises ``MissingIdentifiersError``
+        (its ``missing`` names them) for a volume that did not come from DICOM, until
+        ``identifiers`` gives a patient ID and a Study Instance UID.
         """
         from CTMLLMSlicerLib.sr_export import exportVolumeSR
 
         if volumeNode is None:
             raise NoVolumeError("no input volume: select the volume whose results should be exported")
-        conversation = self.conversations.get(volumeNode.GetID())
-        return exportVolumeSR(volumeNode, conversation, self._model, path, identifiers, self.dicomDatabase)
+        return exportVolumeSR(
+            volumeNode,
+            self.peekConversation(volumeNode),
+            self.loadedModelInfo(),
+            path,
+            identifiers,
+            self.dicomDatabase,
+        )
 
     # -- display -----------------------------------------------------------------------------
     def windowRange(self, windowPreset: str = "") -> tuple[float, float]:
         """The HU range (low, high) the model reads: the preset's, or for "" the loaded model's own
         window (the default preset while no model is loaded or it uses a per-volume window)."""
-        if windowPreset:
-            if windowPreset not in WINDOW_PRESETS:
-                raise CTMLLMSlicerError(f"window {windowPreset!r}: choose one of {', '.join(WINDOW_PRESETS)}")
-            return WINDOW_PRESETS[windowPreset]
-        window = self._model.config.preprocessing.get("window") if self._model is not None else None
-        if isinstance(window, (list, tuple)) and len(window) == 2:
-            return (float(window[0]), float(window[1]))
-        return WINDOW_PRESETS.get(window, next(iter(WINDOW_PRESETS.values())))
+        return display.windowRange(windowPreset, self.modelWindow())
 
     def applyWindowPreset(self, volumeNode: Any, windowPreset: str = "", allowNonCT: bool = False) -> None:
-        """Show the volume in the slice views with the window the model reads: the HU window, or
-        with ``allowNonCT`` for a volume that does not look like CT its own percentile window."""
-        from slicer.util import arrayFromVolume
-
-        array = arrayFromVolume(volumeNode) if allowNonCT else None  # (slices, rows, columns)
-        if array is not None and not ct_intensity_verdict(array).is_ct:
-            low, high = percentile_window(array)
-        else:
-            low, high = self.windowRange(windowPreset)
-        displayNode = volumeNode.GetDisplayNode()
-        if displayNode is not None:
-            displayNode.SetAutoWindowLevel(False)
-            displayNode.SetWindowLevel(high - low, (low + high) / 2.0)
+        """Show the volume in the slice views with the window the model reads (``display``)."""
+        display.applyWindowPreset(volumeNode, windowPreset, allowNonCT, self.modelWindow())
 
     def showVolumeRendering(self, volumeNode: Any, presetName: str = CT_RENDERING_PRESET) -> Any:
-        """Render ``volumeNode`` in the 3D view with a CT preset; returns its display node."""
-        vrLogic = self.volumeRenderingLogic
-        if vrLogic is None:
-            raise CTMLLMSlicerError(
-                "no volume rendering logic: create the Logic with one to show the 3D view"
-            )
-        displayNode = vrLogic.GetFirstVolumeRenderingDisplayNode(volumeNode)
-        if displayNode is None:
-            displayNode = vrLogic.CreateDefaultVolumeRenderingNodes(volumeNode)
-        preset = vrLogic.GetPresetByName(presetName)
-        if preset is None:
-            preset = _buildCTPreset(presetName)
-            vrLogic.AddPreset(preset)
-        displayNode.GetVolumePropertyNode().Copy(preset)
-        displayNode.SetVisibility(True)
-        return displayNode
+        """Render ``volumeNode`` in the 3D view with a CT preset, other volumes hidden; returns its
+        display node."""
+        return display.showVolumeRendering(self.volumeRenderingLogic, volumeNode, presetName)
+
+    def showVolume(
+        self, volumeNode: Any, windowPreset: str = "", allowNonCT: bool = False, keepWindowLevel: bool = False
+    ) -> Any:
+        """Show the selected volume: a layout with a 3D view, its volume rendering alone in 3D,
+        and (unless ``keepWindowLevel``) the window the model reads in the slice views."""
+        display.useLayoutWith3DView(self.scene)
+        if not keepWindowLevel:
+            self.applyWindowPreset(volumeNode, windowPreset, allowNonCT)
+        return self.showVolumeRendering(volumeNode)
+
+    def loadSampleVolume(self) -> Any:
+        """The module's sample CT (a phantom made by the project's phantom code) into the scene."""
+        from CTMLLMSlicerLib.resources import SAMPLE_CT_NAME, sampleCTPath
+
+        return self.loadVolumeFile(sampleCTPath(), SAMPLE_CT_NAME)
 
 
-def _checkedMaxNewTokens(value: int | None) -> int | None:
-    """None (the model's default) or at least 1, as everywhere (``model_core.config``); 0 is refused."""
-    from model_core.config import ConfigError, check_max_new_tokens
-
-    try:
-        return check_max_new_tokens(value, "maximum new tokens")
-    except ConfigError as error:
-        raise CTMLLMSlicerError(str(error)) from error
-
-
-def _raiseIfCancelled(cancel: threading.Event) -> None:
-    if cancel.is_set():
-        raise OperationCancelled("cancelled before generation started")
+def _turn(
+    kind: str,
+    task: str | None,
+    prompt: str,
+    answer: str,
+    cancelled: bool,
+    newTokens: int,
+    seconds: float,
+    expert: str | None,
+) -> Turn:
+    """The turn of a request of ``kind``; ``routed`` when the task router picked the ``expert``."""
+    return Turn(kind, prompt, answer, cancelled, newTokens, seconds, expert=expert,
+                routed=task is None and expert is not None)  # fmt: skip
 
 
 def _volumeName(path: Path) -> str:
@@ -811,30 +765,3 @@ def _ijkToRAS(volumeNode: Any) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _buildCTPreset(name: str) -> Any:
-    """A contrast-CT transfer function (fat and air clear, vessels and bone opaque)."""
-    import slicer
-    import vtk
-
-    preset = slicer.vtkMRMLVolumePropertyNode()
-    preset.SetName(name)
-    opacity = vtk.vtkPiecewiseFunction()
-    for hu, alpha in ((-1024, 0.0), (-100, 0.0), (120, 0.0), (250, 0.25), (600, 0.6), (3071, 0.8)):
-        opacity.AddPoint(hu, alpha)
-    colors = vtk.vtkColorTransferFunction()
-    for hu, rgb in (
-        (-1024, (0, 0, 0)),
-        (120, (0.55, 0.25, 0.15)),
-        (250, (0.9, 0.45, 0.3)),
-        (600, (1.0, 0.9, 0.8)),
-        (3071, (1, 1, 1)),
-    ):
-        colors.AddRGBPoint(hu, *rgb)
-    volumeProperty = preset.GetVolumeProperty()
-    volumeProperty.SetScalarOpacity(opacity)
-    volumeProperty.SetColor(colors)
-    volumeProperty.ShadeOn()
-    volumeProperty.SetInterpolationTypeToLinear()
-    return preset

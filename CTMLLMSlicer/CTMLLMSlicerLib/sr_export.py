@@ -44,15 +44,17 @@ def volumeSourceFiles(volumeNode: Any, dicomDatabase: Any = None) -> list[Path]:
 def exportVolumeSR(
     volumeNode: Any,
     conversation: Conversation | None,
-    model: Any,
+    modelInfo: Mapping[str, Any] | None,
     path: str | os.PathLike,
     identifiers: Mapping[str, str] | None = None,
     dicomDatabase: Any = None,
 ) -> tuple[Path, list[str]]:
     """Write the conversation as an SR to ``path``; returns the file and notices for the user.
 
-    ``model``: the loaded model; when it wrote the conversation its weights checksum goes into
-    the SR's observer device, otherwise the SR names the model only (a notice says so).
+    ``modelInfo``: the loaded model as ``session.ModelSession.modelInfo`` describes it (``modelId``,
+    ``weightsFile``; loaded in this process or in the model worker). When it wrote the conversation
+    its weights checksum goes into the SR's observer device, otherwise the SR names the model only
+    (a notice says so).
     """
     try:
         from model_core.dicom_sr import (
@@ -77,8 +79,8 @@ def exportVolumeSR(
     else:
         subject = subject_from_identifiers(identifiers, description=name, how=HOW_TO_GIVE)
     notices = list(subject.notices)
-    if model is not None and model.model_id == conversation.modelId:
-        device = ObserverDevice.from_model(model)
+    if modelInfo and modelInfo.get("modelId") == conversation.modelId:
+        device = ObserverDevice.from_weights(conversation.modelId, modelInfo.get("weightsFile") or None)
     else:
         device = ObserverDevice(conversation.modelId or "unknown model")
         notices.append(

@@ -10,13 +10,19 @@ The module ``CTMLLMSlicer/CTMLLMSlicer.py`` imports PythonQt's ``qt``, ``ctk`` a
 - ``slicer.parameterNodeWrapper`` -> typed parameter node (``parameter_node``);
 - ``slicer.i18n.tr`` -> returns the text unchanged;
 - ``slicer.mrmlScene``, ``slicer.app``, ``slicer.modules.volumerendering`` and ``.volumes`` ->
-  a real slicer-core scene with the application, colors, volumes and volume rendering logics,
-  one 3D view node and the Red/Yellow/Green slice composite nodes (what Slicer's layout would
-  create);
+  a real slicer-core scene with the application, colors, volumes, volume rendering and subject
+  hierarchy logics, a layout node, one 3D view node and the Red/Yellow/Green slice composite nodes
+  (what Slicer's layout would create); ``slicer.app`` reports version 5.10, a temporary folder,
+  a ``startupCompleted`` signal, and a layout manager with one 3D view whose camera resets are
+  recorded;
 - ``slicer.util`` GUI helpers: ``loadUI`` (QUiLoader with the stand-in widgets),
   ``childWidgetVariables`` (by objectName), ``confirmOkCancelDisplay`` (answers from
   ``StandIn.confirmAnswers``, records the question), ``pip_install`` (records, installs nothing),
   ``errorDisplay`` (records).
+
+``idleHoldingGIL`` idles the way Slicer's GUI thread does: holding Python's global interpreter
+lock (PythonQt never releases it), unlike PySide6's event loop, which does. The panel tests pump
+the event loop with it, so a Python thread in the panel would crawl there as it does in Slicer.
 
 It lives in ``Testing/`` and is never part of the module that Slicer loads.
 """
@@ -74,17 +80,29 @@ def build_scene() -> tuple[Any, Any, dict[str, Any]]:
     from CTMLLMSlicerLib.batch_scene import slicer_core_scene
 
     scene, appLogic, logics = slicer_core_scene(("Colors", "Volumes", "VolumeRendering"))
+    subjectHierarchy = slicer.vtkSlicerSubjectHierarchyModuleLogic()
+    subjectHierarchy.SetMRMLApplicationLogic(appLogic)
+    subjectHierarchy.SetMRMLScene(scene)  # as in Slicer: every data node gets a hierarchy item
+    logics["SubjectHierarchy"] = subjectHierarchy
     for node in build_view_nodes():
         scene.AddNode(node)
     return scene, appLogic, logics
 
 
+CONVENTIONAL_LAYOUT = 2
+"""``vtkMRMLLayoutNode.SlicerLayoutConventionalView``, Slicer's default."""
+
+
 def build_view_nodes() -> list[Any]:
-    """What Slicer's default layout adds: a 3D view node and the Red/Yellow/Green slice composites."""
+    """What Slicer's default layout adds: the layout node, a 3D view node and the Red/Yellow/Green
+    slice composites."""
+    layout = slicer.vtkMRMLLayoutNode()
+    layout.SetSingletonTag("vtkMRMLLayoutNode")
+    layout.SetViewArrangement(CONVENTIONAL_LAYOUT)
     view = slicer.vtkMRMLViewNode()
     view.SetSingletonTag("1")
     view.SetLayoutName("1")
-    nodes = [view]
+    nodes = [layout, view]
     for layoutName in ("Red", "Yellow", "Green"):
         composite = slicer.vtkMRMLSliceCompositeNode()
         composite.SetSingletonTag(layoutName)
@@ -93,19 +111,81 @@ def build_view_nodes() -> list[Any]:
     return nodes
 
 
+class _Signal:
+    """A signal without Qt: ``connect`` records the slot, ``emit`` calls every slot."""
+
+    def __init__(self) -> None:
+        self.slots: list[Any] = []
+
+    def connect(self, slot: Any) -> None:
+        self.slots.append(slot)
+
+    def emit(self) -> None:
+        for slot in list(self.slots):
+            slot()
+
+
+class _ThreeDView:
+    """``qMRMLThreeDView``: counts camera resets."""
+
+    def __init__(self) -> None:
+        self.cameraResets = 0
+
+    def resetCamera(
+        self, resetRotation: bool = True, resetTranslation: bool = True, resetDistance: bool = True
+    ) -> None:
+        self.cameraResets += 1
+
+
+class _LayoutManager:
+    """``qSlicerLayoutManager`` with one 3D view and no slice widgets (nothing is drawn)."""
+
+    def __init__(self) -> None:
+        self.view = _ThreeDView()
+
+    def threeDViewCount(self) -> int:
+        return 1
+
+    def threeDWidget(self, index: int) -> Any:
+        return types.SimpleNamespace(threeDView=lambda: self.view)
+
+    def mrmlSliceLogics(self) -> Any:
+        import vtk
+
+        return vtk.vtkCollection()
+
+
 class _App:
-    """``slicer.app``: testing mode on, no main window, no layout manager."""
+    """``slicer.app``: Slicer 5.10 in testing mode, no main window, a stand-in layout manager."""
 
     applicationName = "Slicer (test stand-in)"
+    majorVersion = 5
+    minorVersion = 10
+
+    def __init__(self) -> None:
+        self.temporaryPath = tempfile.mkdtemp(prefix="slicer-temp-")
+        self.startupCompleted = _Signal()
+        self._layoutManager = _LayoutManager()
 
     def testingEnabled(self) -> bool:
         return True
 
-    def layoutManager(self) -> None:
-        return None
+    def layoutManager(self) -> _LayoutManager:
+        return self._layoutManager
 
     def processEvents(self) -> None:
         QtWidgets.QApplication.processEvents()
+
+
+_usleep = ctypes.PyDLL(None).usleep
+"""libc's usleep called through ``PyDLL``, which keeps the GIL during the call (``CDLL`` would release it)."""
+_usleep.argtypes = [ctypes.c_uint]
+
+
+def idleHoldingGIL(seconds: float) -> None:
+    """Idle like Slicer's GUI thread between events: sleep without releasing Python's lock, so
+    other Python threads of this process cannot run meanwhile (they can in other processes)."""
+    _usleep(int(seconds * 1_000_000))
 
 
 class _UiLoader(QtUiTools.QUiLoader):

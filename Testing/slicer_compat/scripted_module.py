@@ -6,9 +6,9 @@ its singleton ``vtkMRMLScriptedModuleNode`` (tagged with the module name, as Sli
 test class is a ``unittest.TestCase`` with ``delayDisplay``. The developer section (Reload &
 Test buttons) and the module manager are left out.
 
-Source-tree note: Slicer finds ``Resources/`` next to the installed module file; in this
-repository it sits one folder up (the build copies it next to the module), so
-``resourcePath`` looks there too.
+``resourcePath`` is Slicer's: ``<folder of the module file>/Resources/<filename>`` and nothing
+else, so that a module which only works built (Resources next to it) fails here too; the module
+finds its files through ``CTMLLMSlicerLib.resources`` instead.
 """
 
 from __future__ import annotations
@@ -39,14 +39,8 @@ class ModuleParent:
 
 
 def resourcePathFor(modulePath: str, filename: str) -> str:
-    moduleDir = os.path.dirname(os.path.abspath(modulePath))
-    for candidate in (
-        os.path.join(moduleDir, "Resources"),
-        os.path.join(os.path.dirname(moduleDir), "Resources"),
-    ):
-        if os.path.isdir(candidate):
-            return os.path.join(candidate, filename)
-    return os.path.join(moduleDir, "Resources", filename)
+    """Slicer's rule (ScriptedLoadableModule.resourcePath): Resources/ beside the module file."""
+    return os.path.join(os.path.dirname(os.path.abspath(modulePath)), "Resources", filename)
 
 
 class ScriptedLoadableModule:

@@ -8,6 +8,7 @@ drive a real MRML scene; look and feel are approximations (a group box, a combo 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from PySide6 import QtCore, QtWidgets
@@ -42,17 +43,18 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801
         super().__init__(parent)
         self._scene: Any = None
         self._observers: list[int] = []
+        self._observed: list[Any] = [None]  # the observed scene, shared with the ``destroyed`` slot
         self._nodeIDs: list[str | None] = []
         self.currentIndexChanged.connect(self._emitCurrentNode)
+        # as the C++ widget does: stop observing the scene when deleted (the slot must not hold self)
+        self.destroyed.connect(functools.partial(_removeObservers, self._observers, self._observed))
 
     def nodeTypes(self) -> list[str]:
         return list(self.property("nodeTypes") or ["vtkMRMLNode"])
 
     def setMRMLScene(self, scene: Any) -> None:
-        if self._scene is not None:
-            for tag in self._observers:
-                self._scene.RemoveObserver(tag)
-        self._scene, self._observers = scene, []
+        _removeObservers(self._observers, self._observed)
+        self._scene = self._observed[0] = scene
         if scene is not None:
             for event in (
                 scene.NodeAddedEvent,
@@ -113,6 +115,14 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801
 
     def _emitCurrentNode(self, *args: Any) -> None:
         self.currentNodeChanged.emit(self.currentNode())
+
+
+def _removeObservers(tags: list[int], scenes: list[Any], *args: Any) -> None:
+    """Remove the observer ``tags`` from ``scenes[0]`` and empty the list (both shared, not copied)."""
+    if scenes[0] is not None:
+        for tag in tags:
+            scenes[0].RemoveObserver(tag)
+    tags.clear()
 
 
 class ctkCollapsibleButton(QtWidgets.QGroupBox):  # noqa: N801
