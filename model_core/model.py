@@ -50,6 +50,7 @@ from model_core.families import get_family
 from model_core.framing import VisualFraming, default_framing
 from model_core.generation import CallbackStreamer, CancelOnEvent, GenerationResult, iterate_in_thread
 from model_core.hub import CONFIG_FILE
+from model_core.prefix_cache import VISUAL_SLOT, PrefixCache
 from model_core.projector import VolumeProjector
 from model_core.prompts import DEFAULT_REPORT_PROMPT
 from model_core.volume_encoder import VolumeAdapter, VolumeInputError
@@ -549,20 +550,34 @@ class CTMLLM(nn.Module):
         table = self.language_model.get_input_embeddings()
         return table(torch.tensor(ids, dtype=torch.long, device=self.device))
 
+    def prompt_sequence(
+        self, visual_tokens: int, prompt: str, history: History = (), groups: int = 1
+    ) -> list[int]:
+        """The prompt's token ids with ``VISUAL_SLOT`` where each of ``visual_tokens`` visual tokens
+        of ``groups`` slice groups (depth-major) goes, each group framed (``self.framing``)."""
+        if visual_tokens % groups:
+            raise ValueError(f"{visual_tokens} visual tokens do not split into {groups} equal slice groups")
+        separators = self.framing.separators(groups)
+        before, after = self.chat_segments(prompt, history, sum(len(ids) for ids in separators))
+        sequence = before + separators[0]
+        for separator in separators[1:]:
+            sequence += [VISUAL_SLOT] * (visual_tokens // groups) + separator
+        return sequence + after
+
+    def embed_sequence(self, sequence: list[int], visual: torch.Tensor) -> torch.Tensor:
+        """``prompt_sequence`` ids and the ``(tokens, llm_hidden)`` visual tokens -> ``(sequence,
+        llm_hidden)`` input embeddings (differentiable in ``visual``)."""
+        ids = torch.tensor(sequence, dtype=torch.long, device=self.device)
+        embeds = self.language_model.get_input_embeddings()(ids.clamp(min=0))
+        slots = (ids == VISUAL_SLOT).unsqueeze(-1)  # (sequence, 1)
+        return embeds.masked_scatter(slots, visual.to(embeds.dtype))
+
     def prompt_embeddings(
         self, visual: torch.Tensor, prompt: str, history: History = (), groups: int = 1
     ) -> torch.Tensor:
         """``(tokens, llm_hidden)`` visual tokens of ``groups`` slice groups (depth-major) ->
         ``(sequence, llm_hidden)`` prompt embeddings, each group framed (``self.framing``)."""
-        if visual.shape[0] % groups:
-            raise ValueError(f"{visual.shape[0]} visual tokens do not split into {groups} equal slice groups")
-        separators = self.framing.separators(groups)
-        before, after = self.chat_segments(prompt, history, sum(len(ids) for ids in separators))
-        pieces = [self._embed_ids(before + separators[0])]
-        for group, separator in zip(visual.to(self.dtype).chunk(groups), separators[1:], strict=True):
-            pieces += [group, self._embed_ids(separator)]
-        pieces.append(self._embed_ids(after))
-        return torch.cat(pieces, dim=0)
+        return self.embed_sequence(self.prompt_sequence(visual.shape[0], prompt, history, groups), visual)
 
     def compute_loss(
         self,
@@ -632,6 +647,7 @@ class CTMLLM(nn.Module):
         do_sample: bool | None = None,
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> GenerationResult:
         """Answer ``prompt`` about a volume (or its cached features); no prompt: write a report.
 
@@ -640,6 +656,8 @@ class CTMLLM(nn.Module):
         forced task that differs from theirs is refused). ``GenerationResult.expert`` says which
         expert read the volume. Greedy by default. ``on_text`` receives text chunks as they are
         decoded; setting ``cancel`` from another thread stops after the token in progress.
+        ``prefix_cache`` (one per conversation, with the same features each turn) keeps the
+        language model's key/value cache between turns, so a follow-up prefills only its new text.
         """
         start = time.perf_counter()
         max_new_tokens = check_max_new_tokens(max_new_tokens)
@@ -654,16 +672,28 @@ class CTMLLM(nn.Module):
         prompt = prompt or self.default_prompt(task or "report")
         if not isinstance(volume_or_features, VisualFeatures):
             features = self.encode_volume(volume_or_features, task=task, prompt=prompt)
-        embeds = self.prompt_embeddings(features.tokens, prompt, history, features.groups).unsqueeze(0)
+        sequence = self.prompt_sequence(features.tokens.shape[0], prompt, history, features.groups)
+        embeds = self.embed_sequence(sequence, features.tokens).unsqueeze(0)  # (1, sequence, llm_hidden)
+        past = None
+        if prefix_cache is not None:
+            past = prefix_cache.prepare(sequence, features.tokens, self.language_model.config)
         cancel = cancel or threading.Event()
         streamer = CallbackStreamer(self.tokenizer, on_text or (lambda _text: None))
-        output = self.language_model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
-            generation_config=self._hf_generation_config(max_new_tokens, do_sample),
-            stopping_criteria=[CancelOnEvent(cancel)],
-            streamer=streamer,
-        )
+        try:
+            output = self.language_model.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
+                generation_config=self._hf_generation_config(max_new_tokens, do_sample),
+                stopping_criteria=[CancelOnEvent(cancel)],
+                streamer=streamer,
+                past_key_values=past,
+            )
+        except BaseException:
+            if prefix_cache is not None:  # a forward stopped midway may leave layers of unequal length
+                prefix_cache.clear()
+            raise
+        if prefix_cache is not None:
+            prefix_cache.record(sequence, output[0].tolist())
         text = self.tokenizer.decode(output[0], skip_special_tokens=True)
         return GenerationResult(
             text=text,
