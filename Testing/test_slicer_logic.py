@@ -148,6 +148,30 @@ def test_follow_up_questions_reuse_the_encoded_volume_and_the_conversation(mrml,
     assert third.encoded and encodes == [REPORT, QUESTION, QUESTION]
 
 
+def test_a_follow_up_question_prefills_only_its_new_text(mrml, request_):
+    """The session keeps the language model's cache with the encoded volume: the second question
+    reuses the visual tokens and the first turn, and writes what it writes without the cache."""
+    volume = mrml.load(ABDOMEN_CT, "abdomen")
+    core = CTMLLMLogicCore(mrml.scene)
+    model = core.loadModel(request_)
+    calls: list[tuple] = []
+    original = model.generate
+
+    def spy(features, prompt, **kwargs):
+        result = original(features, prompt, **kwargs)
+        cache = kwargs["prefix_cache"]
+        calls.append((features, kwargs["history"], cache, cache.reused, result.text))
+        return result
+
+    model.generate = spy
+    core.askQuestion(volume, "Is the liver enlarged?", request_, maxNewTokens=6, forceExpert=True)
+    core.askQuestion(volume, "Is there a lesion?", request_, maxNewTokens=6, forceExpert=True)
+    (features, _, cache, first_reused, _), (same, history, again, reused, text) = calls
+    assert same is features and again is cache and first_reused == 0
+    assert reused > features.tokens.shape[0]
+    assert text == original(features, "Is there a lesion?", history=history, max_new_tokens=6).text
+
+
 def test_by_default_the_task_router_picks_each_turns_expert_and_the_turn_says_which(mrml, routed_model_dir):
     """Automatic mode: the router reads each prompt; features are reused per expert it picks."""
     volume = mrml.load(ABDOMEN_CT, "abdomen")

@@ -64,7 +64,15 @@ class FakeModel:
         return SimpleNamespace(task=task or self.route(prompt or ""), shape=volume.shape)
 
     def generate(
-        self, features, prompt, task=None, history=(), max_new_tokens=None, on_text=None, cancel=None
+        self,
+        features,
+        prompt,
+        task=None,
+        history=(),
+        max_new_tokens=None,
+        on_text=None,
+        cancel=None,
+        prefix_cache=None,
     ):
         start = time.perf_counter()
         if self.hangInGenerate:

@@ -215,11 +215,14 @@ class PreparedVolume:
 @dataclass
 class EncodedVolume:
     """A cache entry: the visual features, the expert that encoded them (None for a model without
-    task experts), and their input's preprocessing and notices."""
+    task experts), and their input's preprocessing and notices. ``prefix``: the language model's
+    key/value cache of the last conversation on these features (``model_core.prefix_cache``), so
+    a follow-up question prefills only its new text."""
 
     features: Any
     expert: str | None
     input: PreparedVolume
+    prefix: Any = None
 
 
 @dataclass
@@ -510,6 +513,10 @@ class ModelSession:
             entry = self._features.get(self._featureKey(model, key, task, prompt))
             if entry is None:
                 raise NoVolumeError("the encoded volume left the cache: click again to re-encode")
+            if entry.prefix is None:
+                from model_core.prefix_cache import PrefixCache
+
+                entry.prefix = PrefixCache()
             cancel = cancel or threading.Event()
             budget = checkedMaxNewTokens(maxNewTokens) or model.config.generation.max_new_tokens
             start, last, pieces = time.perf_counter(), 0.0, []
@@ -542,6 +549,7 @@ class ModelSession:
                     max_new_tokens=budget,
                     on_text=streamed,
                     cancel=cancel,
+                    prefix_cache=entry.prefix,
                 )
             except Exception as error:
                 if isOutOfMemory(error):

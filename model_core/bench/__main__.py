@@ -1,4 +1,4 @@
-"""``python -m model_core.bench {encoder,train,gpu} [options]``."""
+"""``python -m model_core.bench {encoder,train,gpu,compare} [options]``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ BENCHMARKS = {
     "encoder": "model_core.bench.encoder",
     "train": "model_core.bench.train",
     "gpu": "model_core.bench.gpu",
+    "compare": "model_core.bench.compare",
 }
 
 

@@ -48,6 +48,60 @@ def bench_2d_mllm(image_size: int = 256):
     return assemble_internvl(vision, text, tokenizer).eval(), tokenizer
 
 
+INTERNVIT_300M = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+}
+"""InternVL3-1B's tower (InternViT-300M-448px-V2.5): patch 14, layer scale, no q/k norm."""
+QWEN2_0_5B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151674,
+}
+"""InternVL3-1B's language model (Qwen2.5-0.5B shapes, InternVL's vocabulary)."""
+QUICK_VISION = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128}
+QUICK_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 4096,
+}
+"""Small stand-ins with the same structure, to check a benchmark end to end in seconds."""
+
+
+def internvl3_1b_2d_mllm(
+    image_size: int = 448, quick: bool = False, text_layers: int | None = None, seed: int = 0
+):
+    """A random 2D InternVL with InternVL3-1B's shapes (built from transformers' config classes, no
+    download) and the tiny tokenizer. ``quick``: a few narrow blocks of the same structure;
+    ``text_layers``: fewer language-model blocks where only the tower is measured."""
+    from transformers import InternVLVisionConfig, Qwen2Config
+
+    from model_core.tiny import assemble_internvl, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    vision = InternVLVisionConfig(
+        **(QUICK_VISION if quick else INTERNVIT_300M),
+        image_size=image_size,
+        patch_size=14,
+        use_qk_norm=False,
+        layer_scale_init_value=0.1,
+    )
+    text_shape = dict(QUICK_TEXT if quick else QWEN2_0_5B)
+    if text_layers is not None:
+        text_shape.update(num_hidden_layers=text_layers, vocab_size=len(tokenizer))
+    text = Qwen2Config(**text_shape, max_position_embeddings=32768, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return assemble_internvl(vision, text, tokenizer).eval(), tokenizer
+
+
 BENCH_MODEL = "bench100m"
 TINY_MODEL = "tiny"
 BENCH_MODELS: dict[str, str] = {
