@@ -1,4 +1,4 @@
-"""``python -m model_core.bench {encoder,train,gpu,compare} [options]``."""
+"""``python -m model_core.bench {encoder,train,gpu,compare,latency} [options]``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ BENCHMARKS = {
     "train": "model_core.bench.train",
     "gpu": "model_core.bench.gpu",
     "compare": "model_core.bench.compare",
+    "latency": "model_core.bench.latency",
 }
 
 

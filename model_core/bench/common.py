@@ -77,11 +77,17 @@ QUICK_TEXT = {
 
 
 def internvl3_1b_2d_mllm(
-    image_size: int = 448, quick: bool = False, text_layers: int | None = None, seed: int = 0
+    image_size: int = 448,
+    quick: bool = False,
+    text_layers: int | None = None,
+    seed: int = 0,
+    pad_tokenizer: bool = False,
 ):
     """A random 2D InternVL with InternVL3-1B's shapes (built from transformers' config classes, no
     download) and the tiny tokenizer. ``quick``: a few narrow blocks of the same structure;
-    ``text_layers``: fewer language-model blocks where only the tower is measured."""
+    ``text_layers``: fewer language-model blocks (and the tokenizer's vocabulary) where only the
+    tower is measured; ``pad_tokenizer``: added tokens up to the model's vocabulary, so every id
+    it generates decodes and its answers can come back as history."""
     from transformers import InternVLVisionConfig, Qwen2Config
 
     from model_core.tiny import assemble_internvl, build_tiny_tokenizer
@@ -98,6 +104,8 @@ def internvl3_1b_2d_mllm(
     if text_layers is not None:
         text_shape.update(num_hidden_layers=text_layers, vocab_size=len(tokenizer))
     text = Qwen2Config(**text_shape, max_position_embeddings=32768, tie_word_embeddings=True)
+    if pad_tokenizer:
+        tokenizer.add_tokens([f"<t{index}>" for index in range(len(tokenizer), text.vocab_size)])
     torch.manual_seed(seed)
     return assemble_internvl(vision, text, tokenizer).eval(), tokenizer
 

@@ -50,6 +50,19 @@ FULL = {"shape": (32, 256, 256), "sizes": (224, 448)}
 QUICK = {"shape": (8, 64, 64), "sizes": (28, 56)}
 
 
+def count_cpu_attention_flops() -> None:
+    """Teach torch's flop counter the CPU attention kernel (it counts only the GPU kernels), so
+    the attention of both encoders is counted alike."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    def formula(query_shape, key_shape, value_shape, *_args: Any, **_kwargs: Any) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if kernel.default not in flop_registry:
+        register_flop_formula(kernel)(formula)
+
+
 def prepared_volume(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """The CT at ``path`` as every caller prepares it (``model_core.data``), on the grid ``shape``."""
     from model_core.data import PreprocessConfig, preprocess, read_ct
@@ -95,6 +108,7 @@ def build_encoder(case: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
+    count_cpu_attention_flops()
     volume = torch.from_numpy(np.load(case["volume"]))
     net, run = build_encoder(case)
     model_mib = current_rss_mib()
