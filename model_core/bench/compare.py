@@ -131,6 +131,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         if case["precision"] != "int8"
         else None,
         "tokens": int(output.shape[-2]),
+        "flops": flops,
         "gflops": round(flops / 1e9, 3) if flops is not None else None,
         "median_s": round(median_seconds(seconds), 3),
         "min_s": round(min(seconds), 3),
