@@ -63,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="demo", help="'demo', a model folder, or a Hugging Face repo id")
     parser.add_argument("--allow-download", action="store_true", help="allow downloading a Hub model")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--precision", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="auto, float32, bfloat16, float16 or int8 (CPU: the language model in int8)",
+    )
     parser.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the model's)")
     parser.add_argument(
         "--window", default="", help="HU window preset for the model's input (default: the Logic's)"

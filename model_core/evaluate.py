@@ -381,7 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-root", default=None, help="folder the dataset's image paths are relative to")
     parser.add_argument("--vqa-mode", choices=("closed", "open", "both"), default="both")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--precision", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="auto, float32, bfloat16, float16 or int8 (CPU: the language model in int8)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

@@ -148,7 +148,7 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
         "fp16": torch.float16,
     }
     if dtype not in names:
-        raise ValueError(f"precision {dtype!r}: choose auto, float32, bfloat16 or float16")
+        raise ValueError(f"precision {dtype!r}: choose auto, float32, bfloat16, float16 or int8")
     return names[dtype]
 
 
@@ -160,14 +160,20 @@ def load_model(
     allow_download: bool = False,
     notice: Callable[[str], None] = print,
 ) -> CTMLLM:
-    """Load a CTMLLM from ``spec`` on the chosen device and precision.
+    """Load a CTMLLM from ``spec`` on the chosen device and precision (``"int8"``: float32 on the
+    CPU with the language model's linears dynamically quantised, ``model_core.int8``).
 
     Raises ``ModelNotFoundError`` (no such model), ``model_core.config.ConfigError`` (its config
     file holds a wrong value) or ``model_core.model.ModelLoadError`` (weights or tokenizer missing,
     unreadable or damaged), each naming the file or field and the fix.
     """
+    import torch
+
+    from model_core.int8 import INT8, quantize_language_model
     from model_core.model import CTMLLM
 
     folder = resolve_model_dir(spec, cache_dir, allow_download, notice)
-    target = pick_device(device)
+    target = pick_device("cpu" if dtype == INT8 and device == "auto" else device)
+    if dtype == INT8:  # float32 weights, then the language model's linears in int8 (CPU only)
+        return quantize_language_model(CTMLLM.from_pretrained(folder, device=target, dtype=torch.float32))
     return CTMLLM.from_pretrained(folder, device=target, dtype=pick_dtype(dtype, target))

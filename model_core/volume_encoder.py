@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from model_core.config import SLICES_PER_GROUP, CTMLLMConfig
 from model_core.depth_rope import DepthRoPE
 from model_core.families import Family
 from model_core.moe import Routing, TGHMoE, build_moe, routing_active
+
+_KEPT_DEPTHS: ContextVar[torch.Tensor | None] = ContextVar("ctmllm_kept_depths", default=None)
+"""The group index of each token a 3D block sees when background tokens skip it (None: all tokens)."""
 
 
 class VolumeInputError(ValueError):
@@ -99,6 +103,11 @@ class VolumeAdapter(nn.Module):
                 self._hooks.append(site.register_forward_hook(self._rope_hook))
         self._vision_tower = [vision_tower]  # a list: not registered as a submodule
         self.moe: TGHMoE | None = None
+        self.skip_background: float | None = None
+        """Inference of one volume only: tokens of patches whose pixels are all at or below this
+        value in all 3 slices of their group (air, padding) skip the 3D blocks and keep their 2D
+        features; None (the default) runs every token. Changes the output (measured in
+        docs/BENCHMARKS.md); it is not part of the saved config."""
         self.set_moe(build_moe(config.moe, family, vision_tower, self.num_blocks, self.num_3d_blocks))
 
     def set_moe(self, moe: TGHMoE | None) -> None:
@@ -116,7 +125,9 @@ class VolumeAdapter(nn.Module):
     def _rope_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         # Runs only inside 3D blocks, whose tokens are whole groups laid end to end: the depth of
         # a token follows from its index, so recomputation (gradient checkpointing) stays exact.
-        depth = torch.arange(output.shape[1], device=output.device) // self.tokens_per_group
+        depth = _KEPT_DEPTHS.get()
+        if depth is None:
+            depth = torch.arange(output.shape[1], device=output.device) // self.tokens_per_group
         return self.rope.apply(output, depth)
 
     def to_pixels(self, groups: torch.Tensor) -> torch.Tensor:
@@ -139,6 +150,20 @@ class VolumeAdapter(nn.Module):
             top, left = (side - size[0]) // 2, (side - size[1]) // 2
             images = F.pad(images, (left, side - size[1] - left, top, side - size[0] - top))
         return (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
+
+    def _foreground_tokens(self, groups: torch.Tensor) -> torch.Tensor | None:
+        """Indices into a volume's ``G * T`` tokens of those the 3D blocks run: prefix tokens and
+        patches holding any pixel above ``skip_background``; None where skipping does not apply
+        (training, several volumes, nothing to skip)."""
+        if self.training or groups.shape[0] != 1:
+            return None
+        images = self.to_pixels(groups) * self.image_std + self.image_mean  # (G, 3, S, S) in [0, 1]
+        patch = self.family.patch_size
+        busy = F.max_pool2d(images.float().amax(dim=1, keepdim=True), patch, patch)  # (G, 1, h, w)
+        keep = (busy.flatten(1) > self.skip_background).to(torch.bool)  # (G, h * w)
+        prefix = keep.new_ones(keep.shape[0], self.family.num_prefix_tokens)
+        keep = torch.cat([prefix, keep], dim=1).flatten()  # (G * T,)
+        return None if keep.all() else keep.nonzero().squeeze(1)
 
     def forward(
         self,
@@ -181,8 +206,19 @@ class VolumeAdapter(nn.Module):
         if self.num_3d_blocks:
             tokens, dim = hidden.shape[1:]
             hidden = hidden.reshape(b, g * tokens, dim)  # (B, G * T, C): one sequence per volume
-            for block in blocks[first_3d : self.num_blocks]:
-                hidden = run_block(block, hidden)
+            kept = self._foreground_tokens(groups) if self.skip_background is not None else None
+            if kept is None:
+                for block in blocks[first_3d : self.num_blocks]:
+                    hidden = run_block(block, hidden)
+            else:
+                part = hidden[:, kept]  # (1, kept, C)
+                marker = _KEPT_DEPTHS.set(kept // self.tokens_per_group)
+                try:
+                    for block in blocks[first_3d : self.num_blocks]:
+                        part = run_block(block, part)
+                finally:
+                    _KEPT_DEPTHS.reset(marker)
+                hidden = hidden.index_copy(1, kept, part)
             hidden = hidden.reshape(b * g, tokens, dim)
         hidden = self.family.final_norm(vision_tower, hidden)
         patches = hidden[:, self.family.num_prefix_tokens :]  # (B * G, h * w, C)

@@ -49,7 +49,8 @@ from CTMLLMSlicerLib.errors import (
 
 DEMO_MODEL = "demo"
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
+"""``int8``: float32 on the CPU with the language model's linears in dynamic int8 (``model_core.int8``)."""
 TASKS = (REPORT, QUESTION, None)
 """``None``: the model's text-guided router picks the expert from the prompt."""
 ALLOW_NON_CT_LABEL = "Accept non-CT volumes (MR, normalised images)"

@@ -94,6 +94,7 @@ def build_encoder(case: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
 
             mllm, tokenizer = internvl3_1b_2d_mllm(case["image_size"], quick=case["quick"], text_layers=1)
             net = CTMLLM.from_2d_model(mllm, tokenizer, volume=VolumeAdapterConfig(num_3d_blocks=case["k"]))
+            net.volume_adapter.skip_background = case.get("skip_background")
             run = lambda volume: net.encode_volumes(volume[None])  # noqa: E731
     finally:
         torch.set_default_dtype(torch.float32)
@@ -124,6 +125,11 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             start = time.perf_counter()
             run(volume)
             seconds.append(time.perf_counter() - start)
+        change = None
+        if case.get("skip_background") is not None:  # the same encoder running every token
+            net.volume_adapter.skip_background = None
+            change = round(float((run(volume) - output).abs().max()), 4)
+            scale = round(float(output.abs().max()), 4)
     peak = peak_rss_mib()
     return {
         **{key: value for key, value in case.items() if key not in ("volume", "shape")},
@@ -137,6 +143,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         "min_s": round(min(seconds), 3),
         "peak_mib": round(peak, 1),
         "growth_mib": round(peak - model_mib, 1),
+        **({"max_abs_change": change, "max_abs": scale} if change is not None else {}),
     }
 
 
@@ -162,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], choices=PRECISIONS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small shapes, to check the benchmark")
+    parser.add_argument(
+        "--skip-background",
+        type=float,
+        default=None,
+        help="also run ours with background tokens skipping the 3D blocks at this threshold (K > 0)",
+    )
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=Path("bench_results/compare.json"))
     args = parser.parse_args(argv)
@@ -183,8 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                 for size in args.sizes or shapes["sizes"]
                 for k in args.ks
             ]
+            if args.skip_background is not None:
+                cases += [
+                    {**case, "skip_background": args.skip_background}
+                    for case in cases
+                    if case["model"] == OURS and case["precision"] == precision and case["k"]
+                ]
         rows = with_peer_ratios(run_cases_in_subprocesses("model_core.bench.compare", cases, args.timeout))
-    columns = ["model", "precision", "image_size", "k", "tokens", "gflops", "median_s", "min_s", "x_peer"]
+    columns = ["model", "precision", "image_size", "k", "skip_background", "tokens", "gflops", "median_s"]
+    columns += ["min_s", "x_peer", "max_abs_change"]
     settings = vars(args) | {"out": str(args.out), "volume": str(args.volume), "shape": shapes["shape"]}
     write_report(args.out, "compare", rows, columns + ["peak_mib", "growth_mib"], settings)
     return 0 if all("error" not in row for row in rows) else 1

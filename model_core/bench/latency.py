@@ -144,9 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model_core.bench latency", description=__doc__)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
-    parser.add_argument("--volume", type=Path, default=DEFAULT_VOLUME, help="a CT file (default: shared torso CT)")
+    parser.add_argument(
+        "--volume", type=Path, default=DEFAULT_VOLUME, help="a CT file (default: shared torso CT)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--encode-repeats", type=int, default=None, help="default: 1 for the 1B shape, else 3")
+    parser.add_argument(
+        "--encode-repeats", type=int, default=None, help="default: 1 for the 1B shape, else 3"
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="narrow stand-ins of the 1B shape")
     parser.add_argument("--timeout", type=float, default=3600)
@@ -158,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": precision,
             "quick": args.quick,
             "repeats": args.repeats,
-            "encode_repeats": args.encode_repeats
-            or (1 if model == "internvl3-1b" and not args.quick else 3),
+            "encode_repeats": args.encode_repeats or (1 if model == "internvl3-1b" and not args.quick else 3),
             "new_tokens": args.new_tokens,
             "volume": str(args.volume),
         }
@@ -179,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         "reused_tokens",
         "peak_mib",
     ]
-    write_report(args.out, "latency", rows, columns, vars(args) | {"out": str(args.out), "volume": str(args.volume)})
+    write_report(
+        args.out, "latency", rows, columns, vars(args) | {"out": str(args.out), "volume": str(args.volume)}
+    )
     return 0 if all("error" not in row for row in rows) else 1
 
 
