@@ -104,3 +104,22 @@ def test_demo_model_conversation_is_the_same_with_the_cache() -> None:
         history.append((question, cached.text))
     assert cache.reused > features.tokens.shape[0]
     assert any(len(text.split()) > 3 for _, text in history)
+
+
+def test_an_error_during_generation_empties_the_cache() -> None:
+    """A forward stopped midway may leave layers of unequal length: the next turn starts afresh."""
+    model = build_tiny_ctmllm("internvl", seed=1)
+    features = model.encode_volume(volume())
+    cache = PrefixCache()
+    model.generate(features, QUESTIONS[0], max_new_tokens=3, prefix_cache=cache)
+
+    def fail(_text: str) -> None:
+        raise RuntimeError("the reader went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        model.generate(
+            features, QUESTIONS[1], max_new_tokens=12, do_sample=True, on_text=fail, prefix_cache=cache
+        )
+    assert cache.past is None and cache.sequence == []
+    again = model.generate(features, QUESTIONS[1], max_new_tokens=6, prefix_cache=cache)
+    assert cache.reused == 0 and again.text == model.generate(features, QUESTIONS[1], max_new_tokens=6).text

@@ -32,15 +32,15 @@ class PrefixCache:
     """
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything (another model, an interrupted forward, or memory to free)."""
         self.past: DynamicCache | None = None
         self.sequence: list[int] = []
         self.features: torch.Tensor | None = None
         self.reused = 0
         self.prefilled = 0
-
-    def clear(self) -> None:
-        """Forget everything (another model, or memory to free)."""
-        self.__init__()
 
     def common_length(self, sequence: Sequence[int], features: torch.Tensor) -> int:
         """How many leading positions of ``sequence`` (ids, ``VISUAL_SLOT`` for visual tokens)
