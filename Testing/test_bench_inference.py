@@ -17,13 +17,16 @@ def test_compare_puts_the_adapted_encoder_beside_m3d_vit(tmp_path) -> None:
 
     out = tmp_path / "compare.json"
     args = ["--quick", "--repeats", "1", "--precisions", "float32", "--ks", "0", "2", "--sizes", "28"]
+    args += ["--skip-background", "0.02"]
     assert compare.main([*args, "--volume", str(TORSO_CT), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    peer, k0, k2 = rows
+    peer, k0, k2, skipping = rows
+    assert skipping["k"] == 2 and 0 <= skipping["skipped_share"] < 1 and skipping["max_abs_change"] >= 0
     assert peer["model"] == compare.PEER and peer["x_peer"] == 1.0 and peer["tokens"] == 32
     assert (k0["k"], k2["k"]) == (0, 2) and k0["tokens"] == k2["tokens"]
     assert k2["flops"] > k0["flops"] > 0  # joint attention over all groups is counted on the CPU too
     assert k0["x_peer"] == pytest.approx(k0["median_s"] / peer["median_s"], rel=0.05)
+    assert "skipped_share" not in k2  # skipping is measured only where asked for
 
 
 def test_latency_reports_first_tokens_and_the_follow_up_reuses_the_prefix(tmp_path) -> None:

@@ -109,6 +109,8 @@ def build_encoder(case: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from model_core.volume_encoder import slice_groups
+
     count_cpu_attention_flops()
     volume = torch.from_numpy(np.load(case["volume"]))
     net, run = build_encoder(case)
@@ -125,11 +127,17 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             start = time.perf_counter()
             run(volume)
             seconds.append(time.perf_counter() - start)
-        change = None
+        skipping = {}
         if case.get("skip_background") is not None:  # the same encoder running every token
-            net.volume_adapter.skip_background = None
-            change = round(float((run(volume) - output).abs().max()), 4)
-            scale = round(float(output.abs().max()), 4)
+            adapter = net.volume_adapter
+            kept = adapter._foreground_tokens(slice_groups(volume[None]))
+            total = slice_groups(volume[None]).shape[1] * adapter.tokens_per_group
+            adapter.skip_background = None
+            skipping = {
+                "skipped_share": round(1 - (total if kept is None else kept.numel()) / total, 3),
+                "max_abs_change": round(float((run(volume) - output).abs().max()), 4),
+                "max_abs": round(float(output.abs().max()), 4),
+            }
     peak = peak_rss_mib()
     return {
         **{key: value for key, value in case.items() if key not in ("volume", "shape")},
@@ -143,7 +151,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         "min_s": round(min(seconds), 3),
         "peak_mib": round(peak, 1),
         "growth_mib": round(peak - model_mib, 1),
-        **({"max_abs_change": change, "max_abs": scale} if change is not None else {}),
+        **skipping,
     }
 
 
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
         rows = with_peer_ratios(run_cases_in_subprocesses("model_core.bench.compare", cases, args.timeout))
     columns = ["model", "precision", "image_size", "k", "skip_background", "tokens", "gflops", "median_s"]
-    columns += ["min_s", "x_peer", "max_abs_change"]
+    columns += ["min_s", "x_peer", "skipped_share", "max_abs_change"]
     settings = vars(args) | {"out": str(args.out), "volume": str(args.volume), "shape": shapes["shape"]}
     write_report(args.out, "compare", rows, columns + ["peak_mib", "growth_mib"], settings)
     return 0 if all("error" not in row for row in rows) else 1
