@@ -16,7 +16,7 @@ import torch
 
 from model_core import metrics
 from model_core.benchmark import BenchmarkConfig, make_study, parse_report, score_findings
-from model_core.demo_pipeline import BUDGETS
+from model_core.demo_budget import BUDGETS
 from model_core.model import CONFIG_FILE, CTMLLM
 from model_core.prompts import format_closed_question
 

@@ -158,7 +158,7 @@ def _tower_table(tower: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _ablation_lines(ablations: dict[str, list[dict]]) -> list[str]:
-    from model_core.demo_pipeline import BUDGETS, ablation_variants
+    from model_core.demo_budget import BUDGETS, ablation_variants
 
     if not ablations:
         return ["Not run."]
