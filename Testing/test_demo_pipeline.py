@@ -130,7 +130,11 @@ def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) 
     assert "| 3d_training |" in page and "| 2d_pretraining |" in page and "| tower_pretraining |" in page
     assert "| " + " | ".join(scores["tower_detection"]) + " |" in page
     assert ("Every target is met." in page) != ("Next lever:" in page)
-    assert "Not run." in page  # no ablations in this run
+    # no ablations in this run: the page says so and how to run them, and does not claim them
+    assert (
+        "## Ablations" in page and "Not run for this model" in page and "--ablations --ablation-seeds" in page
+    )
+    assert "--ship --results docs/RESULTS.md" in page
     with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
         distinct = len({row["prediction"] for row in csv.DictReader(stream)})
     assert f"Distinct generated reports: {distinct} for {TOY.test} test studies" in page
