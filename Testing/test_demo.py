@@ -4,6 +4,7 @@ beside the ground truth, and an honest notice while no trained demo model is ins
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from conftest import run_model_core_cli
@@ -22,3 +23,7 @@ def test_demo_runs_and_prints_ground_truth(tmp_path: Path) -> None:
     assert truth["report"] in done.stdout
     if not (DEMO_MODEL_DIR / "ctmllm_config.json").is_file():
         assert "NOTE: The trained demo model is not installed" in done.stdout
+        return
+    # The demo study is one on which the shipped model names a finding a radiologist can check.
+    named = re.search(r"-- (\d+) of (\d+) finding\(s\) named correctly", done.stdout)
+    assert named and int(named[1]) >= 1, done.stdout[-2000:]

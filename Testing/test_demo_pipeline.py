@@ -33,13 +33,14 @@ from model_core.benchmark.slabs import (
     slab_items,
 )
 from model_core.benchmark.text import write_report
+from model_core.demo_budget import ABLATIONS, BUDGETS, DemoBudget, ablation_variants
 from model_core.demo_card import write_model_card
 from model_core.demo_training import TowerBatches, benchmark_studies, crop_features, pretrain_2d
 from model_core.families import STATE_DICT_PREFIXES, map_2d_state_dict_name, map_ctmllm_state_dict_name
 from model_core.model import CTMLLM
 from model_core.tiny import train_bpe_tokenizer
 
-TOY = dp.BUDGETS["toy"]
+TOY = BUDGETS["toy"]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,11 @@ def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) 
     assert "| 3d_training |" in page and "| 2d_pretraining |" in page and "| tower_pretraining |" in page
     assert "| " + " | ".join(scores["tower_detection"]) + " |" in page
     assert ("Every target is met." in page) != ("Next lever:" in page)
-    assert "Not run." in page  # no ablations in this run
+    # no ablations in this run: the page says so and how to run them, and does not claim them
+    assert (
+        "## Ablations" in page and "Not run for this model" in page and "--ablations --ablation-seeds" in page
+    )
+    assert "--ship --results docs/RESULTS.md" in page
     with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
         distinct = len({row["prediction"] for row in csv.DictReader(stream)})
     assert f"Distinct generated reports: {distinct} for {TOY.test} test studies" in page
@@ -305,8 +310,8 @@ def test_ablation_table_gives_mean_and_spread_and_names_unrun_variants() -> None
         findings = {"f1": f1, "organ_f1": f1, "false_finding_rate_on_normals": 0.0}
         return {"seed": seed, "closed_accuracy": {"accuracy": accuracy}, "findings": findings}
 
-    variants = dp.ablation_variants(dp.BUDGETS["ablation"])
-    assert len(variants) == len(dp.ABLATIONS) + 1
+    variants = ablation_variants(BUDGETS["ablation"])
+    assert len(variants) == len(ABLATIONS) + 1
     name = next(iter(variants))
     ablations = {name: [run(0, 0.5, 0.2), run(1, 0.7, 0.4)]}
     row = demo_results.mean_spread([0.5, 0.7])
@@ -322,7 +327,7 @@ def test_ablation_table_gives_mean_and_spread_and_names_unrun_variants() -> None
 
 def test_budget_refuses_a_grid_the_pixel_shuffle_cannot_take() -> None:
     with pytest.raises(ValueError, match="even multiple"):
-        dp.DemoBudget(grid=(12, 48, 48), patch=16)
+        DemoBudget(grid=(12, 48, 48), patch=16)
 
 
 def _minimal_scores() -> dict:

@@ -29,21 +29,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
+from model_core.demo_budget import BUDGETS, DemoBudget, ablation_variants
+from model_core.demo_evaluation import (
+    evaluate_model,
+    router_accuracy,
+    run_module,
+    slab_lesion_check,
+)
 from model_core.tiny import assemble_internvl, train_bpe_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,134 +55,6 @@ MAX_SHIPPED_BYTES = 30 * 1024 * 1024
 COST_FILE = "cost.json"
 TOWER_FILE = "tower_pretraining.json"
 LESION_HEAD_FILE = "tower_lesion_head.safetensors"
-
-
-@dataclass(frozen=True)
-class DemoBudget:
-    """How big every step is. ``grid`` is the benchmark's ``(D, H, W)`` and the model's input; the
-    tower reads ``H x W`` slabs in ``patch``-pixel patches (``H / patch`` must be even for InternVL's
-    pixel shuffle)."""
-
-    grid: tuple[int, int, int] = (24, 96, 96)
-    train: int = 300
-    val: int = 8
-    test: int = 40
-    vocab_size: int = 1024
-    vision_hidden: int = 128
-    vision_layers: int = 6
-    patch: int = 16
-    text_hidden: int = 256
-    text_layers: int = 4
-    slab_steps: int = 600
-    slab_batch: int = 16
-    slab_lr: float = 1e-3
-    lesion_slab_share: float | None = None  # None: every slab (most hold no lesion)
-    slab_caption_style: str = "report"  # or "findings_list" (model_core.benchmark.slabs)
-    tower_steps: int = 0  # lesion-label pretraining of the tower before the captions (0: none)
-    tower_batch: int = 32
-    tower_lr: float = 1e-3
-    bf16: bool = False  # bfloat16 autocast in the tower and 2D steps (and the 3D stages' mixed precision)
-    train_3d_blocks: bool = False  # stage 1 also trains the tower's K cross-group blocks
-    window: str = "soft_tissue"  # the benchmark's HU window, a WINDOW_PRESETS name
-    real_fraction: float = 0.0  # share of studies on the shared real CTs (0: phantoms only)
-    fov_shift_share: float = 0.0  # share of phantoms framed towards the chest or the pelvis
-    stage1_steps: int = 1200
-    stage2_steps: int = 200
-    batch_size: int = 8
-    report_repeats: int = 6
-    eval_max_new_tokens: int = 160
-
-    def __post_init__(self) -> None:
-        grid_side = self.grid[1] // self.patch
-        if self.grid[1] != self.grid[2] or self.grid[1] % self.patch or grid_side % 2:
-            raise ValueError(
-                f"grid={self.grid}, patch={self.patch}: use square slices whose side is an even multiple "
-                f"of the patch size (InternVL's pixel shuffle halves the patch grid)"
-            )
-
-    @property
-    def visual_tokens(self) -> int:
-        groups = math.ceil(self.grid[0] / 3)
-        side = self.grid[1] // self.patch // 2
-        return groups * side * side
-
-
-# The shipped demo model: about an hour on a 2-core CPU. 36 slices (about 8 mm) rather than 24
-# (12 mm), the body window and the tower's lesion pretraining: see docs/MODEL_CARD.md for what each
-# changed.
-SMALL = DemoBudget(
-    grid=(36, 128, 128),
-    train=3000,
-    val=8,
-    test=120,
-    patch=8,
-    window="body",
-    real_fraction=0.25,
-    fov_shift_share=0.3,
-    tower_steps=3000,
-    tower_batch=48,
-    bf16=True,
-    slab_steps=1500,
-    stage1_steps=2000,
-    stage2_steps=300,
-    slab_caption_style="findings_list",
-    lesion_slab_share=0.5,
-)
-BUDGETS: dict[str, DemoBudget] = {
-    "small": SMALL,
-    # Ablations: the demo's benchmark and 2D checkpoints, a fifth of the 3D steps, per seed.
-    "ablation": replace(SMALL, stage1_steps=400, stage2_steps=60, test=24),
-    # Tests: every step runs in seconds; the numbers mean nothing.
-    "toy": replace(
-        SMALL,
-        grid=(12, 48, 48),
-        train=4,
-        val=1,
-        test=4,
-        vocab_size=400,
-        vision_hidden=32,
-        vision_layers=3,
-        patch=8,
-        text_hidden=64,
-        text_layers=2,
-        tower_steps=3,
-        tower_batch=4,
-        bf16=False,
-        real_fraction=0.0,
-        slab_steps=3,
-        slab_batch=4,
-        stage1_steps=3,
-        stage2_steps=2,
-        batch_size=2,
-        report_repeats=1,
-        eval_max_new_tokens=12,
-    ),
-}
-
-ABLATIONS: dict[str, dict[str, Any]] = {
-    # name -> (K, MoE mode, 2D source): one factor changed from the demo's recipe each time; the
-    # 3D blocks are trained or frozen as the recipe has them (``ablation_variants`` adds the flip)
-    "K=2, TGH-MoE hard (demo recipe)": {"k": 2, "moe": "tgh_hard", "source": "2d_checkpoint"},
-    "K=0 (2D only), TGH-MoE hard": {"k": 0, "moe": "tgh_hard", "source": "2d_checkpoint"},
-    "K=2, no MoE": {"k": 2, "moe": "none", "source": "2d_checkpoint"},
-    "K=2, token-level MoE": {"k": 2, "moe": "token", "source": "2d_checkpoint"},
-    "K=2, TGH-MoE soft": {"k": 2, "moe": "tgh_soft", "source": "2d_checkpoint"},
-    "K=2, TGH-MoE hard, from scratch": {"k": 2, "moe": "tgh_hard", "source": "2d_random"},
-}
-
-
-def ablation_variants(budget: DemoBudget) -> dict[str, dict[str, Any]]:
-    """``ABLATIONS`` with each variant's 3D-block setting (the recipe's, none for K=0), plus the
-    recipe with its 3D blocks the other way (the frozen-vs-optimised encoder ablation)."""
-    variants = {
-        name: {**v, "train_3d_blocks": budget.train_3d_blocks and v["k"] > 0} for name, v in ABLATIONS.items()
-    }
-    flipped = "frozen" if budget.train_3d_blocks else "trained"
-    variants[f"K=2, TGH-MoE hard, 3D blocks {flipped}"] = {
-        **ABLATIONS["K=2, TGH-MoE hard (demo recipe)"],
-        "train_3d_blocks": not budget.train_3d_blocks,
-    }
-    return variants
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,17 +332,6 @@ def write_3d_config(
     return path
 
 
-def run_module(args: Sequence[str], log: Callable[[str], None]) -> None:
-    """Run ``python -m <args>`` in the repository root; a failure raises with the command's tail."""
-    command = [sys.executable, "-m", *map(str, args)]
-    log("$ " + " ".join(command[2:]))
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same threads as here
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, encoding="utf-8", env=env)
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr)[-3000:]
-        raise RuntimeError(f"`{' '.join(command[2:])}` failed with exit {done.returncode}:\n{tail}")
-
-
 def train_3d(
     config_path: Path, run_dir: Path, moe_mode: str, log: Callable[[str], None], device: str = "cpu"
 ) -> Path:
@@ -487,106 +351,6 @@ def train_3d(
     if trained:  # a continued run that trained nothing keeps the recorded cost
         record_cost(run_dir, "3d_training", started, device=device)
     return final
-
-
-# ----------------------------------------------------------------------------------------------
-# Step 5: evaluation on the held-out split
-
-
-def evaluate_model(
-    model_dir: Path,
-    bench: Path,
-    eval_dir: Path,
-    budget: DemoBudget,
-    log: Callable[[str], None],
-    full: bool = True,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Report and VQA evaluation plus finding-level scores; returns the collected numbers.
-
-    ``full`` False (ablations) runs closed VQA and the report without METEOR/BERTScore.
-    """
-    text_metrics = [] if full else ["--no-bertscore", "--no-meteor"]
-    common = ["--model", model_dir, "--device", device, "--no-progress", *text_metrics]
-    runs = {
-        "report": ["--data", f"{bench / 'M3D_Cap.json'}:test", "--task", "report"],
-        "vqa": [
-            "--data",
-            bench / "M3D_VQA_test.csv",
-            "--task",
-            "vqa",
-            "--vqa-mode",
-            "both" if full else "closed",
-        ],
-    }
-    for name, args in runs.items():
-        if not (eval_dir / name / "summary.json").is_file():
-            tokens = budget.eval_max_new_tokens if name == "report" else 24
-            run_module(
-                ["model_core.evaluate", *args, *common, "--max-new-tokens", tokens, "--out", eval_dir / name],
-                log,
-            )
-    scores = eval_dir / "findings.json"
-    if not scores.is_file():
-        run_module(
-            [
-                "model_core.benchmark",
-                "score",
-                "--benchmark",
-                bench,
-                "--samples",
-                eval_dir / "report" / "samples.csv",
-                "--out",
-                scores,
-            ],
-            log,
-        )
-    return collect_scores(eval_dir)
-
-
-def collect_scores(eval_dir: Path) -> dict[str, Any]:
-    """The headline numbers of one evaluation folder (report, vqa, findings.json)."""
-    report = json.loads((eval_dir / "report" / "summary.json").read_text(encoding="utf-8"))
-    vqa = json.loads((eval_dir / "vqa" / "summary.json").read_text(encoding="utf-8"))
-    findings = json.loads((eval_dir / "findings.json").read_text(encoding="utf-8"))
-    closed = vqa.get("closed_accuracy") or {}
-    return {
-        "report_metrics": report["metrics"],
-        "bertscore_model": report.get("bertscore_model"),
-        "closed_accuracy": closed,
-        "by_question_type": vqa["by_question_type"],
-        "open_metrics": vqa["metrics"],
-        "findings": findings,
-        "counts": {"report": report["counts"], "vqa": vqa["counts"]},
-    }
-
-
-def slab_lesion_check(
-    checkpoint: Path, bench: Path, per_group: int = 30, caption_style: str = "report"
-) -> dict[str, int]:
-    """Does the 2D checkpoint see lesions? Captions it writes (in the ``caption_style`` it was
-    trained on) for held-out test slabs with and without a lesion: where a 3D failure to report
-    lesions starts."""
-    from model_core.benchmark.slabs import SlabDataset, caption_names_lesion, slab_items
-    from model_core.config import VolumeAdapterConfig
-    from model_core.model import CTMLLM
-
-    model = CTMLLM.from_2d_pretrained(checkpoint, volume=VolumeAdapterConfig(num_3d_blocks=0)).eval()
-    captions = slab_items(bench, "test", questions_per_slab=0, caption_style=caption_style)
-    with_lesion = [item for item in captions if item.meta["findings"]][:per_group]
-    without = [item for item in captions if not item.meta["findings"]][:per_group]
-    texts = [
-        model.generate(sample.load_volume(), sample.prompt, task="report", max_new_tokens=48).text
-        for sample in SlabDataset(with_lesion + without)
-    ]
-    reported = [caption_names_lesion(text, caption_style) for text in texts]
-    return {
-        "slabs_with_lesion": len(with_lesion),
-        "reported_on_lesion_slabs": sum(reported[: len(with_lesion)]),
-        "slabs_without": len(without),
-        "reported_on_normal_slabs": sum(reported[len(with_lesion) :]),
-        "distinct_captions": len(set(texts)),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -729,28 +493,6 @@ def run_ablations(
             results.setdefault(name, []).append({"seed": seed, "train_minutes": round(minutes, 2), **scores})
             path.write_text(json.dumps(results, indent=1), encoding="utf-8")
     return results
-
-
-def router_accuracy(model_dir: Path, bench: Path, limit: int = 200) -> float:
-    """How often the task router picks the sample's own task from its prompt alone (test prompts:
-    the report prompt and every test question)."""
-    from model_core.data.formats import read_m3d_vqa
-    from model_core.model import CTMLLM
-    from model_core.prompts import DEFAULT_REPORT_PROMPT, format_closed_question
-
-    model = CTMLLM.from_pretrained(model_dir)
-    prompts = [(DEFAULT_REPORT_PROMPT, "report")]
-    for record in read_m3d_vqa(bench / "M3D_VQA_test.csv")[:limit]:
-        prompts += [
-            (record.question, "vqa"),
-            (format_closed_question(record.question, record.choices), "vqa"),
-        ]
-    moe = model.volume_adapter.moe
-    router, tasks = moe.task_router, moe.set_names
-    with torch.no_grad():
-        logits = router(model.pooled_prompt_embeddings([p for p, _ in prompts]))
-    picked = [tasks[i] for i in logits.argmax(dim=-1).tolist()]
-    return float(np.mean([p == t for p, (_, t) in zip(picked, prompts, strict=True)]))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -158,12 +158,17 @@ def _tower_table(tower: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _ablation_lines(ablations: dict[str, list[dict]]) -> list[str]:
-    from model_core.demo_pipeline import BUDGETS, ablation_variants
+    from model_core.demo_budget import BUDGETS, ablation_variants
 
-    if not ablations:
-        return ["Not run."]
     budget = BUDGETS["ablation"]
     variants = ablation_variants(budget)
+    if not ablations:
+        return [
+            f"Not run for this model: {len(variants)} variants at {budget.stage1_steps} + {budget.stage2_steps} "
+            "3D steps each, per seed, did not fit the CPU time of the session that trained it. "
+            "`python -m model_core.demo_pipeline --out <run folder> --ablations --ablation-seeds 0 1` runs them on the "
+            "run's benchmark and 2D checkpoints (each variant resumes)."
+        ]
     lines = [
         f"Each variant: {budget.stage1_steps} stage-1 + {budget.stage2_steps} stage-2 steps (variants without "
         f"task experts: {budget.stage1_steps + budget.stage2_steps} stage-1 steps), batch {budget.batch_size}, "
@@ -212,7 +217,7 @@ def results_markdown(
         "# Results: the demo model on the lesion benchmark's held-out split",
         "",
         f"Written by `python -m model_core.demo_pipeline --out {run_dir} --budget {scores.get('budget', 'small')} "
-        "--ship --ablations --results docs/RESULTS.md` from the JSON that `python -m model_core.evaluate` and "
+        f"--ship{' --ablations' if ablations else ''} --results docs/RESULTS.md` from the JSON that `python -m model_core.evaluate` and "
         "`python -m model_core.benchmark score` wrote; no number here is typed by hand. Greedy decoding.",
         "",
         f"Benchmark: grid {'x'.join(map(str, b['grid']))}, window `{b.get('window', 'soft_tissue')}`, "
