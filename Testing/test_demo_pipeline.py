@@ -134,7 +134,11 @@ def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) 
     assert (
         "## Ablations" in page and "Not run for this model" in page and "--ablations --ablation-seeds" in page
     )
-    assert "--ship --results docs/RESULTS.md" in page
+    assert f"--ship --results {tmp_path / 'RESULTS.md'}`" in page
+    not_shipped = demo_results.write_results(out, tmp_path / "tried.md", shipped=False).read_text(
+        encoding="utf-8"
+    )
+    assert "whose model was not shipped" in not_shipped and "--ship" not in not_shipped
     with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
         distinct = len({row["prediction"] for row in csv.DictReader(stream)})
     assert f"Distinct generated reports: {distinct} for {TOY.test} test studies" in page

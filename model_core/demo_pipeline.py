@@ -556,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.results:
             from model_core.demo_results import write_results
 
-            print(f"wrote {write_results(out, Path(args.results))}")
+            shipped = bool(args.ship or args.ship_to)
+            print(f"wrote {write_results(out, Path(args.results), shipped)}")
         if args.model_card:
             from model_core.demo_card import write_model_card
 

@@ -207,17 +207,34 @@ def _ablation_lines(ablations: dict[str, list[dict]]) -> list[str]:
 
 
 def results_markdown(
-    scores: dict[str, Any], cost: dict[str, Any], ablations: dict[str, list[dict]], run_dir: str = "runs/demo"
+    scores: dict[str, Any],
+    cost: dict[str, Any],
+    ablations: dict[str, list[dict]],
+    run_dir: str = "runs/demo",
+    shipped: bool = True,
+    page: str = "docs/RESULTS.md",
 ) -> str:
     """docs/RESULTS.md: the demo model's held-out scores against their targets, what the tower
-    sees, training cost and the ablation table."""
+    sees, training cost and the ablation table. ``shipped`` False: a run of the recipe whose model
+    was not shipped (kept beside the shipped model's page, so a tried recipe's numbers are not lost)."""
     findings, closed, b = scores["findings"], scores["closed_accuracy"], scores["budget_settings"]
     report, open_m = scores["report_metrics"], scores["open_metrics"]
     lines = [
-        "# Results: the demo model on the lesion benchmark's held-out split",
+        "# Results: the demo model on the lesion benchmark's held-out split"
+        if shipped
+        else "# Results of a demo-recipe run whose model was not shipped",
         "",
+        *(
+            []
+            if shipped
+            else [
+                "The shipped demo model (`model_core/demo_model`) is described by docs/RESULTS.md and "
+                "docs/MODEL_CARD.md; this page keeps the measurements of a run that did not replace it.",
+                "",
+            ]
+        ),
         f"Written by `python -m model_core.demo_pipeline --out {run_dir} --budget {scores.get('budget', 'small')} "
-        f"--ship{' --ablations' if ablations else ''} --results docs/RESULTS.md` from the JSON that `python -m model_core.evaluate` and "
+        f"{'--ship ' if shipped else ''}{'--ablations ' if ablations else ''}--results {page}` from the JSON that `python -m model_core.evaluate` and "
         "`python -m model_core.benchmark score` wrote; no number here is typed by hand. Greedy decoding.",
         "",
         f"Benchmark: grid {'x'.join(map(str, b['grid']))}, window `{b.get('window', 'soft_tissue')}`, "
@@ -301,13 +318,15 @@ def read_run_costs(out: Path) -> dict[str, Any]:
     return cost
 
 
-def write_results(out: Path, target: Path) -> Path:
-    """Render ``out/scores.json``, the run's costs and ``out/ablations.json``."""
+def write_results(out: Path, target: Path, shipped: bool = True) -> Path:
+    """Render ``out/scores.json``, the run's costs and ``out/ablations.json`` (``shipped``: see
+    ``results_markdown``)."""
     scores = json.loads((out / "scores.json").read_text(encoding="utf-8"))
     with open(out / "eval" / "report" / "samples.csv", newline="", encoding="utf-8") as stream:
         scores["distinct_reports"] = len({row["prediction"] for row in csv.DictReader(stream)})
     cost = read_run_costs(out)
     ablations_file = out / "ablations.json"
     ablations = json.loads(ablations_file.read_text(encoding="utf-8")) if ablations_file.is_file() else {}
-    target.write_text(results_markdown(scores, cost, ablations, str(out)), encoding="utf-8")
+    page = results_markdown(scores, cost, ablations, str(out), shipped, str(target))
+    target.write_text(page, encoding="utf-8")
     return target
