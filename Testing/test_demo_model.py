@@ -56,11 +56,11 @@ def measure(model: CTMLLM) -> dict[str, float]:
     expert from each prompt."""
     settings = model.preprocess_config()
     config = BenchmarkConfig(seed=SAMPLE_SEED, grid=tuple(settings.target_shape), window=settings.window)
-    predicted, truth, correct, reports, references, experts = [], [], [], [], [], []
+    predicted, truth, correct, reports, references, routed_right = [], [], [], [], [], []
     for index in range(STUDIES):
         study = make_study("test", index, config)
         result = model.generate(study.image, model.default_prompt("report"), max_new_tokens=REPORT_TOKENS)
-        experts.append(result.expert)
+        routed_right.append(result.expert == "report")
         predicted.append(parse_report(result.text))
         truth.append(study.findings)
         reports.append(result.text)
@@ -69,12 +69,10 @@ def measure(model: CTMLLM) -> dict[str, float]:
             choices = {letter: row[f"Choice {letter}"] for letter in "ABCD"}
             prompt = format_closed_question(row["Question"], choices)
             answer = model.generate(study.image, prompt, max_new_tokens=8)
-            experts.append(answer.expert)
+            routed_right.append(answer.expert == "vqa")
             correct.append(metrics.closed_vqa_correct(answer.text, row["Answer Choice"]))
     scores = score_findings(predicted, truth)
     rouge1 = metrics.score_texts(references, reports, bertscore=False, meteor_score=False)["rouge1"]
-    routed_right = [e == "report" for e in experts[:: QUESTIONS_PER_STUDY + 1]]
-    routed_right += [e == "vqa" for i, e in enumerate(experts) if i % (QUESTIONS_PER_STUDY + 1)]
     return {
         "closed_accuracy": sum(correct) / len(correct),
         "finding_f1": scores["f1"],
