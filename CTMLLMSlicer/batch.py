@@ -40,6 +40,8 @@ def _add_import_paths() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from model_core.hub import add_precision_option
+
     parser = argparse.ArgumentParser(
         prog="batch.py",
         description="Run the CT-MLLM model over many CT studies: one JSON and one Markdown file per case, "
@@ -63,11 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="demo", help="'demo', a model folder, or a Hugging Face repo id")
     parser.add_argument("--allow-download", action="store_true", help="allow downloading a Hub model")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        help="auto, float32, bfloat16, float16 or int8 (CPU: the language model in int8)",
-    )
+    add_precision_option(parser)
     parser.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the model's)")
     parser.add_argument(
         "--window", default="", help="HU window preset for the model's input (default: the Logic's)"

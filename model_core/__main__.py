@@ -170,6 +170,8 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from model_core.hub import add_precision_option
+
     parser = argparse.ArgumentParser(prog="python -m model_core", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -190,11 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-non-ct", action="store_true", help="accept volumes that do not look like CT"
     )
     generate.add_argument("--device", default="auto", help="auto, cpu or gpu")
-    generate.add_argument(
-        "--precision",
-        default="auto",
-        help="auto, float32, bfloat16, float16 or int8 (CPU: the language model in int8)",
-    )
+    add_precision_option(generate)
     generate.add_argument("--allow-download", action="store_true", help="allow a Hub download of --model")
     generate.add_argument("--sr", metavar="FILE.dcm", help="also write the text as a DICOM Structured Report")
     for name, option in SR_OPTIONS.items():

@@ -360,6 +360,8 @@ def evaluate(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from model_core.hub import add_precision_option
+
     parser = argparse.ArgumentParser(
         prog="python -m model_core.evaluate",
         description="Evaluate a CTMLLM on M3D-Cap / M3D-VQA / JSONL with M3D's metric definitions.",
@@ -381,11 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-root", default=None, help="folder the dataset's image paths are relative to")
     parser.add_argument("--vqa-mode", choices=("closed", "open", "both"), default="both")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        help="auto, float32, bfloat16, float16 or int8 (CPU: the language model in int8)",
-    )
+    add_precision_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

@@ -10,6 +10,7 @@ Logic asks ``looks_like_hub_repo_id`` before they are installed).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from collections.abc import Callable
@@ -130,6 +131,15 @@ def pick_device(device: str = "auto") -> torch.device:
     if device not in ("gpu", "cuda", "cpu"):
         raise ValueError(f"device {device!r}: choose auto, cpu or cuda")
     return torch.device("cuda" if device == "gpu" else device)
+
+
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    """``--precision``, as the CLI, the evaluation and the batch script offer it (``load_model``'s ``dtype``)."""
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="auto, float32, bfloat16, float16 or int8 (CPU: the language model in int8)",
+    )
 
 
 def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
