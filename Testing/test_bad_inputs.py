@@ -356,7 +356,7 @@ def test_broken_model_folders_get_the_projects_words_everywhere(broken_model, tm
     from CTMLLMSlicerLib import batch_scene
     from model_core.config import ConfigError
     from model_core.hub import load_model
-    from model_core.model import ModelLoadError
+    from model_core.model_files import ModelLoadError
 
     row, folder = broken_model
     with pytest.raises((ConfigError, ModelLoadError)) as api:

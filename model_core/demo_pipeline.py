@@ -165,7 +165,7 @@ def export_2d_checkpoint(model, folder: Path) -> Path:
     from transformers import AutoModelForImageTextToText
 
     from model_core.families import map_ctmllm_state_dict_name
-    from model_core.model import mllm_config_from_dict
+    from model_core.model_files import mllm_config_from_dict
 
     if model.config.moe.enabled or model.config.volume.num_3d_blocks:
         raise ValueError("only a 2D CTMLLM (num_3d_blocks 0, moe.mode 'none') exports as a 2D checkpoint")

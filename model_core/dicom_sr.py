@@ -110,7 +110,7 @@ class ObserverDevice:
     @classmethod
     def from_model(cls, model: Any) -> ObserverDevice:
         """The loaded ``CTMLLM``'s name and weights checksum (empty for a model that has no folder)."""
-        from model_core.model import WEIGHTS_FILE
+        from model_core.model_files import WEIGHTS_FILE
 
         folder = getattr(model, "model_dir", None)
         return cls.from_weights(model.model_id, Path(folder) / WEIGHTS_FILE if folder else None)

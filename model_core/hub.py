@@ -99,7 +99,7 @@ def _from_hub(repo_id: str, cache: Path, allow_download: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from model_core.model import HUB_FILE_PATTERNS
+    from model_core.model_files import HUB_FILE_PATTERNS
 
     fetch = dict(cache_dir=str(cache), allow_patterns=HUB_FILE_PATTERNS)
     try:  # a repo downloaded before loads offline, without asking again

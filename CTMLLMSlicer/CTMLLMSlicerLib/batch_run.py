@@ -390,7 +390,7 @@ def _run_locked(
 
 def _load_model(run: _Run, stream: TextIO) -> dict[str, str]:
     """Load the model once through the Logic; its identity and weights checksum for every record."""
-    from model_core.model import WEIGHTS_FILE
+    from model_core.model_files import WEIGHTS_FILE
 
     start = time.perf_counter()
 

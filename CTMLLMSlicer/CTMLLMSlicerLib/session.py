@@ -354,7 +354,7 @@ class ModelSession:
         folder = getattr(self.model, "model_dir", None)
         weights = ""
         if folder:
-            from model_core.model import WEIGHTS_FILE  # the model is loaded: torch is imported already
+            from model_core.model_files import WEIGHTS_FILE
 
             weights = os.path.join(str(folder), WEIGHTS_FILE)
         return {
