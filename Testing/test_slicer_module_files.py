@@ -345,13 +345,14 @@ os._exit(98)
 """
 
 
-def test_the_batch_script_inside_slicer_exits_with_status_2_on_an_unexpected_error(tmp_path):
+def test_the_batch_script_inside_slicer_without_torch_exits_with_status_2_and_says_how_to_install(tmp_path):
     code = IN_SLICER_WITHOUT_TORCH.format(input=resources.sampleCTPath(), output=str(tmp_path / "out"),
                                           batch=str(MODULE_DIR / "batch.py"))  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr[-3000:]
     assert "slicer.util.exit(2)" in done.stdout
-    assert "the run could not start: ModuleNotFoundError" in done.stderr and "torch" in done.stderr
+    assert "run could not start" in done.stderr and "No module named 'torch'" in done.stderr
+    assert "open the CT-MLLM module once and accept its install" in done.stderr
 
 
 SELF_TEST_WITHOUT_TORCH = """

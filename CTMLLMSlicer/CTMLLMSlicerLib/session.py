@@ -39,6 +39,7 @@ from CTMLLMSlicerLib.conversation import QUESTION, REPORT
 from CTMLLMSlicerLib.errors import (
     CTMLLMSlicerError,
     DownloadNotConfirmedError,
+    MissingDependenciesError,
     ModelOutOfMemoryError,
     ModelUnavailableError,
     NotCTVolumeError,
@@ -328,6 +329,12 @@ class ModelSession:
                 raise
             except FileNotFoundError as error:  # model_core.hub.ModelNotFoundError derives from it
                 raise ModelUnavailableError(str(error)) from error
+            except ModuleNotFoundError as error:  # the batch script in a Slicer whose Python lacks them
+                raise MissingDependenciesError(
+                    f"could not load model {request.spec!r}: {error}: the model's Python packages are not all "
+                    "installed here; in Slicer, open the CT-MLLM module once and accept its install of the "
+                    "model's packages (outside Slicer: the README's set-up)"
+                ) from error
             except Exception as error:  # ModelLoadError, ConfigError: their messages name the file and fix
                 if isOutOfMemory(error):
                     raise outOfMemoryError(request, "loading the model") from error
