@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from model_core.benchmark.anatomy import finding_site_label
 from model_core.benchmark.build import BenchmarkConfig, make_study
-from model_core.benchmark.detection import OrganMatchedAUC, patch_sites
+from model_core.benchmark.detection import OrganMatchedAUC, SiteReadout, patch_sites
 from model_core.benchmark.findings import Finding
 from model_core.benchmark.lesions import lesion_occupancy
 from model_core.benchmark.slabs import PATCH_LESION_LABELS, findings_in_slab, patch_lesion_targets
@@ -100,3 +101,52 @@ def test_organ_matched_auc_refuses_scores_that_do_not_tile_the_slab(studies: lis
         OrganMatchedAUC().add_study(
             np.zeros((4, 5, 5)), study.findings, study.labels, study.spacing_mm, PATCH
         )
+
+
+def _readout(studies: list, scorer) -> dict:
+    readout = SiteReadout(min_size_mm=0.1)  # the test phantoms' lesions are of every size
+    for study in studies:
+        slabs = study.image.shape[0] // 3
+        scores = np.stack([scorer(study, start * 3) for start in range(slabs)])
+        readout.add_study(scores, study.findings, study.labels, study.spacing_mm, PATCH)
+    return readout.result()
+
+
+def test_site_readout_is_chance_for_a_blind_scorer_and_perfect_for_the_lesion_mask(studies: list) -> None:
+    def mask(study, start):
+        return patch_lesion_targets(study.findings, study.spacing_mm, start, (48, 48), PATCH)[:, 0].reshape(
+            6, 6
+        )
+
+    blind = _readout(studies, lambda study, start: np.zeros((6, 6)))
+    seeing = _readout(studies, mask)
+    assert blind["sites"] == seeing["sites"] and 0 < seeing["with_lesion"] < seeing["sites"]
+    assert blind["auc"] == 0.5 and seeing["auc"] == 1.0 and seeing["best_f1"] == 1.0
+    # the blind scorer's best is to call every site: F1 = 2p / (1 + p) for p sites with a lesion
+    share = seeing["with_lesion"] / seeing["sites"]
+    assert blind["best_f1"] == pytest.approx(2 * share / (1 + share), abs=1e-4)
+
+    # one normal patch scoring like a lesion (a vessel in the lung, say) in each slab caps the
+    # readout, though almost every normal patch still ranks below every lesion
+    def with_false_alarm(study, start):
+        scores = mask(study, start).copy()
+        sites = patch_sites(study.labels[start : start + 3], PATCH)
+        lesion_sites = {finding_site_label(f) for f in study.findings}
+        normal = np.argwhere([[s is not None and s not in lesion_sites for s in row] for row in sites])
+        if len(normal):
+            scores[tuple(normal[0])] = 1.0
+        return scores
+
+    assert _readout(studies, with_false_alarm)["best_f1"] < 1.0
+
+
+def test_site_readout_leaves_out_sites_with_only_smaller_lesions(studies: list) -> None:
+    every_size = _readout(studies, lambda study, start: np.zeros((6, 6)))
+    sizes = [f.size_mm for study in studies for f in study.findings]
+    large_only = SiteReadout(min_size_mm=max(sizes))
+    for study in studies:
+        large_only.add_study(
+            np.zeros((study.image.shape[0] // 3, 6, 6)), study.findings, study.labels, study.spacing_mm, PATCH
+        )
+    assert large_only.result()["with_lesion"] < every_size["with_lesion"]
+    assert large_only.result()["sites"] < every_size["sites"]

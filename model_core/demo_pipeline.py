@@ -258,8 +258,8 @@ def _tower_step(
     model, bench: Path, budget: DemoBudget, seed: int, log: Callable[[str], None], folder: Path
 ) -> dict[str, Any]:
     """Dense lesion pretraining of the tower (``model_core.demo_training``), then its
-    organ-matched AUC on every slab of the held-out test studies. The lesion head is kept beside
-    the checkpoint (``LESION_HEAD_FILE``, for diagnostics; no model loads it)."""
+    organ-matched AUC on every slab of the held-out test studies. The lesion head is kept in the
+    run folder (``LESION_HEAD_FILE``, for diagnostics; no model loads it)."""
     from safetensors.torch import save_file
 
     from model_core.demo_training import held_out_detection, pretrain_tower
@@ -268,12 +268,12 @@ def _tower_step(
         model, bench, budget.tower_steps, budget.tower_batch, budget.tower_lr, seed, log, budget.bf16
     )
     detection = held_out_detection(model, head, bench, "test")
-    log(f"tower organ-matched AUC on held-out studies: {json.dumps(detection)}")
+    log(f"the tower on held-out studies: {json.dumps(detection)}")
     folder.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, folder / LESION_HEAD_FILE
     )
-    return {"history": history, "organ_matched_auc": detection}
+    return {"history": history, **detection}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +438,9 @@ def run_pipeline(
     )
     tower = out / "2d_checkpoint" / TOWER_FILE
     if tower.is_file():
-        scores["tower_detection"] = json.loads(tower.read_text(encoding="utf-8"))["organ_matched_auc"]
+        record = json.loads(tower.read_text(encoding="utf-8"))
+        scores["tower_detection"] = record["organ_matched_auc"]
+        scores["tower_site_readout"] = record.get("site_readout")  # runs before 2026-12 lack it
     (out / "scores.json").write_text(json.dumps(scores, indent=1), encoding="utf-8")
     return scores
 

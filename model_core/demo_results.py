@@ -78,7 +78,15 @@ def next_levers(scores: dict[str, Any]) -> list[str]:
             default=None,
         )
         where = f"; the weakest kind is {weakest[0]} (recall {fmt(weakest[1])})" if weakest else ""
-        if tower_10mm is not None and tower_10mm < SEEING_TOWER_AUC:
+        readout_f1 = (scores.get("tower_site_readout") or {}).get("best_f1")
+        if readout_f1 is not None and readout_f1 < TARGETS["finding_f1_10mm"][1]:
+            lever = (
+                f"the tower: read organ by organ off its per-patch lesion score, the best F1 any reader of "
+                f"it could reach is {fmt(readout_f1)} (organ-matched AUC {fmt(tower_10mm)}), under the target; "
+                "its normal patches outscore lesions too often, so more tower steps or studies (a GPU budget) "
+                "come before more 3D steps"
+            )
+        elif tower_10mm is not None and tower_10mm < SEEING_TOWER_AUC:
             lever = (
                 f"the tower: its organ-matched AUC on these lesions is {fmt(tower_10mm)} (below "
                 f"{SEEING_TOWER_AUC}), so more tower steps or studies (a GPU budget) come first"
@@ -293,6 +301,15 @@ def results_markdown(
             "",
             *_tower_table(tower),
         ]
+        readout = scores.get("tower_site_readout")
+        if readout and readout.get("auc") is not None:
+            lines += [
+                "",
+                f"Read per organ and study by its best patch ({readout['with_lesion']} organ sites holding a "
+                f"lesion of 10 mm and up against {readout['sites'] - readout['with_lesion']} lesion-free sites): "
+                f"AUC {fmt(readout['auc'])}; F1 at the best threshold {fmt(readout['best_f1'])}, an upper bound "
+                "on the finding F1 of reports that rest on this score alone.",
+            ]
     check = scores.get("slab_check_2d")
     if check:
         lines += [

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from model_core.benchmark.build import FINDINGS_FILE, read_labels
-from model_core.benchmark.detection import OrganMatchedAUC, patch_sites
+from model_core.benchmark.detection import OrganMatchedAUC, SiteReadout, patch_sites
 from model_core.benchmark.findings import Finding
 from model_core.benchmark.slabs import PATCH_LESION_LABELS, findings_in_slab, patch_lesion_targets
 from model_core.data.formats import load_m3d_npy
@@ -289,11 +289,13 @@ def pretrain_tower(
 @torch.no_grad()
 def held_out_detection(
     model, head: torch.nn.Linear, benchmark_dir: str | Path, split: str = "test", limit: int | None = None
-) -> dict[str, dict[str, float | int | None]]:
-    """The organ-matched AUC (``benchmark.detection``) of the head's "any lesion" probability on
-    every slab of the held-out studies: does the pretrained tower see lesions?"""
+) -> dict[str, dict[str, Any]]:
+    """Does the pretrained tower see lesions? The head's "any lesion" probability on every slab of
+    the held-out studies, scored two ways (``benchmark.detection``): ``organ_matched_auc`` (per
+    lesion, against normal patches of its organ) and ``site_readout`` (per organ and study: the
+    most a report could get from these scores)."""
     model.eval()
-    tally = OrganMatchedAUC()
+    tally, readout = OrganMatchedAUC(), SiteReadout()
     patch = model.family.patch_size
     for study in benchmark_studies(benchmark_dir, split)[:limit]:
         volume = load_m3d_npy(study.image)[: study.slabs * SLICES_PER_GROUP]
@@ -301,10 +303,10 @@ def held_out_detection(
         logits = patch_logits(model, head, slabs.to(model.device))[..., 0]  # (slabs, patches)
         rows, cols = volume.shape[1] // patch, volume.shape[2] // patch
         scores = torch.sigmoid(logits).view(study.slabs, rows, cols).cpu().numpy()
-        tally.add_study(
-            scores, study.findings, read_labels(benchmark_dir, study.study_id), study.spacing_mm, patch
-        )
-    return tally.result()
+        labels = read_labels(benchmark_dir, study.study_id)
+        tally.add_study(scores, study.findings, labels, study.spacing_mm, patch)
+        readout.add_study(scores, study.findings, labels, study.spacing_mm, patch)
+    return {"organ_matched_auc": tally.result(), "site_readout": readout.result()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,20 @@ def patch_sites(labels: np.ndarray, patch: int) -> np.ndarray:
     return sites
 
 
+def touched_patches(
+    findings: Sequence[Finding], spacing_mm: Sequence[float], grid: tuple[int, int, int], patch: int
+) -> np.ndarray:
+    """``(findings, slabs, rows, cols)`` bool: the patches each lesion's sphere touches, per slab."""
+    slabs, rows, cols = grid
+    touched = np.zeros((len(findings), slabs, rows, cols), dtype=bool)
+    for index, finding in enumerate(findings):
+        for slab in range(slabs):
+            start = slab * SLICES_PER_GROUP
+            voxels = lesion_voxels_in_slab(finding, spacing_mm, start, (rows * patch, cols * patch))
+            touched[index, slab] = to_patch_grid(voxels.any(axis=0), patch).any(axis=-1)
+    return touched
+
+
 @dataclass
 class OrganMatchedAUC:
     """Collects scored studies one by one (``add_study``), then gives the AUCs (``result``)."""
@@ -61,11 +75,7 @@ class OrganMatchedAUC:
             raise ValueError(
                 f"scores {scores.shape} with {patch}-pixel patches do not tile labels {labels.shape}"
             )
-        touched = np.zeros((len(findings), slabs, rows, cols), dtype=bool)
-        for index, finding in enumerate(findings):
-            for slab in range(slabs):
-                voxels = lesion_voxels_in_slab(finding, spacing_mm, slab * SLICES_PER_GROUP, (height, width))
-                touched[index, slab] = to_patch_grid(voxels.any(axis=0), patch).any(axis=-1)
+        touched = touched_patches(findings, spacing_mm, scores.shape, patch)
         for index, finding in enumerate(findings):
             if touched[index].any():
                 self.lesions.append((finding, float(scores[touched[index]].max())))
@@ -109,3 +119,68 @@ class OrganMatchedAUC:
             name: {"auc": round(float(np.mean(values)), 4) if values else None, "lesions": len(values)}
             for name, values in groups.items()
         }
+
+
+@dataclass
+class SiteReadout:
+    """The study-level decision a per-patch scorer allows: each organ site of a study is read by
+    its highest-scoring patch over all slabs, and sites holding a lesion of ``min_size_mm`` and up
+    are told from lesion-free sites (sites with only smaller lesions are left out).
+
+    Why: a report names a lesion per organ and study, not per patch. A lesion's patch can beat
+    most normal patches (organ-matched AUC) and still lose to the best of the hundreds of normal
+    patches of its organ in one study. ``best_f1`` uses the threshold that suits these studies
+    best: an upper bound on the finding F1 of a reader that only has this scorer's evidence.
+    """
+
+    min_size_mm: float = 10.0
+    sites: list[tuple[bool, float]] = field(default_factory=list)
+
+    def add_study(
+        self,
+        scores: np.ndarray,
+        findings: Sequence[Finding],
+        labels: np.ndarray,
+        spacing_mm: Sequence[float],
+        patch: int,
+    ) -> None:
+        """``scores`` ``(slabs, rows, cols)`` as ``OrganMatchedAUC.add_study`` takes them. A site's
+        patches are those its tissue fills and those its lesions touch (a large lesion's patches
+        hold more lesion than organ)."""
+        slabs = scores.shape[0]
+        sites = np.stack(
+            [
+                patch_sites(labels[i * SLICES_PER_GROUP : (i + 1) * SLICES_PER_GROUP], patch)
+                for i in range(slabs)
+            ]
+        )
+        touched = touched_patches(findings, spacing_mm, scores.shape, patch)
+        for site in LESION_SITES:
+            inside = sites == site
+            for index, finding in enumerate(findings):
+                if finding_site_label(finding) == site:
+                    inside |= touched[index]
+            if not inside.any():
+                continue
+            lesions = [f.size_mm for f in findings if finding_site_label(f) == site]
+            if lesions and max(lesions) < self.min_size_mm:
+                continue
+            self.sites.append((bool(lesions), float(scores[inside].max())))
+
+    def result(self) -> dict[str, float | int | None]:
+        """``{"auc", "best_f1", "sites", "with_lesion"}`` (AUC and F1 None without both classes)."""
+        truth = np.array([lesion for lesion, _ in self.sites], dtype=bool)
+        score = np.array([value for _, value in self.sites], dtype=np.float64)
+        counts = {"sites": len(self.sites), "with_lesion": int(truth.sum())}
+        if not truth.any() or truth.all():
+            return {"auc": None, "best_f1": None, **counts}
+        positive, negative = score[truth], np.sort(score[~truth])
+        below = np.searchsorted(negative, positive, side="left")
+        ties = np.searchsorted(negative, positive, side="right") - below
+        auc = float((below + 0.5 * ties).sum() / (positive.size * negative.size))
+        best_f1 = 0.0
+        for threshold in np.unique(score):
+            called = score >= threshold
+            hits = int((called & truth).sum())
+            best_f1 = max(best_f1, 2 * hits / (called.sum() + truth.sum()))
+        return {"auc": round(auc, 4), "best_f1": round(best_f1, 4), **counts}
