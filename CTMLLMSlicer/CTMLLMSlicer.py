@@ -18,7 +18,6 @@ getter method of the same name).
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -37,8 +36,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CTMLLMSlicerLib import dependencies, jobs, resources
-from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation, Turn
+from CTMLLMSlicerLib import dependencies, jobs, resources, self_test
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation
 from CTMLLMSlicerLib.errors import (
     CTMLLMSlicerError,
     InstallFailedError,
@@ -55,7 +54,6 @@ from CTMLLMSlicerLib.logic import (
     defaultModelCacheFolder,
     isRepoId,
 )
-from CTMLLMSlicerLib.scene_results import RESULT_REFERENCE_ROLE
 from model_core.dicom_sr import IDENTIFIER_KEYWORDS, MissingIdentifiersError
 
 MODE_REPORT = "Report"
@@ -710,103 +708,14 @@ class CTMLLMSlicerLogic(ScriptedLoadableModuleLogic, CTMLLMLogicCore):
 
 
 class CTMLLMSlicerTest(ScriptedLoadableModuleTest):
-    """In-Slicer self-test on the module's sample CT. The panel and the logic are tested without a
-    model (this passes on a Slicer without torch); the model part runs the shipped demo model in the
-    worker process when the model's packages are installed, and says it was skipped otherwise."""
+    """In-Slicer self-test on the module's sample CT: the cases of ``CTMLLMSlicerLib.self_test``
+    (the panel and the logic without a model; the demo model in the worker process when the
+    model's packages are installed), each on a cleared scene."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (
-            self.test_PanelShowsTheSampleVolume,
-            self.test_ResultsAreStoredAndRestoredWithTheScene,
-            self.test_CloseSceneForgetsConversations,
-            self.test_ModelInWorker,
-        ):
+        for case in self_test.CASES:
             self.setUp()
-            test()
-
-    def test_PanelShowsTheSampleVolume(self):
-        logic = CTMLLMSlicerLogic()
-        volume = logic.loadSampleVolume()
-        self.assertEqual(volume.GetImageData().GetDimensions(), (160, 160, 64))
-        widget = CTMLLMSlicerWidget()
-        widget.setup()
-        try:
-            widget.ui.inputSelector.setCurrentNode(volume)
-            self.assertIs(widget._parameterNode.inputVolume, volume)
-            rendering = logic.volumeRenderingLogic.GetFirstVolumeRenderingDisplayNode(volume)
-            self.assertTrue(rendering is not None and rendering.GetVisibility())
-            self.assertFalse(widget.ui.saveButton.isEnabled())  # nothing to save yet
-            self.assertFalse(widget.ui.exportSRButton.isEnabled())
-            self.assertTrue(widget._parameterNode.routeByPrompt)  # the task router decides by default
-        finally:
-            widget.cleanup()
-        self.delayDisplay("Panel shows the sample CT")
-
-    def test_ResultsAreStoredAndRestoredWithTheScene(self):
-        logic = CTMLLMSlicerLogic()
-        volume = logic.loadSampleVolume()
-        conversation = logic.conversation(volume)
-        conversation.add(
-            Turn(QUESTION, "Is there a lesion?", "A cyst in the liver.", newTokens=6, seconds=0.1)
-        )
-        textNode = logic.saveResultToTextNode(volume)
-        self.assertIs(volume.GetNodeReference(RESULT_REFERENCE_ROLE), textNode)
-        self.assertTrue(textNode.GetText().startswith("Machine-generated text, not a diagnosis"))
-        reopened = CTMLLMSlicerLogic()  # as after reopening the saved scene: nothing in memory
-        restored = reopened.peekConversation(volume)
-        self.assertEqual(restored.history(), [("Is there a lesion?", "A cyst in the liver.")])
-        self.delayDisplay("Results stored with the scene")
-
-    def test_CloseSceneForgetsConversations(self):
-        logic = CTMLLMSlicerLogic()
-        first = logic.loadSampleVolume()
-        firstID = first.GetID()
-        logic.conversation(first).add(Turn(REPORT, "Write a report.", "Previous patient."))
-        slicer.mrmlScene.Clear()
-        logic.forgetAll()  # what the panel does on Close Scene
-        second = logic.loadSampleVolume()
-        self.assertEqual(second.GetID(), firstID)  # MRML reuses the ID...
-        self.assertIsNone(logic.peekConversation(second))  # ...but not the conversation
-        self.delayDisplay("Close Scene forgets conversations")
-
-    def test_ModelInWorker(self):
-        if not dependencies.dependenciesInstalled():
-            self.delayDisplay("Model part skipped: torch and transformers are not installed in this Slicer")
-            return
-        logic = CTMLLMSlicerLogic()
-        volume = logic.loadSampleVolume()
-        request = ModelRequest(DEMO_MODEL, device="cpu")
-
-        def idle():
-            slicer.app.processEvents()
-            time.sleep(0.02)
-
-        try:
-            answers = []
-            jobsToRun = (
-                (REPORT, None),
-                (QUESTION, "Is there a lesion?"),
-                (QUESTION, "Where?"),
-                (None, "Is the liver enlarged?"),  # the panel's default: the task router picks the expert
-                (None, "Is the spleen enlarged?"),
-            )
-            for task, prompt in jobsToRun:
-                logic.startJob(volume, task, prompt, request, maxNewTokens=24)
-                end = logic.waitForJob(timeout=300, idle=idle)
-                self.assertEqual(end.kind, jobs.FINISHED, describeError(end.error) if end.error else "")
-                answers.append(end.result)
-            self.assertTrue(answers[0].encoded and answers[1].encoded)  # a question uses the question expert
-            self.assertFalse(answers[2].encoded)  # the follow-up reuses the encoded volume in the worker
-            first, second = answers[3].turn, answers[4].turn
-            self.assertTrue(first.routed and first.expert in (REPORT, QUESTION), first.expertNote)
-            # features are reused when the router picks the same expert for another prompt
-            self.assertEqual(answers[4].encoded, second.expert != first.expert)
-            self.assertEqual(logic.conversation(volume).history()[0][0], "Is there a lesion?")
-            textNode = logic.saveResultToTextNode(volume)
-            self.assertIn("Q: Where?", textNode.GetText())
-        finally:
-            self.assertTrue(logic.unloadModel())
-        self.delayDisplay("Model ran in its worker process")
+            case(self, CTMLLMSlicerLogic, CTMLLMSlicerWidget)

@@ -566,7 +566,8 @@ def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp
     from slicer.util import arrayFromVolume
 
     from CTMLLMSlicerLib.batch_scene import load_case_volume, nodes_added_during, slicer_context
-    from CTMLLMSlicerLib.logic import CTMLLMLogicCore, _ijkToRAS
+    from CTMLLMSlicerLib.logic import CTMLLMLogicCore
+    from CTMLLMSlicerLib.volume_nodes import ijkToRAS
     from model_core.data import CTImage, NotCTError, write_dicom_series
 
     folder = tmp_path / "study"
@@ -586,7 +587,7 @@ def test_each_series_of_a_shared_folder_loads_alone_with_the_source_geometry(tmp
             load_case_volume(logic, cases["MR"])
         mr_node, _ = load_case_volume(logic, cases["MR"], allow_non_ct=True)
         series, nifti = (
-            CTImage.from_ijk_to_ras(arrayFromVolume(n), _ijkToRAS(n)) for n in (series_node, nifti_node)
+            CTImage.from_ijk_to_ras(arrayFromVolume(n), ijkToRAS(n)) for n in (series_node, nifti_node)
         )  # the same voxels at the same places, whatever order each reader stores them in
         assert np.array_equal(series.array, nifti.array)
         assert np.allclose(series.ijk_to_ras(), nifti.ijk_to_ras(), atol=1e-3)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CTMLLMSlicerLib import batch_run
+from CTMLLMSlicerLib import batch_case_run, batch_run
 from CTMLLMSlicerLib.batch_cases import discover_cases
 from CTMLLMSlicerLib.batch_run import BatchOptions, run_batch
 from CTMLLMSlicerLib.batch_summary import FAILED, OK
@@ -73,7 +73,7 @@ def test_an_output_folder_that_takes_no_files_stops_the_run_before_the_model_loa
 def test_a_full_disk_stops_the_run_with_a_summary_that_says_so(tmp_path, tiny_model_dir, monkeypatch):
     phantom_files(tmp_path / "in", 3)
     output = tmp_path / "out"
-    real_write = batch_run.atomic_write_text
+    real_write = batch_case_run.atomic_write_text
     written = []
 
     def disk_fills_up(path, text):
@@ -83,7 +83,7 @@ def test_a_full_disk_stops_the_run_with_a_summary_that_says_so(tmp_path, tiny_mo
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_write(path, text)
 
-    monkeypatch.setattr(batch_run, "atomic_write_text", disk_fills_up)
+    monkeypatch.setattr(batch_case_run, "atomic_write_text", disk_fills_up)
     summary = run_batch(options(tmp_path / "in", output, tiny_model_dir), progress_stream=io.StringIO())
     assert summary.exit_code == 2 and "is full (No space left on device)" in summary.run_error
     assert [o.status for o in summary.outcomes] == [OK, "not run", "not run"]  # the rest is not tried

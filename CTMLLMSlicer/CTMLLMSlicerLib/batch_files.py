@@ -5,10 +5,14 @@ flushed to disk, then renamed over the final name; a run killed at any point lea
 old complete file, the new complete file, or a ``.partial`` leftover that the next run deletes.
 One run at a time writes into an output folder: ``RunLock`` holds an OS lock that dies with
 the process, so a run killed with ``kill -9`` never blocks the next one.
+
+An output folder that refuses files (full disk, read-only, no permission) is a problem of the
+run, not of a case: ``is_output_problem`` tells it apart and ``output_problem`` words it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Iterable
@@ -21,10 +25,45 @@ PARTIAL_SUFFIX = ".partial"
 LOCK_FILE = ".batch.lock"
 
 _CHUNK = 1 << 20
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+"""Errors writing outputs that every later case would hit too: the run stops instead."""
 
 
 class OutputFolderBusyError(RuntimeError):
     """Another batch run is writing into the same output folder."""
+
+
+class OutputWriteError(OSError):
+    """The output folder cannot take more files (full disk, read-only, no permission): a run-level error."""
+
+
+def check_writable(output: Path) -> None:
+    """Fail now, not after the model has loaded, when the output folder takes no files."""
+    probe = output / f".write-test.{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OutputWriteError(error.errno, output_problem(error, output)) from error
+
+
+def output_problem(error: OSError, output: Path) -> str:
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk of the output folder {output} is full ({reason}): free space or choose another --output"
+    if isinstance(error, OutputWriteError):
+        return str(error.strerror or error)
+    return f"the output folder {output} cannot be written ({reason}): fix its permissions or choose another --output"
+
+
+def is_output_problem(error: BaseException, output: Path) -> bool:
+    """A full disk, a read-only file system, or a refused write inside the output folder."""
+    if not isinstance(error, OSError):
+        return False
+    if error.errno in _OUTPUT_ERRNOS or isinstance(error, OutputWriteError):
+        return True
+    name = str(error.filename or "")
+    return isinstance(error, PermissionError) and name.startswith(str(output))
 
 
 def partial_path(path: Path, keep_suffix: bool = False) -> Path:

@@ -3,10 +3,10 @@
 ``run_batch(options)`` is the whole run and returns a ``BatchSummary`` (the CLI in
 ``CTMLLMSlicer/batch.py`` wraps it; a benchmark can time it and read ``cases_per_minute``). In
 execution order: lock the output folder and remove leftovers of killed runs -> find the cases ->
-load the model once (``CTMLLMLogicCore.loadModel``) -> per case: checksum the input, reuse its
-outputs if ``--resume`` allows, else load the volume into the MRML scene (``load_case_volume``), run the Logic's
-report and questions, write Markdown, scene and the JSON completion record (each atomically),
-update the manifest and summaries -> mark the run finished.
+load the model once (``CTMLLMLogicCore.loadModel``) -> per case (``batch_case_run.run_case``): checksum
+the input, reuse its outputs if ``--resume`` allows, else load the volume into the MRML scene, run the
+Logic's report and questions, write Markdown, scene and the JSON completion record (each
+atomically), update the manifest and summaries -> mark the run finished.
 
 A failing case (unreadable, truncated, not CT, empty series, out of memory) is recorded with its
 error and the run goes on; a failing question is recorded with its error and the case's other
@@ -17,50 +17,49 @@ it with exit status 2 and a summary that says so.
 
 from __future__ import annotations
 
-import errno
-import gc
-import json
 import os
 import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from CTMLLMSlicerLib.batch_cases import DICOM, FILE, Case, CaseListError, discover_cases, read_questions_file
+from CTMLLMSlicerLib.batch_case_run import (
+    NON_CT_HINT,
+    ROUTER,
+    ROUTINGS,
+    BatchRun,
+    committed_in_this_run,
+    ok_outcome,
+    run_case,
+    utc_now,
+)
+from CTMLLMSlicerLib.batch_cases import Case, CaseListError, discover_cases, read_questions_file
 from CTMLLMSlicerLib.batch_files import (
     OutputFolderBusyError,
+    OutputWriteError,
     RunLock,
-    atomic_write_text,
+    check_writable,
+    is_output_problem,
+    output_problem,
     remove_partial_files,
     sha256_file,
 )
 from CTMLLMSlicerLib.batch_manifest import (
-    CASE_FORMAT,
     CASES_FOLDER,
     FINISHED,
     INTERRUPTED,
     STOPPED,
     Manifest,
-    case_paths,
-    check_reusable,
-    output_entry,
 )
 from CTMLLMSlicerLib.batch_scene import (
-    SlicerContext,
-    load_case_volume,
-    nodes_added_during,
-    save_scene,
-    save_volume,
     slicer_context,
 )
-from CTMLLMSlicerLib.batch_sr import case_subject, write_case_sr
 from CTMLLMSlicerLib.batch_summary import (
     FAILED,
     NOT_RUN,
@@ -70,31 +69,13 @@ from CTMLLMSlicerLib.batch_summary import (
     ProgressLine,
     write_summaries,
 )
-from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation, Turn
-from CTMLLMSlicerLib.errors import CTMLLMSlicerError, ModelOutOfMemoryError, isOutOfMemory
+from CTMLLMSlicerLib.conversation import QUESTION, REPORT
+from CTMLLMSlicerLib.errors import CTMLLMSlicerError
 from CTMLLMSlicerLib.logic import DEVICES, PRECISIONS, WINDOW_PRESETS, CTMLLMLogicCore, ModelRequest
 from model_core.config import check_max_new_tokens
-from model_core.data.errors import CTInputError, NotCTError
-from model_core.data.files import check_readable
 
 TASKS = (REPORT, QUESTION)
-ROUTER = "router"
-FORCED = "task"
-ROUTINGS = (ROUTER, FORCED)
-"""``--routing``: the model's task router picks each request's expert from its prompt (default), or
-the task forces it (the report expert writes the report, the question expert answers)."""
-_EXPECTED_ERRORS = (CTMLLMSlicerError, CTInputError, CaseListError, OSError)
-"""Errors about the input, the model or the disk, whose message says it all; others are bugs to report."""
-NON_CT_HINT = "pass --allow-non-ct"
-"""How the Logic's refusal of a non-CT volume tells a batch user to accept it."""
-ERROR_LOG = "errors.log"
 SLICER_LOG = "slicer.log"
-_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-"""Errors writing outputs that every later case would hit too: the run stops instead."""
-
-
-class OutputWriteError(OSError):
-    """The output folder cannot take more files (full disk, read-only, no permission): a run-level error."""
 
 
 @dataclass(frozen=True)
@@ -156,44 +137,6 @@ class CaseSource(Protocol):
     def deliver(self, case: Case, record: dict[str, Any], paths: dict[str, Path], run_id: str) -> str: ...
 
 
-@dataclass
-class _Run:
-    """What every case of one run shares: options, scene, Logic, model identity, manifest."""
-
-    options: BatchOptions
-    output: Path
-    context: SlicerContext
-    logic: CTMLLMLogicCore
-    request: ModelRequest
-    manifest: Manifest
-    summary: BatchSummary
-    model_info: dict[str, str] = field(default_factory=dict)
-    preprocessing: dict[str, Any] = field(default_factory=dict)
-    """The Logic's preprocessing for this model and window (it lives in the model's config, not its weights)."""
-    model_notices: list[str] = field(default_factory=list)
-    """What loading the model said (e.g. a stand-in model is used): a warning in every record."""
-    source: CaseSource | None = None
-    stream: TextIO = sys.stderr
-
-    def fingerprint(self, case: Case) -> dict[str, Any]:
-        """Everything besides the input that changes a case's text: equal fingerprints allow reuse."""
-        return {
-            "model_sha256": self.model_info["sha256"],
-            "preprocessing": self.preprocessing,
-            "task": self.options.task,
-            "routing": self.options.routing,
-            "questions": list(case.questions),
-            "max_new_tokens": self.options.max_new_tokens,
-            "window": self.options.window,
-            "precision": self.options.precision,
-            "allow_non_ct": self.options.allow_non_ct,
-        }
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def run_batch(
     options: BatchOptions,
     *,
@@ -213,9 +156,9 @@ def run_batch(
     try:
         options.validate()
         output.mkdir(parents=True, exist_ok=True)
-        _check_writable(output)
+        check_writable(output)
     except (ValueError, OSError) as error:
-        summary.setup_error = _output_problem(error, output) if isinstance(error, OSError) else str(error)
+        summary.setup_error = output_problem(error, output) if isinstance(error, OSError) else str(error)
         summary.ended = time.perf_counter()
         if not isinstance(error, OutputWriteError) and output.is_dir():
             _write_summaries_safely(summary, running=False)  # no stale summary of an earlier run
@@ -230,43 +173,14 @@ def run_batch(
         except OutputFolderBusyError as error:
             summary.setup_error = str(error)
         except OSError as error:  # the manifest or a summary could not be written before any case ran
-            if not _is_output_problem(error, output):
+            if not is_output_problem(error, output):
                 raise
-            summary.setup_error = _output_problem(error, output)
+            summary.setup_error = output_problem(error, output)
         except KeyboardInterrupt:  # before the first case: while finding cases or loading the model
             summary.interrupted = True
             _write_summaries_safely(summary, running=False)
     summary.ended = time.perf_counter()
     return summary
-
-
-def _check_writable(output: Path) -> None:
-    """Fail now, not after the model has loaded, when the output folder takes no files."""
-    probe = output / f".write-test.{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise OutputWriteError(error.errno, _output_problem(error, output)) from error
-
-
-def _output_problem(error: OSError, output: Path) -> str:
-    reason = error.strerror or str(error)
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"the disk of the output folder {output} is full ({reason}): free space or choose another --output"
-    if isinstance(error, OutputWriteError):
-        return str(error.strerror or error)
-    return f"the output folder {output} cannot be written ({reason}): fix its permissions or choose another --output"
-
-
-def _is_output_problem(error: BaseException, output: Path) -> bool:
-    """A full disk, a read-only file system, or a refused write inside the output folder."""
-    if not isinstance(error, OSError):
-        return False
-    if error.errno in _OUTPUT_ERRNOS or isinstance(error, OutputWriteError):
-        return True
-    name = str(error.filename or "")
-    return isinstance(error, PermissionError) and name.startswith(str(output))
 
 
 def _write_summaries_safely(summary: BatchSummary, *, running: bool) -> None:
@@ -328,7 +242,7 @@ def _run_locked(
         allowDownload=options.allow_download,
     )
     logic = CTMLLMLogicCore(context.scene, nonCTHint=NON_CT_HINT, volumesLogic=context.volumesLogic)
-    run = _Run(options, output, context, logic, request, manifest, summary, source=source, stream=stream)
+    run = BatchRun(options, output, context, logic, request, manifest, summary, source=source, stream=stream)
     try:
         run.model_info = _load_model(run, stream)
     except (CTMLLMSlicerError, OSError, ValueError) as error:  # ValueError: model_core's ConfigError
@@ -338,7 +252,7 @@ def _run_locked(
     manifest.start_run(
         {
             "run_id": summary.run_id,
-            "started": _now(),
+            "started": utc_now(),
             "command_line": command_line,
             "input": source.description if source is not None else str(options.input),
             "model": run.model_info,
@@ -351,24 +265,24 @@ def _run_locked(
     try:
         for index, case in enumerate(cases):
             progress.case_started(case.case_id)
-            outcome = _run_case(run, case)
+            outcome = run_case(run, case)
             summary.outcomes[index] = outcome
             progress.case_finished(outcome)
             write_summaries(summary, running=True)
     except KeyboardInterrupt:
         summary.interrupted = True
         if cases and summary.outcomes[index].status == NOT_RUN:  # Ctrl-C may land just after its commit
-            record = _committed_in_this_run(run, cases[index])
+            record = committed_in_this_run(run, cases[index])
             if record is not None:
-                summary.outcomes[index] = _ok_outcome(run, cases[index], record, reused=False)
+                summary.outcomes[index] = ok_outcome(run, cases[index], record, reused=False)
         stream.write(
             f"\ninterrupted ({summary.interrupted_by}): the case in progress is dropped; finished cases are "
             "kept (use --resume)\n"
         )
     except OSError as error:
-        if not _is_output_problem(error, output):
+        if not is_output_problem(error, output):
             raise
-        summary.run_error = _output_problem(error, output)
+        summary.run_error = output_problem(error, output)
         stream.write(f"\nrun stopped: {summary.run_error}\n")
     finally:
         status = INTERRUPTED if summary.interrupted else (STOPPED if summary.run_error else FINISHED)
@@ -376,7 +290,7 @@ def _run_locked(
             manifest.end_run(
                 summary.run_id,
                 status,
-                finished=_now(),
+                finished=utc_now(),
                 ok=summary.count(OK),
                 failed=summary.count(FAILED),
                 not_run=summary.count(NOT_RUN),
@@ -388,7 +302,7 @@ def _run_locked(
         _write_summaries_safely(summary, running=False)
 
 
-def _load_model(run: _Run, stream: TextIO) -> dict[str, str]:
+def _load_model(run: BatchRun, stream: TextIO) -> dict[str, str]:
     """Load the model once through the Logic; its identity and weights checksum for every record."""
     from model_core.model_files import WEIGHTS_FILE
 
@@ -415,291 +329,3 @@ def _load_model(run: _Run, stream: TextIO) -> dict[str, str]:
         "device": str(model.device),
         "dtype": str(model.dtype).replace("torch.", ""),
     }
-
-
-def _run_case(run: _Run, case: Case) -> CaseOutcome:
-    """One case from input to recorded outcome; any error becomes a failed outcome, the run goes on."""
-    start = time.perf_counter()
-    paths = case_paths(run.output, case.case_id)
-    try:
-        if case.kind == FILE:
-            check_readable(case.path)  # missing or unreadable: the verdict read_ct gives, not an OSError
-        input_sha256 = case.input_checksum()
-        fingerprint = run.fingerprint(case)
-        record = None
-        if run.options.resume:
-            required = [
-                "markdown",
-                *(["scene"] if run.options.save_scene else []),
-                *(["sr"] if run.options.sr else []),
-            ]
-            check = check_reusable(run.output, case.case_id, input_sha256, fingerprint, required)
-            record = check.record
-        reused = record is not None
-        if record is None:
-            case = run.source.prepare(case) if run.source is not None else case
-            record = _compute_case(run, case, input_sha256, fingerprint, paths, start)
-        if run.source is not None:
-            note = run.source.deliver(case, record, paths, run.summary.run_id)
-            run.stream.write(f"{case.case_id}: {note}\n")
-    except KeyboardInterrupt:
-        raise
-    except Exception as error:
-        if _is_output_problem(error, run.output):
-            raise
-        outcome = _failed(run, case, error, time.perf_counter() - start)
-        _free_memory()
-        return outcome
-    return _ok_outcome(run, case, record, reused=reused, seconds=time.perf_counter() - start)
-
-
-def _compute_case(
-    run: _Run,
-    case: Case,
-    input_sha256: str,
-    fingerprint: dict[str, Any],
-    paths: dict[str, Path],
-    start: float,
-) -> dict[str, Any]:
-    """Load the volume into the scene, run the Logic, write the outputs; returns the case record."""
-    if run.options.task == QUESTION and not case.questions:
-        raise CaseListError(
-            f"{case.origin}: task vqa needs questions: pass --questions FILE, or a 'question' column in the case list"
-        )
-    started = _now()
-    timings: dict[str, Any] = {}
-    notices: list[str] = []
-    subject = case_subject(case) if run.options.sr else None  # before the model: fail fast
-    if subject is not None:
-        notices += subject.notices
-    kwargs = {
-        "windowPreset": run.options.window,
-        "maxNewTokens": run.options.max_new_tokens,
-        "noticeCallback": notices.append,
-        "allowNonCT": run.options.allow_non_ct,
-        "forceExpert": run.options.routing == FORCED,
-    }
-    timings["checksum_s"] = round(time.perf_counter() - start, 3)
-    with nodes_added_during(run.context.scene):
-        tick = time.perf_counter()
-        node, warnings = load_case_volume(run.logic, case, allow_non_ct=run.options.allow_non_ct)
-        timings["load_volume_s"] = round(time.perf_counter() - tick, 3)
-        try:
-            if run.options.task == REPORT:
-                tick = time.perf_counter()
-                run.logic.generateReport(node, run.request, **kwargs)
-                timings["report_s"] = round(time.perf_counter() - tick, 3)
-            timings["questions_s"] = []
-            answers = []
-            for question in case.questions:
-                tick = time.perf_counter()
-                answers.append(_answer(run, case, node, question, kwargs))
-                timings["questions_s"].append(round(time.perf_counter() - tick, 3))
-            if answers and all("error" in a for a in answers) and run.options.task == QUESTION:
-                raise CaseListError(f"{case.origin}: no question got an answer: {answers[0]['error']}")
-            conversation = run.logic.conversation(node.GetID())
-            run.logic.saveResultToTextNode(node)
-            outputs = {}
-            atomic_write_text(paths["markdown"], _case_markdown(conversation, case, input_sha256, run))
-            outputs["markdown"] = output_entry(paths["markdown"])
-            if run.options.save_scene:
-                if case.kind == DICOM:  # read by model_core, not from a file Slicer could point at
-                    save_volume(node, paths["volume"])
-                    outputs["volume"] = output_entry(paths["volume"])
-                save_scene(run.context.scene, paths["scene"])
-                outputs["scene"] = output_entry(paths["scene"])
-            if subject is not None:
-                write_case_sr(paths["sr"], subject, conversation, run.model_info, input_sha256, fingerprint)
-                outputs["sr"] = output_entry(paths["sr"])
-        finally:
-            run.logic.clearConversation(node.GetID())
-    timings["total_s"] = round(time.perf_counter() - start, 3)
-    record = _case_record(
-        run, case, conversation, answers, input_sha256, fingerprint, started, timings, outputs
-    )
-    failed = [a for a in answers if "error" in a]
-    unanswered = (
-        [f"{len(failed)} of {len(answers)} question(s) got an error: {failed[0]['error']}"] if failed else []
-    )
-    record["warnings"] = list(dict.fromkeys([*warnings, *run.model_notices, *notices, *unanswered]))
-    atomic_write_text(paths["json"], json.dumps(record, indent=2, ensure_ascii=False) + "\n")  # last: commits
-    return record
-
-
-def _answer(run: _Run, case: Case, node: Any, question: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """One question's entry of the record: its answer, or the error that kept it from one (the case's
-    other answers are kept). Out of memory and interruptions end the case, as before."""
-    try:
-        turn: Turn = run.logic.askQuestion(node, question, run.request, **kwargs).turn
-    except (KeyboardInterrupt, ModelOutOfMemoryError):
-        raise
-    except Exception as error:
-        if isOutOfMemory(error) or _is_output_problem(error, run.output):
-            raise
-        return {"question": question, "answer": None, "error": _describe(error, case)}
-    return {
-        "question": turn.prompt,
-        "answer": turn.answer,
-        "expert": turn.expert,
-        "new_tokens": turn.newTokens,
-        "seconds": turn.seconds,
-        "cancelled": turn.cancelled,
-    }
-
-
-def _case_record(
-    run: _Run,
-    case: Case,
-    conversation: Conversation,
-    answers: list[dict[str, Any]],
-    input_sha256: str,
-    fingerprint: dict[str, Any],
-    started: str,
-    timings: dict[str, Any],
-    outputs: dict[str, Any],
-) -> dict[str, Any]:
-    settings = dict(conversation.settings)
-    report_turn = next((t for t in conversation.turns if t.task == REPORT), None)
-    return {
-        "format": CASE_FORMAT,
-        "case_id": case.case_id,
-        "status": OK,
-        "source": str(case.path),
-        "kind": case.kind,
-        "series_uid": case.series_uid,
-        "series_grouping": case.series.grouping if case.series is not None else None,
-        "input_sha256": input_sha256,
-        "model": run.model_info,
-        "task": run.options.task,
-        "routing": run.options.routing,
-        "report": report_turn.answer if report_turn else None,
-        "report_expert": report_turn.expert if report_turn else None,
-        "answers": answers,
-        "preprocessing": settings.pop("preprocessing", None),  # as the Logic applied it
-        "generation": {**settings, "max_new_tokens": run.options.max_new_tokens or "model default"},
-        "timings": timings,
-        "warnings": [],
-        "fingerprint": fingerprint,
-        "outputs": outputs,
-        "environment": run.context.environment,
-        "run_id": run.summary.run_id,
-        "started": started,
-        "finished": _now(),
-    }
-
-
-def _case_markdown(conversation: Conversation, case: Case, input_sha256: str, run: _Run) -> str:
-    """The Logic's Markdown export, followed by where the case came from and its checksums."""
-    lines = [
-        conversation.toMarkdown().rstrip(),
-        "",
-        "## Case",
-        "",
-        f"- Case id: `{case.case_id}`",
-        f"- Input: `{case.path}`" + (f" (series `{case.series_uid}`)" if case.series_uid else ""),
-        f"- Input sha256: `{input_sha256}`",
-        f"- Model sha256: `{run.model_info['sha256'] or 'unknown'}`",
-        f"- Batch run: `{run.summary.run_id}`",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _relative_outputs(run: _Run, paths: dict[str, Path], record: dict[str, Any]) -> dict[str, str]:
-    kinds = ["json", *record.get("outputs", {})]
-    return {kind: os.path.relpath(paths[kind], run.output) for kind in kinds}
-
-
-def _ok_outcome(
-    run: _Run, case: Case, record: dict[str, Any], *, reused: bool, seconds: float | None = None
-) -> CaseOutcome:
-    """The outcome of a case whose record is committed; its manifest entry is written if it lacks one."""
-    outcome = CaseOutcome(
-        case.case_id,
-        case.origin,
-        OK,
-        reused=reused,
-        seconds=0.0 if reused else (seconds if seconds is not None else record["timings"]["total_s"]),
-        answers=sum(1 for a in record.get("answers", []) if "error" not in a),
-        failed_questions=sum(1 for a in record.get("answers", []) if "error" in a),
-        warnings=list(record.get("warnings", [])),
-        outputs=_relative_outputs(run, case_paths(run.output, case.case_id), record),
-    )
-    entry = run.manifest.cases.get(case.case_id, {})
-    if entry.get("status") != OK or entry.get("run_id") != record.get("run_id"):
-        _record_in_manifest(run, case, record, outcome)  # also after a kill between record and manifest
-    return outcome
-
-
-def _committed_in_this_run(run: _Run, case: Case) -> dict[str, Any] | None:
-    """The case's record if this run committed it (read after an interruption), else None."""
-    try:
-        record = json.loads(case_paths(run.output, case.case_id)["json"].read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if record.get("run_id") == run.summary.run_id and record.get("status") == OK else None
-
-
-def _record_in_manifest(run: _Run, case: Case, record: dict[str, Any], outcome: CaseOutcome) -> None:
-    run.manifest.record_case(
-        case.case_id,
-        {
-            "status": OK,
-            "source": case.origin,
-            "input_sha256": record["input_sha256"],
-            "run_id": record["run_id"],
-            "finished": record["finished"],
-            "outputs": outcome.outputs,
-        },
-    )
-
-
-def _failed(run: _Run, case: Case, error: Exception, seconds: float) -> CaseOutcome:
-    """A failed outcome whose message names the input; unexpected errors leave a traceback in errors.log."""
-    message = _describe(error, case)
-    if not isinstance(error, _EXPECTED_ERRORS):
-        with open(run.output / ERROR_LOG, "a", encoding="utf-8") as log:
-            log.write(f"--- {_now()} run {run.summary.run_id} case {case.case_id}\n")
-            log.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))
-        message += f" (traceback in {ERROR_LOG})"
-    outcome = CaseOutcome(
-        case.case_id, case.origin, FAILED, error_type=verdict_name(error), error=message, seconds=seconds
-    )
-    run.manifest.record_case(
-        case.case_id,
-        {
-            "status": FAILED,
-            "source": case.origin,
-            "run_id": run.summary.run_id,
-            "finished": _now(),
-            "error_type": outcome.error_type,
-            "error": message,
-        },
-    )
-    return outcome
-
-
-def verdict_name(error: BaseException) -> str:
-    """The error's type, or for the Logic's wrapping of an input verdict the verdict itself
-    (``NotCTError``, ``TooFewSlicesError``...): the same name ``read_ct`` and the CLI give."""
-    cause = error.__cause__
-    if isinstance(error, CTMLLMSlicerError) and isinstance(cause, CTInputError):
-        return type(cause).__name__
-    return type(error).__name__
-
-
-def _describe(error: Exception, case: Case) -> str:
-    """Our and ``model_core.data``'s typed errors already name the input; others get the case's origin."""
-    if isOutOfMemory(error) and not isinstance(error, CTMLLMSlicerError):
-        return f"{case.origin}: out of memory ({error}); use --precision bfloat16, --device cpu or a smaller model"
-    if isinstance(error, NotCTError):
-        error = error.with_hint(NON_CT_HINT)
-    text = " ".join((str(error) or type(error).__name__).split())
-    return text if str(case.path) in text or case.origin in text else f"{case.origin}: {text}"
-
-
-def _free_memory() -> None:
-    """After a failure (out of memory in particular) give the memory back before the next case."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()

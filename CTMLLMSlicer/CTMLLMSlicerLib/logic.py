@@ -38,9 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from CTMLLMSlicerLib import display, jobs, scene_results
+from CTMLLMSlicerLib import display, jobs, scene_results, volume_nodes
 from CTMLLMSlicerLib.conversation import QUESTION, REPORT, Conversation, Turn
 from CTMLLMSlicerLib.errors import CTMLLMSlicerError, JobBusyError, NoVolumeError
 from CTMLLMSlicerLib.scene_results import RESULT_REFERENCE_ROLE, VolumeIds  # noqa: F401  (re-exported)
@@ -71,7 +69,7 @@ from CTMLLMSlicerLib.session import (  # noqa: F401  (names the module and the b
     noProgress,
     raiseIfCancelled,
 )
-from CTMLLMSlicerLib.worker_client import ModelWorker, volumeKey, waitForJob
+from CTMLLMSlicerLib.worker_client import ModelWorker, waitForJob
 from CTMLLMSlicerLib.worker_protocol import writeVolumeFile
 from model_core.data.preprocess import WINDOW_PRESETS  # noqa: F401  (torch-free; offered before torch is installed)
 from model_core.prompts import DEFAULT_REPORT_PROMPT
@@ -212,80 +210,18 @@ class CTMLLMLogicCore:
         self, pathOrSeriesFiles: str | os.PathLike | Sequence[str | os.PathLike], name: str | None = None
     ) -> Any:
         """Read a volume file, or the files of one DICOM series, into the scene; returns the
-        ``vtkMRMLScalarVolumeNode``.
-
-        Slicer's Volumes logic reads it, as "Add data" does. A truncated NIfTI is refused before
-        Slicer's reader would zero-fill its missing voxels; a series is read from its explicit
-        file list, so other series in the same folder never mix in. ``name`` defaults to the file
-        name without its suffixes (the folder name for a series). Raises ``model_core.data``'s
-        ``UnreadableVolumeError`` naming the input.
-        """
-        from model_core.data.errors import UnreadableVolumeError
-        from model_core.data.files import check_readable
-        from model_core.data.io import check_volume_file, volume_suffix
-
-        if self.volumesLogic is None:
-            raise CTMLLMSlicerError("no volumes logic: create the Logic with one to load volume files")
-        single = isinstance(pathOrSeriesFiles, (str, os.PathLike))
-        files = [Path(pathOrSeriesFiles)] if single else [Path(f) for f in pathOrSeriesFiles]
-        if not files:
-            raise UnreadableVolumeError(
-                "no files to load: pass a volume file or the files of one DICOM series"
-            )
-        what = (
-            str(files[0])
-            if len(files) == 1
-            else f"the DICOM series of {len(files)} files in {files[0].parent}"
+        ``vtkMRMLScalarVolumeNode`` (checked first: see ``volume_nodes.loadVolumeFile``)."""
+        return volume_nodes.loadVolumeFile(
+            self.scene, self.volumesLogic, pathOrSeriesFiles, name, self.session.rememberChecked
         )
-        for file in files:
-            check_readable(file)
-        if len(files) == 1 and volume_suffix(files[0]):
-            check_volume_file(files[0])  # the verdict read_ct gives, before Slicer's reader
-            self.session.rememberChecked(files[0])
-        name = name or (files[0].parent.name if len(files) > 1 else _volumeName(files[0]))
-        node = _addArchetypeVolume(self.volumesLogic, files, name)
-        if node is None:
-            raise UnreadableVolumeError(
-                f"{what}: Slicer could not read it as a volume (corrupt, truncated or not an image); export or "
-                "copy it again"
-            )
-        image = node.GetImageData()
-        if (
-            not node.IsA("vtkMRMLScalarVolumeNode")
-            or node.IsA("vtkMRMLLabelMapVolumeNode")
-            or image is None
-            or image.GetNumberOfScalarComponents() != 1  # vector and tensor nodes derive from scalar ones
-        ):
-            _removeWithDisplayAndStorage(self.scene, node)
-            raise UnreadableVolumeError(
-                f"{what}: was read as a {node.GetClassName()}, not a scalar CT volume: pass a single-channel CT"
-            )
-        return node
 
     def addVolumeFromCT(self, ct: Any, name: str) -> Any:
-        """A scalar volume node holding a ``model_core.data.CTImage`` (read by ``read_ct`` or
-        ``read_dicom_series``: DICOM as scanners export it), with its geometry in RAS."""
-        import vtk
-        from slicer.util import updateVolumeFromArray
-
-        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        matrix = vtk.vtkMatrix4x4()
-        for row, values in enumerate(ct.ijk_to_ras()):
-            for column, value in enumerate(values):
-                matrix.SetElement(row, column, float(value))
-        node.SetIJKToRASMatrix(matrix)
-        updateVolumeFromArray(node, np.ascontiguousarray(ct.array))
-        node.CreateDefaultDisplayNodes()
-        return node
+        """A scalar volume node holding a ``model_core.data.CTImage``, its geometry in RAS (``volume_nodes``)."""
+        return volume_nodes.addVolumeFromCT(self.scene, ct, name)
 
     def volumeUID(self, volumeNode: Any) -> str:
         """The volume's unique id (stored on the node, saved with the scene; never reused)."""
         return self.volumeIds.get(volumeNode)
-
-    def _volumeKey(self, volumeNode: Any, uid: str) -> str:
-        """Changes when the voxels or the geometry change (not on display or reference edits)."""
-        image = volumeNode.GetImageData()
-        return volumeKey(uid, image.GetMTime(), image.GetDimensions(), list(_ijkToRAS(volumeNode).ravel()))
 
     def _snapshot(
         self,
@@ -294,21 +230,10 @@ class CTMLLMLogicCore:
         request: ModelRequest | None,
         isCached: Callable[[str], bool],
     ) -> VolumeSnapshot:
-        if volumeNode is None:
-            raise NoVolumeError("no input volume: select a CT volume in the Input volume selector")
-        if volumeNode.GetImageData() is None:
-            raise NoVolumeError(f"volume {volumeNode.GetName()!r} holds no image data: load the CT again")
-        uid = self.volumeUID(volumeNode)
-        key = self._volumeKey(volumeNode, uid)
-        array = None
-        if request is None or not isCached(inputKey(request, key, settings)):
-            from slicer.util import arrayFromVolume
-
-            array = np.array(arrayFromVolume(volumeNode), copy=True)  # (slices, rows, columns)
-        storage = volumeNode.GetStorageNode()
-        source = (storage.GetFileName() or "") if storage is not None else ""
-        return VolumeSnapshot(
-            uid, volumeNode.GetName(), key, _ijkToRAS(volumeNode), array, volumeNode.GetID(), source
+        return volume_nodes.snapshotVolume(
+            volumeNode,
+            self.volumeIds,
+            lambda key: request is None or not isCached(inputKey(request, key, settings)),
         )
 
     def volumeSnapshot(
@@ -729,39 +654,3 @@ def _turn(
     """The turn of a request of ``kind``; ``routed`` when the task router picked the ``expert``."""
     return Turn(kind, prompt, answer, cancelled, newTokens, seconds, expert=expert,
                 routed=task is None and expert is not None)  # fmt: skip
-
-
-def _volumeName(path: Path) -> str:
-    """``scan.nii.gz`` -> ``scan``: the file name without its compression and format suffixes."""
-    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
-    return Path(name).stem or name
-
-
-def _addArchetypeVolume(volumesLogic: Any, files: list[Path], name: str) -> Any:
-    """One file through ``AddArchetypeVolume``; a series through its file-list overload."""
-    import vtk
-
-    if len(files) == 1:
-        return volumesLogic.AddArchetypeVolume(str(files[0]), name)
-    fileList = vtk.vtkStringArray()
-    for file in files:
-        fileList.InsertNextValue(str(file))
-    return volumesLogic.AddArchetypeVolume(str(files[0]), name, 0, fileList)
-
-
-def _removeWithDisplayAndStorage(scene: Any, node: Any) -> None:
-    """Take a refused node out of the scene with the display and storage nodes its reader added."""
-    companions = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
-    companions.append(node.GetStorageNode())
-    scene.RemoveNode(node)
-    for companion in companions:
-        if companion is not None and scene.IsNodePresent(companion):
-            scene.RemoveNode(companion)
-
-
-def _ijkToRAS(volumeNode: Any) -> np.ndarray:
-    import vtk
-
-    matrix = vtk.vtkMatrix4x4()
-    volumeNode.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
