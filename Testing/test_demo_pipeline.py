@@ -60,7 +60,8 @@ def test_pipeline_writes_every_artifact(toy_run: tuple[Path, dict]) -> None:
         "2d_random/config.json",
         "2d_tower/config.json",
         "2d_tower/tower_pretraining.json",
-        "tower_lesion_head.safetensors",
+        "tower_rounds/1/tower_pretraining.json",
+        "tower_rounds/2/tower_lesion_head.safetensors",
         "2d_checkpoint/config.json",
         "2d_checkpoint/model.safetensors",
         "2d_checkpoint/preprocessor_config.json",
@@ -80,11 +81,16 @@ def test_pipeline_writes_every_artifact(toy_run: tuple[Path, dict]) -> None:
     assert scores["model_dir"] == str(out / "3d" / "stage2" / "final")
     assert set(json.loads((out / "cost.json").read_text(encoding="utf-8"))) == {
         "benchmark_build",
-        "tower_pretraining",
+        "tower_pretraining_round_1",
+        "tower_pretraining_round_2",
         "2d_pretraining",
     }
     tower = json.loads((out / "2d_checkpoint" / "tower_pretraining.json").read_text(encoding="utf-8"))
-    assert tower["history"][-1]["step"] == TOY.tower_steps
+    # two rounds of tower steps, each scored; the second resumes the first
+    assert [entry["step"] for entry in tower["history"]] == [TOY.tower_steps] * TOY.tower_rounds == [3, 3]
+    assert [r["round"] for r in tower["rounds"]] == [1, 2] and scores["tower_rounds"] == tower["rounds"]
+    assert tower["rounds"][-1]["organ_matched_auc"] == tower["organ_matched_auc"]
+    assert tower["site_readout"]["sites"] > 0 and scores["tower_site_readout"] == tower["site_readout"]
     assert tower["organ_matched_auc"]["all"]["lesions"] > 0
     assert scores["tower_detection"] == tower["organ_matched_auc"]
     assert 0.0 <= scores["findings"]["f1"] <= 1.0
@@ -127,8 +133,11 @@ def test_results_page_from_the_json(toy_run: tuple[Path, dict], tmp_path: Path) 
         f"| closed-VQA accuracy, the task router picks the expert | {scores['closed_accuracy']['accuracy']:.3f} |"
         in page
     )
-    assert "| 3d_training |" in page and "| 2d_pretraining |" in page and "| tower_pretraining |" in page
+    assert (
+        "| 3d_training |" in page and "| 2d_pretraining |" in page and "| tower_pretraining_round_2 |" in page
+    )
     assert "| " + " | ".join(scores["tower_detection"]) + " |" in page
+    assert "Round by round" in page and f"| 2 | {2 * TOY.tower_steps} |" in page
     assert ("Every target is met." in page) != ("Next lever:" in page)
     # no ablations in this run: the page says so and how to run them, and does not claim them
     assert (
@@ -153,10 +162,11 @@ def test_model_card_describes_the_model_and_its_scores(toy_run: tuple[Path, dict
     model = CTMLLM.from_pretrained(scores["model_dir"])
     assert f"{model.family.patch_size}-pixel patches on {TOY.grid[1]}-pixel slices" in card
     assert f"the top **K = {model.config.volume.num_3d_blocks}** blocks" in card
-    assert f"{TOY.tower_steps} steps of {TOY.tower_batch} crops" in card
+    rounds = f"{2 * TOY.tower_steps} steps (2 rounds of {TOY.tower_steps}, each a warm restart)"
+    assert f"{rounds} of {TOY.tower_batch} crops" in card
     ten = scores["findings"]["from_10mm"]["f1"]
     assert f"| finding F1, lesions of 10 mm and up | {ten:.3f} | ≥ 0.80 |" in card
-    assert "| tower_pretraining |" in card and "## History" in card
+    assert "| tower_pretraining_round_1 |" in card and "## History" in card
 
 
 def test_slab_dataset_reads_aligned_slabs_with_their_findings(toy_run: tuple[Path, dict]) -> None:

@@ -58,6 +58,16 @@ def _architecture(model_dir: Path) -> tuple[list[str], dict[str, Any]]:
     return rows, {"grid": tuple(settings.target_shape), "window": settings.window}
 
 
+def _tower_steps(budget: dict[str, Any]) -> str:
+    """``"2000 steps"``, or ``"8000 steps (4 rounds of 2000, each a warm restart)"``."""
+    rounds, steps = budget.get("tower_rounds", 1), budget["tower_steps"]
+    return (
+        f"{steps} steps"
+        if rounds == 1
+        else f"{rounds * steps} steps ({rounds} rounds of {steps}, each a warm restart)"
+    )
+
+
 def model_card_markdown(scores: dict[str, Any], cost: dict[str, Any], model_dir: Path, run_dir: str) -> str:
     """The model card of the model in ``model_dir``, trained by the run whose JSON is given."""
     rows, _ = _architecture(model_dir)
@@ -91,7 +101,7 @@ def model_card_markdown(scores: dict[str, Any], cost: dict[str, Any], model_dir:
         f"{b.get('fov_shift_share', 0):.0%} of phantoms framed towards the chest or the pelvis), {b['test']} "
         "held-out test studies (phantoms from held-out body and organ-size bands; the cardiac CTA of another "
         "patient).",
-        f"2. **Tower lesion pretraining**: {b['tower_steps']} steps of {b['tower_batch']} crops (a third around a "
+        f"2. **Tower lesion pretraining**: {_tower_steps(b)} of {b['tower_batch']} crops (a third around a "
         "lesion, a third random, a third on organ tissue of lesion-free slabs); a linear head on every patch "
         "learns 'any lesion' and each kind wherever a lesion touches the patch; the head is then dropped "
         "(`model_core/demo_training.py`).",

@@ -10,10 +10,11 @@ so an interrupted run continues):
 3. ``2d_checkpoint/``: a small InternVL-style 2D MLLM (tower, pixel-shuffle projector, Qwen2 LM),
    every part trained on 3-slice slabs (``model_core.benchmark.slabs``) as a CTMLLM with K=0 and
    no MoE, then exported as a Hugging Face 2D checkpoint (``map_ctmllm_state_dict_name``).
-   When the budget has ``tower_steps``, the tower and projector are first pretrained on their
-   own: a linear head on each visual token learns which lesion kinds and size buckets have their
-   centre in its cell (``pretrain_tower``; the head is dropped). This is the demo's stand-in for
-   the pretraining real towers get before their MLLM is trained (CLIP, InternViT): trained only
+   When the budget has ``tower_steps``, the tower is first pretrained on its own
+   (``tower_rounds/<n>/``, then ``2d_tower/``): a linear head on every patch learns which lesion
+   kinds touch it (``demo_training.pretrain_tower``; the head is dropped), in rounds that each
+   resume the last and are scored on the held-out studies. This is the demo's stand-in for the
+   pretraining real towers get before their MLLM is trained (CLIP, InternViT): trained only
    through the caption loss, a random tower did not learn to see lesions in this budget
    (docs/MODEL_CARD.md). ``2d_random/`` is the same architecture untrained: the "from scratch"
    ablation's source.
@@ -55,6 +56,7 @@ MAX_SHIPPED_BYTES = 30 * 1024 * 1024
 COST_FILE = "cost.json"
 TOWER_FILE = "tower_pretraining.json"
 LESION_HEAD_FILE = "tower_lesion_head.safetensors"
+TOWER_ROUNDS_DIR = "tower_rounds"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def make_2d_checkpoints(
     """``tokenizer/``, ``2d_random/`` (untrained), ``2d_tower/`` (the tower after its lesion
     pretraining, when the budget has one) and ``2d_checkpoint/`` (captioned on slabs), each trained
     on ``device`` and skipped when it exists, so a long run continues where it stopped."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from model_core.benchmark.slabs import SlabDataset, slab_items
     from model_core.demo_training import pretrain_2d
@@ -208,20 +210,13 @@ def make_2d_checkpoints(
             as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget), out / "2d_random"
         )
     start_from = out / "2d_tower"
-    if budget.tower_steps:
-        if not (start_from / TOWER_FILE).is_file():
-            started = time.perf_counter()
-            model = as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget).to(device)
-            record = _tower_step(model, bench, budget, seed, log, out)
-            export_2d_checkpoint(model.to("cpu").eval(), start_from)
-            (start_from / TOWER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
-            record_cost(out, "tower_pretraining", started, {"steps": budget.tower_steps}, device)
+    if budget.tower_steps and not (start_from / TOWER_FILE).is_file():
+        train_tower_rounds(out, bench, budget, tokenizer, seed, log, device)
     if stop_after_tower or (out / "2d_checkpoint" / "config.json").is_file():
         return
     model = as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget)
     if budget.tower_steps:  # only the tower comes from the tower step: the tokenizer may be newer
-        pretrained = AutoModelForImageTextToText.from_pretrained(start_from, use_safetensors=True)
-        model.vision_tower.load_state_dict(model.family.split(pretrained).vision_tower.state_dict())
+        load_tower(model, start_from)
     model = model.to(device)
     items = slab_items(
         bench,
@@ -254,26 +249,87 @@ def make_2d_checkpoints(
         shutil.copy(start_from / TOWER_FILE, out / "2d_checkpoint" / TOWER_FILE)
 
 
-def _tower_step(
-    model, bench: Path, budget: DemoBudget, seed: int, log: Callable[[str], None], folder: Path
-) -> dict[str, Any]:
-    """Dense lesion pretraining of the tower (``model_core.demo_training``), then its
-    organ-matched AUC on every slab of the held-out test studies. The lesion head is kept in the
-    run folder (``LESION_HEAD_FILE``, for diagnostics; no model loads it)."""
-    from safetensors.torch import save_file
+def load_tower(model, folder: Path) -> None:
+    """Put the vision tower of the 2D checkpoint in ``folder`` into ``model`` (a 2D CTMLLM)."""
+    from transformers import AutoModelForImageTextToText
 
+    pretrained = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True)
+    model.vision_tower.load_state_dict(model.family.split(pretrained).vision_tower.state_dict())
+
+
+def train_tower_rounds(
+    out: Path,
+    bench: Path,
+    budget: DemoBudget,
+    tokenizer,
+    seed: int,
+    log: Callable[[str], None],
+    device: str = "cpu",
+) -> Path:
+    """The tower's dense lesion pretraining (``model_core.demo_training``) in ``budget.tower_rounds``
+    rounds of ``budget.tower_steps`` steps; returns ``2d_tower/``, the last round.
+
+    Each round continues the previous round's tower and lesion head with a fresh warm-up and
+    cosine decay (warm restarts) and its own draw of crops (``seed`` + round), then scores the
+    held-out test studies (organ-matched AUC and site readout). A round is kept in
+    ``tower_rounds/<n>/`` (checkpoint, ``LESION_HEAD_FILE`` for diagnostics, ``TOWER_FILE``), so
+    a long run resumes round by round and the results page shows what each round bought.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from model_core.benchmark.slabs import PATCH_LESION_LABELS
     from model_core.demo_training import held_out_detection, pretrain_tower
 
-    history, head = pretrain_tower(
-        model, bench, budget.tower_steps, budget.tower_batch, budget.tower_lr, seed, log, budget.bf16
-    )
-    detection = held_out_detection(model, head, bench, "test")
-    log(f"the tower on held-out studies: {json.dumps(detection)}")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, folder / LESION_HEAD_FILE
-    )
-    return {"history": history, **detection}
+    rounds = []
+    for number in range(1, budget.tower_rounds + 1):
+        folder = out / TOWER_ROUNDS_DIR / str(number)
+        if not (folder / TOWER_FILE).is_file():
+            started = time.perf_counter()
+            model = as_2d_ctmllm(build_2d_mllm(tokenizer, budget, seed), tokenizer, budget)
+            head = torch.nn.Linear(model.family.vision_config.hidden_size, len(PATCH_LESION_LABELS))
+            if number > 1:
+                previous = out / TOWER_ROUNDS_DIR / str(number - 1)
+                load_tower(model, previous)
+                head.load_state_dict(load_file(previous / LESION_HEAD_FILE))
+            model = model.to(device)
+            log(f"tower pretraining round {number} of {budget.tower_rounds}")
+            history, head = pretrain_tower(
+                model,
+                bench,
+                budget.tower_steps,
+                budget.tower_batch,
+                budget.tower_lr,
+                seed + number - 1,
+                log,
+                budget.bf16,
+                head,
+            )
+            detection = held_out_detection(model, head, bench, "test")
+            log(f"the tower after round {number} on held-out studies: {json.dumps(detection)}")
+            export_2d_checkpoint(model.to("cpu").eval(), folder)
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                folder / LESION_HEAD_FILE,
+            )
+            record = {"round": number, "steps": budget.tower_steps, "seed": seed + number - 1}
+            record.update(history=history, **detection)
+            (folder / TOWER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+            record_cost(
+                out, f"tower_pretraining_round_{number}", started, {"steps": budget.tower_steps}, device
+            )
+        rounds.append(json.loads((folder / TOWER_FILE).read_text(encoding="utf-8")))
+    target = out / "2d_tower"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(out / TOWER_ROUNDS_DIR / str(budget.tower_rounds), target)
+    last = rounds[-1]
+    summary = {
+        "organ_matched_auc": last["organ_matched_auc"],
+        "site_readout": last["site_readout"],
+        "rounds": [{k: v for k, v in r.items() if k != "history"} for r in rounds],
+        "history": [entry for r in rounds for entry in r["history"]],
+    }
+    (target / TOWER_FILE).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +496,8 @@ def run_pipeline(
     if tower.is_file():
         record = json.loads(tower.read_text(encoding="utf-8"))
         scores["tower_detection"] = record["organ_matched_auc"]
-        scores["tower_site_readout"] = record.get("site_readout")  # runs before 2026-12 lack it
+        scores["tower_site_readout"] = record.get("site_readout")  # runs before 2026-12 lack them
+        scores["tower_rounds"] = record.get("rounds")
     (out / "scores.json").write_text(json.dumps(scores, indent=1), encoding="utf-8")
     return scores
 

@@ -301,6 +301,23 @@ def results_markdown(
             "",
             *_tower_table(tower),
         ]
+        rounds = scores.get("tower_rounds") or []
+        if len(rounds) > 1:
+            lines += [
+                "",
+                "Round by round (each round resumes the last with a warm restart of the learning rate):",
+                "",
+                "| round | tower steps so far | organ-matched AUC, all | 10 mm and up | site readout AUC | best F1 |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            done = 0
+            for entry in rounds:
+                done += entry["steps"]
+                auc, site = entry["organ_matched_auc"], entry.get("site_readout") or {}
+                lines.append(
+                    f"| {entry['round']} | {done} | {fmt(auc['all']['auc'])} | {fmt(auc['10 mm and up']['auc'])} | "
+                    f"{fmt(site.get('auc'))} | {fmt(site.get('best_f1'))} |"
+                )
         readout = scores.get("tower_site_readout")
         if readout and readout.get("auc") is not None:
             lines += [

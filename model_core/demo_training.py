@@ -257,14 +257,18 @@ def pretrain_tower(
     seed: int,
     log: Log,
     bf16: bool = False,
+    head: torch.nn.Linear | None = None,
 ) -> tuple[list[dict[str, float]], torch.nn.Linear]:
     """Dense lesion pretraining of ``model.vision_tower`` (a K=0 CTMLLM) on the training split;
-    returns the logged losses and the head (for ``held_out_detection``; checkpoints drop it)."""
+    returns the logged losses and the head (for ``held_out_detection``; checkpoints drop it).
+    ``head``: the head of an earlier round, to continue from (a new one otherwise)."""
     torch.manual_seed(seed)
     patch = model.family.patch_size
     batches = TowerBatches(benchmark_dir, benchmark_studies(benchmark_dir, "train"), patch, seed)
     model.train()
-    head = torch.nn.Linear(model.family.vision_config.hidden_size, len(PATCH_LESION_LABELS)).to(model.device)
+    if head is None:
+        head = torch.nn.Linear(model.family.vision_config.hidden_size, len(PATCH_LESION_LABELS))
+    head = head.to(model.device)
     log(
         f"tower pretraining: crops of {len(batches.all_slabs)} slabs, {len(batches.lesion_slabs)} with a lesion"
     )

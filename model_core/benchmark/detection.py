@@ -183,4 +183,4 @@ class SiteReadout:
             called = score >= threshold
             hits = int((called & truth).sum())
             best_f1 = max(best_f1, 2 * hits / (called.sum() + truth.sum()))
-        return {"auc": round(auc, 4), "best_f1": round(best_f1, 4), **counts}
+        return {"auc": round(auc, 4), "best_f1": round(float(best_f1), 4), **counts}
