@@ -65,13 +65,17 @@ def studies() -> list:
     return [make_study("test", index, config) for index in range(12)]
 
 
-def _auc(studies: list, scorer) -> dict:
-    tally = OrganMatchedAUC()
+def _scored(studies: list, scorer, collector):
+    """``collector`` (OrganMatchedAUC or SiteReadout) fed every slab's scores, then its result."""
     for study in studies:
         slabs = study.image.shape[0] // 3
         scores = np.stack([scorer(study, start * 3) for start in range(slabs)])
-        tally.add_study(scores, study.findings, study.labels, study.spacing_mm, PATCH)
-    return tally.result()
+        collector.add_study(scores, study.findings, study.labels, study.spacing_mm, PATCH)
+    return collector.result()
+
+
+def _auc(studies: list, scorer) -> dict:
+    return _scored(studies, scorer, OrganMatchedAUC())
 
 
 def test_organ_matched_auc_is_chance_for_a_blind_scorer_and_one_for_the_lesion_mask(studies: list) -> None:
@@ -104,12 +108,7 @@ def test_organ_matched_auc_refuses_scores_that_do_not_tile_the_slab(studies: lis
 
 
 def _readout(studies: list, scorer) -> dict:
-    readout = SiteReadout(min_size_mm=0.1)  # the test phantoms' lesions are of every size
-    for study in studies:
-        slabs = study.image.shape[0] // 3
-        scores = np.stack([scorer(study, start * 3) for start in range(slabs)])
-        readout.add_study(scores, study.findings, study.labels, study.spacing_mm, PATCH)
-    return readout.result()
+    return _scored(studies, scorer, SiteReadout(min_size_mm=0.1))  # the phantoms' lesions are of every size
 
 
 def test_site_readout_is_chance_for_a_blind_scorer_and_perfect_for_the_lesion_mask(studies: list) -> None:
@@ -143,10 +142,5 @@ def test_site_readout_is_chance_for_a_blind_scorer_and_perfect_for_the_lesion_ma
 def test_site_readout_leaves_out_sites_with_only_smaller_lesions(studies: list) -> None:
     every_size = _readout(studies, lambda study, start: np.zeros((6, 6)))
     sizes = [f.size_mm for study in studies for f in study.findings]
-    large_only = SiteReadout(min_size_mm=max(sizes))
-    for study in studies:
-        large_only.add_study(
-            np.zeros((study.image.shape[0] // 3, 6, 6)), study.findings, study.labels, study.spacing_mm, PATCH
-        )
-    assert large_only.result()["with_lesion"] < every_size["with_lesion"]
-    assert large_only.result()["sites"] < every_size["sites"]
+    large_only = _scored(studies, lambda study, start: np.zeros((6, 6)), SiteReadout(min_size_mm=max(sizes)))
+    assert large_only["with_lesion"] < every_size["with_lesion"] and large_only["sites"] < every_size["sites"]

@@ -13,6 +13,7 @@ Each row: FLOPs of one forward (``torch.utils.flop_counter``, counted during the
 int8, whose quantized kernels it does not count), the median and minimum of ``--repeats`` timed
 forwards, the process's peak resident memory, and the ratio to the peer's median in the same
 precision of the same run. ``int8`` is torch's dynamic quantisation of every ``nn.Linear``.
+``--compile`` adds each case (but int8) through ``torch.compile``, against the compiled peer.
 ``--quick`` runs the same cases at small shapes in seconds, to check the benchmark itself.
 Needs MONAI (``pip install .[bench]``).
 """
@@ -115,9 +116,14 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     volume = torch.from_numpy(np.load(case["volume"]))
     net, run = build_encoder(case)
     model_mib = current_rss_mib()
-    seconds, flops = [], None
+    seconds, flops, compile_s = [], None, None
     with torch.inference_mode():
-        if case["precision"] == "int8":
+        if case.get("compile"):  # the eager row has the FLOPs; the warm-up here is the compilation
+            run = torch.compile(run)
+            start = time.perf_counter()
+            output = run(volume)
+            compile_s = round(time.perf_counter() - start, 1)
+        elif case["precision"] == "int8":
             output = run(volume)  # warm-up
         else:
             with FlopCounterMode(display=False) as counter:
@@ -151,15 +157,21 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         "min_s": round(min(seconds), 3),
         "peak_mib": round(peak, 1),
         "growth_mib": round(peak - model_mib, 1),
+        "compile_s": compile_s,
         **skipping,
     }
 
 
 def with_peer_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row's median over the peer's median in the same precision (None without a peer row)."""
-    peers = {row["precision"]: row.get("median_s") for row in rows if row["model"] == PEER}
+    """Each row's median over the peer's median in the same precision and compilation (None
+    without such a peer row)."""
+    peers = {
+        (row["precision"], bool(row.get("compile"))): row.get("median_s")
+        for row in rows
+        if row["model"] == PEER
+    }
     for row in rows:
-        peer = peers.get(row["precision"])
+        peer = peers.get((row["precision"], bool(row.get("compile"))))
         row["x_peer"] = round(row["median_s"] / peer, 2) if peer and "median_s" in row else None
     return rows
 
@@ -182,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="also run ours with background tokens skipping the 3D blocks at this threshold (K > 0)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run every case through torch.compile (inductor; its compile time is reported, not timed)",
     )
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=Path("bench_results/compare.json"))
@@ -210,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                     for case in cases
                     if case["model"] == OURS and case["precision"] == precision and case["k"]
                 ]
+        if args.compile:
+            cases += [{**case, "compile": True} for case in cases if case["precision"] != "int8"]
         rows = with_peer_ratios(run_cases_in_subprocesses("model_core.bench.compare", cases, args.timeout))
-    columns = ["model", "precision", "image_size", "k", "skip_background", "tokens", "gflops", "median_s"]
-    columns += ["min_s", "x_peer", "skipped_share", "max_abs_change"]
+    columns = ["model", "precision", "compile", "image_size", "k", "skip_background", "tokens", "gflops"]
+    columns += ["median_s", "min_s", "x_peer", "skipped_share", "max_abs_change", "compile_s"]
     settings = vars(args) | {"out": str(args.out), "volume": str(args.volume), "shape": shapes["shape"]}
     write_report(args.out, "compare", rows, columns + ["peak_mib", "growth_mib"], settings)
     return 0 if all("error" not in row for row in rows) else 1

@@ -38,6 +38,14 @@ def patch_sites(labels: np.ndarray, patch: int) -> np.ndarray:
     return sites
 
 
+def share_below(sorted_normals: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each of ``values``, the share of ``sorted_normals`` below it, ties counting half: its
+    AUC against them."""
+    below = np.searchsorted(sorted_normals, values, side="left")
+    ties = np.searchsorted(sorted_normals, values, side="right") - below
+    return (below + 0.5 * ties) / sorted_normals.size
+
+
 def touched_patches(
     findings: Sequence[Finding], spacing_mm: Sequence[float], grid: tuple[int, int, int], patch: int
 ) -> np.ndarray:
@@ -97,9 +105,7 @@ class OrganMatchedAUC:
             normal = pooled.get(finding_site_label(finding))
             if normal is None:
                 continue
-            below = np.searchsorted(normal, best, side="left")
-            ties = np.searchsorted(normal, best, side="right") - below
-            result.append((finding, float((below + 0.5 * ties) / normal.size)))
+            result.append((finding, float(share_below(normal, np.array([best]))[0])))
         return result
 
     def result(self) -> dict[str, dict[str, float | int | None]]:
@@ -174,10 +180,7 @@ class SiteReadout:
         counts = {"sites": len(self.sites), "with_lesion": int(truth.sum())}
         if not truth.any() or truth.all():
             return {"auc": None, "best_f1": None, **counts}
-        positive, negative = score[truth], np.sort(score[~truth])
-        below = np.searchsorted(negative, positive, side="left")
-        ties = np.searchsorted(negative, positive, side="right") - below
-        auc = float((below + 0.5 * ties).sum() / (positive.size * negative.size))
+        auc = float(share_below(np.sort(score[~truth]), score[truth]).mean())
         best_f1 = 0.0
         for threshold in np.unique(score):
             called = score >= threshold
