@@ -353,3 +353,34 @@ def _minimal_scores() -> dict:
         "open_metrics": {},
         "budget_settings": {**vars(TOY), "grid": list(TOY.grid)},
     }
+
+
+def test_the_finding_lever_follows_where_the_evidence_is_lost() -> None:
+    """Reports far below what the tower's evidence allows point at the reading side; reports near
+    a tower bound under the target point at the tower."""
+
+    def scores(reached: float, bound: float) -> dict:
+        return {
+            "findings": {
+                "from_10mm": {"f1": reached},
+                "false_finding_rate_on_normals": 0.0,
+                "recall_by_kind": {"cyst": {"recall": reached, "n": 5}},
+            },
+            "closed_accuracy": {"accuracy": 0.95},
+            "tower_detection": {"10 mm and up": {"auc": 0.93, "lesions": 40}},
+            "tower_site_readout": {"auc": 0.85, "best_f1": bound, "sites": 200, "with_lesion": 40},
+            "slab_check_2d": {
+                "slabs_with_lesion": 30,
+                "reported_on_lesion_slabs": 9,
+                "slabs_without": 30,
+                "reported_on_normal_slabs": 20,
+            },
+        }
+
+    (blind_reader,) = demo_results.next_levers(scores(0.0, 0.667))
+    assert (
+        "reading the features" in blind_reader and "up to 0.667, but the reports reach 0.000" in blind_reader
+    )
+    assert "9 of 30 held-out slabs with a lesion and on 20 of 30 without" in blind_reader
+    (weak_tower,) = demo_results.next_levers(scores(0.55, 0.667))
+    assert weak_tower.count("Next lever: the tower") == 1 and "could reach is 0.667" in weak_tower

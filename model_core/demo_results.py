@@ -79,7 +79,23 @@ def next_levers(scores: dict[str, Any]) -> list[str]:
         )
         where = f"; the weakest kind is {weakest[0]} (recall {fmt(weakest[1])})" if weakest else ""
         readout_f1 = (scores.get("tower_site_readout") or {}).get("best_f1")
-        if readout_f1 is not None and readout_f1 < TARGETS["finding_f1_10mm"][1]:
+        reached = figures["finding_f1_10mm"]
+        check = scores.get("slab_check_2d")
+        if readout_f1 is not None and reached is not None and reached < readout_f1 / 2:
+            slabs = (
+                f" (the 2D captioner already names a finding on {check['reported_on_lesion_slabs']} of "
+                f"{check['slabs_with_lesion']} held-out slabs with a lesion and on {check['reported_on_normal_slabs']} "
+                f"of {check['slabs_without']} without)"
+                if check
+                else ""
+            )
+            lever = (
+                f"reading the features: organ by organ, the tower's per-patch lesion score allows a finding F1 up "
+                f"to {fmt(readout_f1)}, but the reports reach {fmt(reached)}{slabs}; the captioner and the 3D "
+                "report steps must learn to read what the tower sees (a caption loss weighted on finding tokens, "
+                "more report steps) before the tower's own bound matters"
+            )
+        elif readout_f1 is not None and readout_f1 < TARGETS["finding_f1_10mm"][1]:
             lever = (
                 f"the tower: read organ by organ off its per-patch lesion score, the best F1 any reader of "
                 f"it could reach is {fmt(readout_f1)} (organ-matched AUC {fmt(tower_10mm)}), under the target; "
