@@ -125,7 +125,9 @@ class VolumeAdapter(nn.Module):
     def _rope_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         # Runs only inside 3D blocks, whose tokens are whole groups laid end to end: the depth of
         # a token follows from its index, so recomputation (gradient checkpointing) stays exact.
-        depth = _KEPT_DEPTHS.get()
+        # Background skipping alone sets the kept depths: without it the ContextVar is not read, so
+        # torch.compile traces the hook instead of breaking the graph at every 3D block.
+        depth = _KEPT_DEPTHS.get() if self.skip_background is not None else None
         if depth is None:
             depth = torch.arange(output.shape[1], device=output.device) // self.tokens_per_group
         return self.rope.apply(output, depth)
