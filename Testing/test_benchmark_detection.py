@@ -99,12 +99,11 @@ def test_organ_matched_auc_is_chance_for_a_blind_scorer_and_one_for_the_lesion_m
     assert organ["all"]["auc"] <= 0.5 + 1e-9
 
 
-def test_organ_matched_auc_refuses_scores_that_do_not_tile_the_slab(studies: list) -> None:
+@pytest.mark.parametrize("collector", [OrganMatchedAUC, SiteReadout])
+def test_both_scorings_refuse_scores_that_do_not_tile_the_slab(studies: list, collector) -> None:
     study = studies[1]
     with pytest.raises(ValueError, match="do not tile"):
-        OrganMatchedAUC().add_study(
-            np.zeros((4, 5, 5)), study.findings, study.labels, study.spacing_mm, PATCH
-        )
+        collector().add_study(np.zeros((4, 5, 5)), study.findings, study.labels, study.spacing_mm, PATCH)
 
 
 def _readout(studies: list, scorer) -> dict:

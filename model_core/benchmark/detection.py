@@ -46,6 +46,15 @@ def share_below(sorted_normals: np.ndarray, values: np.ndarray) -> np.ndarray:
     return (below + 0.5 * ties) / sorted_normals.size
 
 
+def check_tiling(scores: np.ndarray, labels: np.ndarray, patch: int) -> None:
+    """Refuse per-patch ``scores`` ``(slabs, rows, cols)`` that do not tile the slabs of ``labels``."""
+    slabs, rows, cols = scores.shape
+    if (rows * patch, cols * patch) != labels.shape[1:] or slabs > labels.shape[0] // SLICES_PER_GROUP:
+        raise ValueError(
+            f"scores {scores.shape} with {patch}-pixel patches do not tile labels {labels.shape}"
+        )
+
+
 def touched_patches(
     findings: Sequence[Finding], spacing_mm: Sequence[float], grid: tuple[int, int, int], patch: int
 ) -> np.ndarray:
@@ -77,12 +86,8 @@ class OrganMatchedAUC:
     ) -> None:
         """``scores`` ``(slabs, rows, cols)``: the scorer's value for each patch of each aligned slab
         (slab ``i`` holds slices ``3i..3i+2``); ``labels`` the study's ``(D, H, W)`` tissue labels."""
-        slabs, rows, cols = scores.shape
-        height, width = labels.shape[1:]
-        if (rows * patch, cols * patch) != (height, width) or slabs > labels.shape[0] // SLICES_PER_GROUP:
-            raise ValueError(
-                f"scores {scores.shape} with {patch}-pixel patches do not tile labels {labels.shape}"
-            )
+        check_tiling(scores, labels, patch)
+        slabs = scores.shape[0]
         touched = touched_patches(findings, spacing_mm, scores.shape, patch)
         for index, finding in enumerate(findings):
             if touched[index].any():
@@ -153,25 +158,21 @@ class SiteReadout:
         """``scores`` ``(slabs, rows, cols)`` as ``OrganMatchedAUC.add_study`` takes them. A site's
         patches are those its tissue fills and those its lesions touch (a large lesion's patches
         hold more lesion than organ)."""
-        slabs = scores.shape[0]
+        check_tiling(scores, labels, patch)
         sites = np.stack(
             [
                 patch_sites(labels[i * SLICES_PER_GROUP : (i + 1) * SLICES_PER_GROUP], patch)
-                for i in range(slabs)
+                for i in range(scores.shape[0])
             ]
         )
         touched = touched_patches(findings, spacing_mm, scores.shape, patch)
         for site in LESION_SITES:
-            inside = sites == site
-            for index, finding in enumerate(findings):
-                if finding_site_label(finding) == site:
-                    inside |= touched[index]
-            if not inside.any():
+            of_site = [i for i, finding in enumerate(findings) if finding_site_label(finding) == site]
+            if of_site and max(findings[i].size_mm for i in of_site) < self.min_size_mm:
                 continue
-            lesions = [f.size_mm for f in findings if finding_site_label(f) == site]
-            if lesions and max(lesions) < self.min_size_mm:
-                continue
-            self.sites.append((bool(lesions), float(scores[inside].max())))
+            inside = (sites == site) | touched[of_site].any(axis=0)
+            if inside.any():
+                self.sites.append((bool(of_site), float(scores[inside].max())))
 
     def result(self) -> dict[str, float | int | None]:
         """``{"auc", "best_f1", "sites", "with_lesion"}`` (AUC and F1 None without both classes)."""
